@@ -1,0 +1,34 @@
+# The two commands a fresh clone needs: `make chat` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: chat test lint typecheck unit clean
+
+$(BIN)/rooms: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(BIN)/rooms
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+chat: $(BIN)/rooms  ## serve the example chat on http://127.0.0.1:8000
+	$(BIN)/rooms serve examples.chat.app:app --host 127.0.0.1 --port 8000 --data-dir data/chat
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+unit: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit  ## lint, strict type check, every test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

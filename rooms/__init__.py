@@ -1,0 +1,25 @@
+"""Rooms: stateful WebSocket rooms for Python, on trio.
+
+Write one ``Room`` subclass per kind of room, route URLs to it with an ``App``, and serve it
+with ``rooms serve MODULE:APP``. See the README for the guarantees the engine gives.
+"""
+
+from ._app import App
+from ._engine import Storage
+from ._http import HTTPError, Request, Response
+from ._ids import RoomId
+from ._room import CallCycleError, Connection, Room, RoomCallError, Stub
+
+__all__ = [
+    "App",
+    "CallCycleError",
+    "Connection",
+    "HTTPError",
+    "Request",
+    "Response",
+    "Room",
+    "RoomCallError",
+    "RoomId",
+    "Storage",
+    "Stub",
+]

@@ -1,0 +1,96 @@
+"""The one narrow interface between the SDK and the engine that runs it.
+
+The engine (``runtime``) hands every room activation a ``RoomContext`` and every connection a
+``ConnectionLink``. The SDK classes (``Room``, ``Connection``, ``Stub``) only ever call these
+methods, so the engine can change freely behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ._ids import RoomId
+    from ._room import Connection, Room
+
+
+class Storage(Protocol):
+    """A room's durable key-value storage.
+
+    Writes (``put``, ``delete``, ``delete_all``) are buffered and commit atomically, all
+    together, when the current event's handler returns. Reads see the room's own pending
+    writes. Messages sent after a write are held until that write is durable (output gate).
+    Values are anything msgpack can encode (None, bool, int, float, str, bytes, lists,
+    dicts); tuples come back as lists.
+    """
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default``."""
+        ...
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The stored values of those ``keys`` that exist."""
+        ...
+
+    def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (raises TypeError naming the key if not encodable)."""
+        ...
+
+    def put_many(self, entries: dict[str, Any]) -> None:
+        """Store several entries."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing happens if it is absent)."""
+        ...
+
+    async def list(
+        self,
+        *,
+        prefix: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """Entries in key order (``reverse`` for descending): keys with ``prefix``, at or
+        after ``start``, before ``end``; at most ``limit`` of them."""
+        ...
+
+    def delete_all(self) -> None:
+        """Remove every key of this room."""
+        ...
+
+
+class ConnectionLink(Protocol):
+    """What a ``Connection`` needs from the engine."""
+
+    def send(self, message: str | bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class RoomContext(Protocol):
+    """What a room activation needs from the engine."""
+
+    @property
+    def room_id(self) -> RoomId: ...
+
+    @property
+    def storage(self) -> Storage: ...
+
+    def broadcast(
+        self, message: str | bytes, exclude: Collection[str], tag: str | None
+    ) -> None: ...
+
+    def connections(self, tag: str | None) -> list[Connection]: ...
+
+    async def call(
+        self,
+        room_class: type[Room],
+        room: str | RoomId,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any: ...

@@ -1,0 +1,103 @@
+"""Plain HTTP values: the request a room or route sees, and the response it returns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import attrs
+
+if TYPE_CHECKING:
+    from ._ids import RoomId
+    from ._room import Room, Stub
+
+
+class HTTPError(Exception):
+    """Raise from a route, ``on_request`` or ``Room.resolve`` to answer with a status and text.
+
+    ``raise HTTPError(404, "Name too long")`` gives a 404 whose body is ``Name too long``.
+    """
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+StubFactory = Callable[["type[Room]", "str | RoomId"], "Stub"]
+
+
+@attrs.define(slots=True, eq=False)
+class Request:
+    """An HTTP request: plain, or the upgrade request of a WebSocket connection.
+
+    ``headers`` keep their order and repeats; ``header(name)`` looks one up, case-insensitively.
+    ``client`` is the socket peer address (host, port).
+    """
+
+    method: str
+    path: str
+    query_string: str = ""
+    headers: list[tuple[str, str]] = attrs.field(factory=list)
+    body: bytes = b""
+    client: tuple[str, int] = ("127.0.0.1", 0)
+    path_params: dict[str, str] = attrs.field(factory=dict)
+    _stub_factory: StubFactory | None = attrs.field(default=None, repr=False)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return default
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(self.query_string, keep_blank_values=True)
+
+    def query_param(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def json(self) -> Any:
+        """The body parsed as JSON; a malformed body raises HTTPError(400)."""
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+
+    def stub(self, room_class: type[Room], room: str | RoomId) -> Stub:
+        """A stub to call methods of a room from a plain route (see ``Room.stub``)."""
+        if self._stub_factory is None:
+            raise RuntimeError("this request is not attached to a running server")
+        return self._stub_factory(room_class, room)
+
+
+@attrs.define(slots=True)
+class Response:
+    """An HTTP response. Build one directly or with ``text``/``json``/``html``."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def text(cls, text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        hdrs = {"content-type": "text/plain; charset=utf-8", **(headers or {})}
+        return cls(status, text.encode(), hdrs)
+
+    @classmethod
+    def html(cls, html: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        hdrs = {"content-type": "text/html; charset=utf-8", **(headers or {})}
+        return cls(status, html.encode(), hdrs)
+
+    @classmethod
+    def json(cls, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        hdrs = {"content-type": "application/json", **(headers or {})}
+        return cls(status, json.dumps(value, separators=(",", ":")).encode(), hdrs)
+
+
+RouteHandler = Callable[[Request], Awaitable[Response]]

@@ -1,0 +1,226 @@
+"""The classes users write against: Room (one subclass per kind of room) and Connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any, ClassVar
+
+import msgpack
+
+from ._engine import ConnectionLink, RoomContext, Storage
+from ._http import HTTPError, Request, Response
+from ._ids import RoomId, is_room_id
+
+MAX_STATE_BYTES = 16 * 1024
+
+_log = logging.getLogger("rooms")
+
+
+class _RoomLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"room {self.extra['room']}: {msg}", kwargs  # type: ignore[index]
+
+
+class Connection:
+    """One WebSocket client of a room.
+
+    ``id`` is unique within the server. ``request`` is the HTTP upgrade request (headers,
+    query, client address). ``tags`` label the connection for ``Room.broadcast(tag=...)`` and
+    ``Room.connections(tag)``. ``state`` is a small msgpack-encodable attachment (at most
+    16 KiB encoded) that lives as long as the connection, across room restarts.
+    """
+
+    __slots__ = ("_link", "_state", "id", "request", "tags")
+
+    def __init__(self, link: ConnectionLink, id: str, request: Request) -> None:
+        self._link = link
+        self._state: Any = None
+        self.id = id
+        self.request = request
+        self.tags: set[str] = set()
+
+    def send(self, message: str | bytes) -> None:
+        """Queue a text (``str``) or binary (``bytes``) message to this client. Never blocks."""
+        self._link.send(message)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake with ``code`` and ``reason``."""
+        if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+            raise ValueError(
+                f"close code {code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999"
+            )
+        self._link.close(code, reason)
+
+    @property
+    def state(self) -> Any:
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        try:
+            size = len(msgpack.packb(value, use_bin_type=True))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"connection state must be msgpack-serialisable: {exc}") from None
+        if size > MAX_STATE_BYTES:
+            raise ValueError(
+                f"connection state is {size} bytes encoded; the limit is {MAX_STATE_BYTES}"
+            )
+        self._state = value
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id}>"
+
+
+class Stub:
+    """A handle on another room: ``await stub.some_method(*args)`` runs ``some_method`` as an
+    event in that room, after the events already queued there, and returns its result or
+    raises its exception. Arguments and results are copied through msgpack."""
+
+    __slots__ = ("_call", "_label")
+
+    def __init__(
+        self, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Awaitable[Any]], label: str
+    ) -> None:
+        self._call = call
+        self._label = label
+
+    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def invoke(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+            return self._call(method, args, kwargs)
+
+        return invoke
+
+    def __repr__(self) -> str:
+        return f"<Stub {self._label}>"
+
+
+class Room:
+    """Base class of a kind of room. Subclass it and override the ``on_*`` hooks.
+
+    The engine keeps at most one live instance per room id and delivers its events (connect,
+    message, close, HTTP request, calls from other rooms) one at a time, in arrival order: a
+    hook runs to completion, across its awaits, before the next event starts. Keep lasting
+    state in ``self.storage``; attributes are lost when the room restarts (after an error, or
+    when it is unloaded while idle). Do setup in ``on_start``, which runs after every start.
+
+    Class settings:
+        namespace: the storage namespace of this class (default: the class name). Set it
+            explicitly to rename a class without losing its data.
+        max_name_length: longest room name ``resolve`` accepts (default 64).
+    """
+
+    namespace: ClassVar[str] = ""
+    max_name_length: ClassVar[int] = 64
+
+    _ctx: RoomContext
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("namespace"):
+            cls.namespace = cls.__name__
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Runs after every activation, before the event that caused it."""
+
+    async def on_connect(self, conn: Connection, request: Request) -> None:
+        """A WebSocket client joined. Raise to refuse it (it is closed with 1011)."""
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        """A complete message arrived: ``str`` for text frames, ``bytes`` for binary."""
+
+    async def on_close(self, conn: Connection, code: int, reason: str) -> None:
+        """A client left. ``code`` is 1006 when the TCP connection dropped without a Close."""
+
+    async def on_request(self, request: Request) -> Response:
+        """A plain HTTP request routed to this room. The default answers 426 (the route
+        expects a WebSocket upgrade)."""
+        return Response.text(
+            "this endpoint expects a WebSocket upgrade", 426, {"upgrade": "websocket"}
+        )
+
+    # -- addressing -----------------------------------------------------------------------
+
+    @classmethod
+    def resolve(cls, name: str) -> RoomId:
+        """Turn the ``{name}`` of a URL into a room id.
+
+        The default accepts a 64-hex room id as is (a private room handed out by
+        ``RoomId.unique()``) and derives an id from any other name of 1 to
+        ``max_name_length`` printable characters. Raise ``HTTPError`` to refuse a name.
+        """
+        if is_room_id(name):
+            return RoomId.from_string(name)
+        if not name or len(name) > cls.max_name_length:
+            raise HTTPError(400, f"room name must be 1 to {cls.max_name_length} characters")
+        if not name.isprintable():
+            raise HTTPError(400, "room name must not contain control characters")
+        return RoomId.from_name(name)
+
+    # -- what a room can do ---------------------------------------------------------------
+
+    @property
+    def id(self) -> RoomId:
+        """This room's id."""
+        return self._ctx.room_id
+
+    @property
+    def name(self) -> str | None:
+        """The name this room's id was derived from, or None for a unique id."""
+        return self._ctx.room_id.name
+
+    @property
+    def storage(self) -> Storage:
+        """This room's durable storage (see ``rooms.Storage``)."""
+        return self._ctx.storage
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose messages start with this room's class and id."""
+        return _RoomLog(_log, {"room": f"{type(self).__name__}:{self.id.hex[:12]}"})
+
+    def broadcast(
+        self,
+        message: str | bytes,
+        exclude: Iterable[Connection | str] = (),
+        tag: str | None = None,
+    ) -> None:
+        """Send ``message`` to every connection of this room (or those with ``tag``), except
+        those in ``exclude``. The frame is encoded once; every recipient sees the room's
+        broadcasts in the same order."""
+        excluded: Collection[str] = (
+            () if not exclude else {c if isinstance(c, str) else c.id for c in exclude}
+        )
+        self._ctx.broadcast(message, excluded, tag)
+
+    def connections(self, tag: str | None = None) -> list[Connection]:
+        """The open connections of this room, or those carrying ``tag``."""
+        return self._ctx.connections(tag)
+
+    def stub(self, room_class: type[Room], room: str | RoomId) -> Stub:
+        """A stub to call public methods of another room, by name or id.
+
+        Calls that would close a cycle (this room calls B which, directly or through other
+        rooms, calls this room back while this room waits) fail at once with
+        ``CallCycleError`` instead of deadlocking.
+        """
+        ctx = self._ctx
+
+        def call(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[Any]:
+            return ctx.call(room_class, room, method, args, kwargs)
+
+        return Stub(call, f"{room_class.__name__}:{room}")
+
+
+class CallCycleError(RuntimeError):
+    """A room-to-room call would wait on itself (A calls B calls A): it fails instead of
+    deadlocking."""
+
+
+class RoomCallError(RuntimeError):
+    """A call to another room could not be made (unknown method, unencodable arguments)."""

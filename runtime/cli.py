@@ -1,0 +1,120 @@
+"""The ``rooms`` command: ``rooms serve MODULE:APP`` and ``rooms connect URL``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import attrs
+import trio
+
+from rooms import App
+
+from . import connect
+from .config import ConfigError, Settings, load_settings
+from .server import serve, tune_process
+
+
+def load_app(target: str) -> App:
+    """Import ``MODULE:ATTRIBUTE`` (the current directory is on the path, as with uvicorn)."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(
+            f"rooms serve: expected MODULE:APP (like examples.chat.app:app), got {target!r}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"rooms serve: cannot import module {module_name!r}: {exc}") from None
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise SystemExit(
+            f"rooms serve: {module_name}.{attribute} is {type(app).__name__}, not a rooms.App"
+        )
+    return app
+
+
+async def _serve_until_signal(app: App, settings: Settings) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(serve, app, settings)
+            async for signum in signals:
+                logging.getLogger("rooms.server").info(
+                    "%s: stopping (pending storage commits are finished first)",
+                    signal.Signals(signum).name,
+                )
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "synchronous": args.synchronous,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(args.config, **overrides)
+    except ConfigError as exc:
+        print(f"rooms serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        for key, value in attrs.asdict(settings).items():
+            print(f"{key} = {value!r}")
+        return 0
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = load_app(args.app)
+    tune_process()
+    try:
+        trio.run(_serve_until_signal, app, settings)
+    except OSError as exc:
+        print(
+            f"rooms serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rooms", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="serve an app: rooms serve MODULE:APP")
+    serve_parser.add_argument("app", help="MODULE:APP, e.g. examples.chat.app:app")
+    serve_parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve_parser.add_argument("--data-dir", help="folder of the SQLite database (default ./data)")
+    serve_parser.add_argument("--config", help="a TOML file of settings (see the README)")
+    serve_parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], help="SQLite durability")
+    serve_parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve_parser.add_argument(
+        "--print-config", action="store_true", help="print the effective settings and exit"
+    )
+    serve_parser.set_defaults(run=_serve)
+
+    connect_parser = commands.add_parser("connect", help="a wscat-like WebSocket client")
+    connect.add_arguments(connect_parser)
+    connect_parser.set_defaults(run=lambda args: trio.run(connect.run, args))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Server settings: defaults, a TOML file, and command-line overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Every setting of a Rooms server, with its default.
+
+    Each limit is enforced with an error the client can read and counted in a metric
+    (see ``runtime.metrics``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "data"
+    """Folder of the SQLite database (``rooms.sqlite3``); ":memory:" keeps nothing."""
+    synchronous: str = "NORMAL"
+    """SQLite durability: NORMAL survives a killed process, FULL also a power loss."""
+
+    max_message_bytes: int = 1 * MiB
+    """Largest WebSocket message a client may send; larger ones close with 1009."""
+    max_outbox_bytes: int = 4 * MiB
+    """Bytes queued for one client that is not reading; past it the client is closed (1008)."""
+    mailbox_size: int = 1024
+    """Events queued per room; when full the edge stops reading the senders' sockets."""
+    max_connections: int = 10_000
+    """Open TCP connections in total; past it upgrades get 503."""
+    max_connections_per_room: int = 10_000
+    """WebSocket connections per room; past it upgrades get 503."""
+    max_header_bytes: int = 16 * KiB
+    """Request line plus headers; larger requests get 431."""
+    max_body_bytes: int = 1 * MiB
+    """Plain HTTP request bodies; larger ones get 413."""
+    handshake_timeout: float = 10.0
+    """Seconds to receive a complete request head (slowloris guard); then 408."""
+    keepalive_timeout: float = 15.0
+    """Seconds an idle keep-alive HTTP connection stays open."""
+    close_timeout: float = 5.0
+    """Seconds to wait for the client's Close reply before dropping the TCP connection."""
+    room_idle_timeout: float = 30.0
+    """Seconds a room with no connections and no events stays in memory."""
+    max_inflight_commits: int = 64
+    """Commits one room may have in flight before it waits for the disk."""
+    admin_token: str = ""
+    """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
+    log_level: str = "INFO"
+
+    def replace(self, **changes: Any) -> Settings:
+        return attrs.evolve(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A configuration file or option is wrong; the message names the key."""
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Defaults, then the TOML file at ``path`` (top-level keys named as the settings), then
+    ``overrides`` whose value is not None. Unknown keys and wrong types raise ConfigError."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    fields = {f.name: f for f in attrs.fields(Settings)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(fields)}")
+        default = fields[key].default
+        expected = float if isinstance(default, float) else type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool):
+            raise ConfigError(
+                f"setting {key!r} must be {expected.__name__}, got {type(value).__name__}"
+            )
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"setting {key!r} must not be negative, got {value}")
+    return Settings(**values)

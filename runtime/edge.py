@@ -1,0 +1,597 @@
+"""The edge: TCP accept, HTTP/1.1 (h11), the WebSocket upgrade, and the WebSocket data path.
+
+Sockets are plain non-blocking stdlib sockets driven with ``trio.lowlevel.wait_readable`` /
+``wait_writable``. Writes are synchronous: a frame goes straight into the kernel with one
+``send()``; only what the kernel does not take is queued, and a writer task is started just
+for that connection until its queue drains. A broadcast therefore encodes its frame once and
+never awaits per recipient.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import hashlib
+import logging
+import mimetypes
+import socket
+from collections import deque
+from http import HTTPStatus
+
+import h11
+import trio
+
+from rooms import HTTPError, Request, Response, Room, RoomId
+from rooms._app import App, FunctionRoute, RoomRoute
+
+from .config import Settings
+from .frames import Close, FrameParser, Ping, ProtocolError, encode_close, encode_frame
+from .host import Host, Peer
+from .metrics import Metrics
+
+log = logging.getLogger("rooms.edge")
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_RECV_SIZE = 65536
+_WRITE_CHUNK = 256 * 1024
+_OP_PONG = 0xA
+
+
+class ConnectionBroken(Exception):
+    pass
+
+
+async def recv(sock: socket.socket) -> bytes:
+    """Bytes from the socket (b"" at EOF), waiting until some arrive."""
+    while True:
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            raise ConnectionBroken(str(exc)) from None
+        await trio.lowlevel.checkpoint()
+        return data
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+        except OSError as exc:
+            raise ConnectionBroken(str(exc)) from None
+
+
+async def lingering_close(sock: socket.socket, timeout: float) -> None:
+    """Half-close, then read until the peer closes too (bounded), so that what we sent last
+    (a Close frame, an error response) is not destroyed by a TCP reset."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    with trio.move_on_after(timeout):
+        try:
+            while await recv(sock):
+                pass
+        except ConnectionBroken:
+            pass
+
+
+def accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode()
+
+
+class WebSocket:
+    """A server-side WebSocket over a socket: the ``Transport`` the host writes to."""
+
+    __slots__ = (
+        "_flushed",
+        "_nursery",
+        "closed",
+        "closing",
+        "label",
+        "metrics",
+        "pending",
+        "pending_bytes",
+        "read_scope",
+        "settings",
+        "sock",
+        "writing",
+    )
+
+    def __init__(
+        self, sock: socket.socket, settings: Settings, metrics: Metrics, nursery: trio.Nursery
+    ) -> None:
+        self.sock = sock
+        self.settings = settings
+        self.metrics = metrics
+        self._nursery = nursery
+        self.pending: deque[bytes] = deque()  # what the kernel has not taken yet
+        self.pending_bytes = 0
+        self.writing = False  # a writer task is draining `pending`
+        self.closing = False  # we sent a Close frame
+        self.closed = False  # the socket failed or was closed
+        self.read_scope = trio.CancelScope()
+        self.label = "connection"
+        self._flushed: trio.Event | None = None
+
+    def write(self, frame: bytes) -> None:
+        if self.closing or self.closed:
+            return
+        self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        if self.pending:
+            if self.pending_bytes + len(frame) > self.settings.max_outbox_bytes:
+                self._overflow()
+                return
+            self.pending.append(frame)
+            self.pending_bytes += len(frame)
+            return
+        try:
+            sent = self.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._broken()
+            return
+        if sent < len(frame):
+            rest = frame[sent:]
+            self.pending.append(rest)
+            self.pending_bytes += len(rest)
+            if not self.writing:
+                self.writing = True
+                self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        pending = self.pending
+        try:
+            while pending and not self.closed:
+                await trio.lowlevel.wait_writable(self.sock)
+                if len(pending) == 1:
+                    data = pending[0]
+                else:
+                    chunk, size = [], 0
+                    for frame in pending:
+                        chunk.append(frame)
+                        size += len(frame)
+                        if size >= _WRITE_CHUNK:
+                            break
+                    data = b"".join(chunk)
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._broken()
+                    return
+                self.pending_bytes -= sent
+                while sent:
+                    head = pending[0]
+                    if len(head) <= sent:
+                        sent -= len(head)
+                        pending.popleft()
+                    else:
+                        pending[0] = head[sent:]
+                        sent = 0
+        finally:
+            self.writing = False
+            if self._flushed is not None:
+                self._flushed.set()
+
+    def _overflow(self) -> None:
+        """The client stopped reading: drop its backlog and close it (1008)."""
+        self.metrics.limit_outbox_overflow_total += 1
+        log.warning(
+            "%s: closed with 1008, over %d bytes queued because the client is not reading",
+            self.label,
+            self.settings.max_outbox_bytes,
+        )
+        while len(self.pending) > 1:  # keep the head: it may be a frame already half sent
+            self.pending_bytes -= len(self.pending.pop())
+        self.close(1008, "outbox overflow: the client is not reading fast enough")
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing or self.closed:
+            return
+        self._write(encode_close(code, reason))
+        self.closing = True
+        self.read_scope.deadline = min(
+            self.read_scope.deadline, trio.current_time() + self.settings.close_timeout
+        )
+
+    def _broken(self) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.read_scope.cancel()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (bounded) until everything queued reached the kernel."""
+        if self.pending and not self.closed:
+            self._flushed = trio.Event()
+            with trio.move_on_after(timeout):
+                await self._flushed.wait()
+
+
+class Edge:
+    """Serves an ``App``: plain HTTP answered here or by rooms, upgrades handed to rooms."""
+
+    def __init__(self, app: App, settings: Settings, host: Host, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.host = host
+        self.metrics = metrics
+
+    async def serve(self, listener: socket.socket) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                for _ in range(128):
+                    try:
+                        sock, addr = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.error("cannot accept connections: %s (raise `ulimit -n`)", exc)
+                            await trio.sleep(0.1)
+                        break
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    nursery.start_soon(self._connection, sock, addr)
+
+    async def _connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        metrics = self.metrics
+        metrics.connections_open += 1
+        try:
+            if metrics.connections_open > self.settings.max_connections:
+                metrics.limit_connections_total += 1
+                await send_all(sock, _raw_response(503, "server is at its connection limit"))
+                await lingering_close(sock, 1.0)
+                return
+            await self._http(sock, (addr[0], addr[1]))
+        except ConnectionBroken:
+            pass
+        finally:
+            metrics.connections_open -= 1
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    async def _http(self, sock: socket.socket, client: tuple[str, int]) -> None:
+        settings = self.settings
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        timeout = settings.handshake_timeout
+        while True:
+            try:
+                event = await self._next_event(h, sock, timeout)
+                if event is None:  # timed out waiting for a request head
+                    if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
+                        return  # an idle keep-alive connection: just close it
+                    self.metrics.limit_handshake_timeout_total += 1
+                    await self._send_response(h, sock, _error(408, "request head not received"))
+                    break
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed
+                if _head_size(event) > settings.max_header_bytes:
+                    # h11 only bounds a head that is still incomplete; bound complete ones too.
+                    self.metrics.limit_header_too_big_total += 1
+                    await self._send_response(h, sock, _error(431, "request head too large"))
+                    break
+                request = await self._read_request(h, sock, event, client)
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                if status == 431:
+                    self.metrics.limit_header_too_big_total += 1
+                if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await self._send_response(h, sock, _error(status, f"bad request: {exc}"))
+                break
+            except HTTPError as exc:
+                if exc.status == 413:
+                    self.metrics.limit_body_too_big_total += 1
+                await self._send_response(h, sock, _error(exc.status, exc.reason))
+                break
+            if await self._dispatch(h, sock, event, request):
+                return  # the connection became a WebSocket and has ended
+            if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+                break
+            try:
+                h.start_next_cycle()
+            except h11.LocalProtocolError:
+                break
+            timeout = settings.keepalive_timeout
+        await lingering_close(sock, 1.0)
+
+    async def _next_event(
+        self, h: h11.Connection, sock: socket.socket, timeout: float
+    ) -> h11.Event | None:
+        with trio.move_on_after(timeout):
+            while True:
+                event = h.next_event()
+                if event is not h11.NEED_DATA:
+                    return event  # type: ignore[return-value]
+                h.receive_data(await recv(sock))
+        return None
+
+    async def _read_request(
+        self, h: h11.Connection, sock: socket.socket, event: h11.Request, client: tuple[str, int]
+    ) -> Request:
+        limit = self.settings.max_body_bytes
+        names = {name for name, _ in event.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # Ambiguous framing is how requests are smuggled past proxies: refuse it.
+            raise HTTPError(
+                400, "a request must not have both Content-Length and Transfer-Encoding"
+            )
+        length = _content_length(event)
+        if length is not None and length > limit:
+            raise HTTPError(413, f"request body over {limit} bytes")
+        body = bytearray()
+        while True:
+            part = await self._next_event(h, sock, self.settings.handshake_timeout)
+            if part is None:
+                raise HTTPError(408, "request body not received in time")
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > limit:
+                    raise HTTPError(413, f"request body over {limit} bytes")
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                raise HTTPError(400, "connection closed in the middle of the request body")
+        target = event.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        return Request(
+            method=event.method.decode("ascii"),
+            path=path,
+            query_string=query,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
+            body=bytes(body),
+            client=client,
+            stub_factory=self.host.stub,
+        )
+
+    async def _send_response(
+        self, h: h11.Connection, sock: socket.socket, response: Response, head_only: bool = False
+    ) -> None:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        if response.status >= 400 and response.status not in (404, 405):
+            headers.append((b"connection", b"close"))
+        head = h11.Response(
+            status_code=response.status, headers=headers, reason=_reason(response.status)
+        )
+        data = h.send(head) or b""
+        if response.body and not head_only:
+            data += h.send(h11.Data(data=response.body)) or b""
+        data += h.send(h11.EndOfMessage()) or b""
+        await send_all(sock, data)
+        self.metrics.http_requests_total += 1
+
+    async def _dispatch(
+        self, h: h11.Connection, sock: socket.socket, event: h11.Request, request: Request
+    ) -> bool:
+        """Answer one request; True if it became a WebSocket (now finished)."""
+        answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
+        if isinstance(answer, Response):
+            await self._send_response(h, sock, answer, head_only=request.method == "HEAD")
+            return False
+        await self._websocket(h, sock, event, request, *answer)
+        return True
+
+    async def route(self, request: Request, upgrade: bool) -> Response | tuple[type[Room], RoomId]:
+        """The response to a request, or for a WebSocket upgrade the room it joins."""
+        try:
+            if request.path == "/_rooms/metrics":
+                return self._metrics(request)
+            matched = self.app.match(request.path)
+            if matched is None:
+                return await self._static(request)
+            route, request.path_params = matched
+            if isinstance(route, RoomRoute):
+                room_id = route.room_class.resolve(request.path_params["name"])
+                if upgrade:
+                    return route.room_class, room_id
+                return await self.host.request(route.room_class, room_id, request)
+            return await self._function(route, request)
+        except HTTPError as exc:
+            return Response.text(exc.reason, exc.status, exc.headers)
+        except Exception:
+            log.exception("%s %s: the handler raised; answered 500", request.method, request.path)
+            return _error(500, "internal server error")
+
+    async def _function(self, route: FunctionRoute, request: Request) -> Response:
+        if request.method not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            return Response.text(f"method {request.method} not allowed", 405, {"allow": allow})
+        response = await route.handler(request)
+        if not isinstance(response, Response):
+            raise TypeError(f"route {route.pattern} returned {response!r}, not a rooms.Response")
+        return response
+
+    async def _static(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return _error(404, "not found")
+        path = self.app.static_file(request.path)
+        if path is None:
+            return _error(404, "not found")
+        body = await trio.to_thread.run_sync(path.read_bytes)
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if kind.startswith("text/") or kind in ("application/javascript", "application/json"):
+            kind += "; charset=utf-8"
+        return Response(200, body, {"content-type": kind, "cache-control": "no-cache"})
+
+    def _metrics(self, request: Request) -> Response:
+        token = self.settings.admin_token
+        if token:
+            if request.header("authorization") != f"Bearer {token}":
+                return _error(401, "metrics need 'Authorization: Bearer <admin_token>'")
+        elif request.client[0] not in ("127.0.0.1", "::1"):
+            return _error(403, "set admin_token to read metrics from another host")
+        return Response(
+            200, self.metrics.prometheus().encode(), {"content-type": "text/plain; version=0.0.4"}
+        )
+
+    # -- WebSocket -----------------------------------------------------------------------
+
+    async def _websocket(
+        self,
+        h: h11.Connection,
+        sock: socket.socket,
+        event: h11.Request,
+        request: Request,
+        room_class: type[Room],
+        room_id: RoomId,
+    ) -> None:
+        problem = _handshake_problem(event, request)
+        if problem is not None:
+            await self._send_response(h, sock, problem)
+            await lingering_close(sock, 1.0)
+            return
+        async with trio.open_nursery() as nursery:
+            ws = WebSocket(sock, self.settings, self.metrics, nursery)
+            peer = self.host.attach(room_class, room_id, ws, request)
+            if peer is None:
+                await self._send_response(h, sock, _error(503, "room is full"))
+                await lingering_close(sock, 1.0)
+                return
+            ws.label = f"connection {peer.conn.id} in room {peer.activation.label}"
+            key = request.header("sec-websocket-key") or ""
+            switch = h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    (b"upgrade", b"websocket"),
+                    (b"connection", b"Upgrade"),
+                    (b"sec-websocket-accept", accept_key(key).encode()),
+                ],
+            )
+            try:
+                await send_all(sock, h.send(switch) or b"")
+            except ConnectionBroken:
+                await self.host.disconnected(peer, 1006, "")
+                raise
+            self.metrics.websocket_upgrades_total += 1
+            self.metrics.websockets_open += 1
+            try:
+                await self._websocket_session(ws, peer, h.trailing_data[0])
+            finally:
+                self.metrics.websockets_open -= 1
+                nursery.cancel_scope.cancel()
+
+    async def _websocket_session(self, ws: WebSocket, peer: Peer, data: bytes) -> None:
+        host = self.host
+        sock = ws.sock
+        parser = FrameParser(max_message_size=self.settings.max_message_bytes)
+        code, reason = 1006, ""
+        await host.connected(peer)
+        try:
+            with ws.read_scope:
+                while True:
+                    if data:
+                        for item in parser.feed(data):
+                            kind = type(item)
+                            if kind is str or kind is bytes:
+                                if not ws.closing:
+                                    await host.received(peer, item)  # type: ignore[arg-type]
+                            elif kind is Ping:
+                                ws.write(encode_frame(_OP_PONG, item.payload))  # type: ignore[union-attr]
+                            elif kind is Close:
+                                code, reason = self._close_received(ws, item)  # type: ignore[arg-type]
+                                return
+                    data = await recv(sock)
+                    if not data:
+                        return  # TCP closed without a Close frame: 1006
+        except ProtocolError as exc:
+            self.metrics.protocol_errors_total += 1
+            if exc.code == 1009:
+                self.metrics.limit_message_too_big_total += 1
+            log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
+            code, reason = exc.code, exc.reason
+            ws.close(exc.code, exc.reason)
+        except ConnectionBroken:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await host.disconnected(peer, code, reason)
+                if not ws.closed:
+                    await ws.flush(self.settings.close_timeout)
+                    await lingering_close(sock, self.settings.close_timeout)
+
+    @staticmethod
+    def _close_received(ws: WebSocket, close: Close) -> tuple[int, str]:
+        if not ws.closing:
+            # Echo the client's code, as RFC 6455 section 5.5.1 asks.
+            ws.write(encode_close(close.code, ""))
+            ws.closing = True
+        if close.code is None:
+            return 1005, ""
+        return close.code, close.reason
+
+
+def _is_websocket_upgrade(request: Request) -> bool:
+    upgrade = request.header("upgrade")
+    return upgrade is not None and "websocket" in upgrade.lower()
+
+
+def _handshake_problem(event: h11.Request, request: Request) -> Response | None:
+    """Why this upgrade request is not a valid RFC 6455 handshake, as a response; or None."""
+    if request.method != "GET":
+        return _error(400, "a WebSocket upgrade must use GET")
+    if event.http_version != b"1.1":
+        return _error(400, "a WebSocket upgrade needs HTTP/1.1")
+    tokens = {t.strip().lower() for t in (request.header("connection") or "").split(",")}
+    if "upgrade" not in tokens:
+        return _error(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
+    if request.header("sec-websocket-version") != "13":
+        return Response.text(
+            "unsupported Sec-WebSocket-Version: this server speaks version 13",
+            426,
+            {"sec-websocket-version": "13"},
+        )
+    key = request.header("sec-websocket-key") or ""
+    try:
+        valid_key = len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError):
+        valid_key = False
+    if not valid_key:
+        return _error(400, "invalid Sec-WebSocket-Key: expected 16 random bytes in base64")
+    return None
+
+
+def _head_size(event: h11.Request) -> int:
+    return len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+
+
+def _content_length(event: h11.Request) -> int | None:
+    for name, value in event.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _error(status: int, message: str) -> Response:
+    return Response.text(message + "\n", status)
+
+
+def _raw_response(status: int, message: str) -> bytes:
+    body = (message + "\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {_reason(status).decode()}\r\n"
+        f"content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body

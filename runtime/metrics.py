@@ -1,0 +1,72 @@
+"""Counters and gauges of a running server, readable as Prometheus text."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class Metrics:
+    """Plain integer counters (cheap to bump on the hot path) and gauges.
+
+    Each limit of ``Settings`` has a counter here that says how often it was hit."""
+
+    HELP: ClassVar[dict[str, str]] = {
+        "connections_open": "open TCP connections (gauge)",
+        "websockets_open": "open WebSocket connections (gauge)",
+        "rooms_active": "rooms in memory (gauge)",
+        "http_requests_total": "plain HTTP requests answered",
+        "websocket_upgrades_total": "WebSocket upgrades accepted",
+        "messages_in_total": "WebSocket messages received from clients",
+        "messages_out_total": "WebSocket messages sent to clients",
+        "room_activations_total": "room instances started",
+        "handler_errors_total": "exceptions raised by room hooks",
+        "storage_commits_total": "room events whose writes were committed",
+        "storage_errors_total": "failed storage commits",
+        "limit_message_too_big_total": "connections closed 1009: message over max_message_bytes",
+        "limit_outbox_overflow_total": "connections closed 1008: outbox over max_outbox_bytes",
+        "limit_mailbox_full_total": "times a reader waited because a room mailbox was full",
+        "limit_connections_total": "upgrades refused 503: max_connections",
+        "limit_room_connections_total": "upgrades refused 503: max_connections_per_room",
+        "limit_header_too_big_total": "requests refused 431: max_header_bytes",
+        "limit_body_too_big_total": "requests refused 413: max_body_bytes",
+        "limit_handshake_timeout_total": "connections closed: no request head in handshake_timeout",
+        "protocol_errors_total": "WebSocket connections closed for a protocol error",
+    }
+
+    def __init__(self) -> None:
+        for name in self.HELP:
+            setattr(self, name, 0)
+
+    # Declared for type checkers; set in __init__.
+    connections_open: int
+    websockets_open: int
+    rooms_active: int
+    http_requests_total: int
+    websocket_upgrades_total: int
+    messages_in_total: int
+    messages_out_total: int
+    room_activations_total: int
+    handler_errors_total: int
+    storage_commits_total: int
+    storage_errors_total: int
+    limit_message_too_big_total: int
+    limit_outbox_overflow_total: int
+    limit_mailbox_full_total: int
+    limit_connections_total: int
+    limit_room_connections_total: int
+    limit_header_too_big_total: int
+    limit_body_too_big_total: int
+    limit_handshake_timeout_total: int
+    protocol_errors_total: int
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.HELP}
+
+    def prometheus(self) -> str:
+        lines = []
+        for name, help_text in self.HELP.items():
+            kind = "gauge" if "(gauge)" in help_text else "counter"
+            lines.append(f"# HELP rooms_{name} {help_text}")
+            lines.append(f"# TYPE rooms_{name} {kind}")
+            lines.append(f"rooms_{name} {getattr(self, name)}")
+        return "\n".join(lines) + "\n"

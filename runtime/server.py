@@ -1,0 +1,73 @@
+"""Assemble a server: storage, host and edge, listening on a socket."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import socket
+from pathlib import Path
+
+import trio
+
+from rooms import App
+
+from .config import Settings
+from .edge import Edge
+from .host import Host
+from .metrics import Metrics
+from .storage import SqliteBackend
+
+log = logging.getLogger("rooms.server")
+
+
+def database_path(settings: Settings) -> str:
+    if settings.data_dir == ":memory:":
+        return ":memory:"
+    folder = Path(settings.data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / "rooms.sqlite3")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def tune_process() -> None:
+    """Allow many open sockets, and collect garbage less often: a server with thousands of
+    long-lived connection objects otherwise spends a large share of its time in the GC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    gc.set_threshold(50_000, 20, 100)
+
+
+async def serve(
+    app: App,
+    settings: Settings,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until cancelled; ``task_status.started`` gets the port listened on."""
+    listener = listen(settings.host, settings.port)
+    backend = SqliteBackend(database_path(settings), settings.synchronous)
+    metrics = Metrics()
+    try:
+        async with trio.open_nursery() as rooms_nursery:
+            host = Host(backend, settings, metrics, rooms_nursery)
+            edge = Edge(app, settings, host, metrics)
+            port: int = listener.getsockname()[1]
+            log.info("serving on http://%s:%d (data: %s)", settings.host, port, backend.path)
+            task_status.started(port)
+            await edge.serve(listener)
+    finally:
+        trio.lowlevel.notify_closing(listener)
+        listener.close()
+        with trio.CancelScope(shield=True):
+            await backend.aclose()

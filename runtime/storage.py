@@ -1,0 +1,450 @@
+"""Durable storage: the SQLite backend and each room's view of it.
+
+One database file per server, one table keyed by (room, key). A single thread owns the
+connection: rooms hand it jobs (reads, commits) through a queue, it runs everything queued
+in one transaction (group commit across rooms) and then wakes the rooms, so the event loop
+never touches the disk. Jobs run in queue order, so a read always sees every write that the
+same room submitted before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import trio
+
+log = logging.getLogger("rooms.storage")
+
+Done = Callable[[BaseException | None], None]
+ListResult = list[tuple[str, bytes]]
+
+
+class StorageError(RuntimeError):
+    """The storage backend failed (disk full, corrupt file, closed)."""
+
+
+class Backend(Protocol):
+    """The narrow interface every storage backend implements (SQLite today)."""
+
+    async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]: ...
+
+    async def list(
+        self,
+        room: str,
+        prefix: str | None,
+        start: str | None,
+        end: str | None,
+        reverse: bool,
+        limit: int | None,
+    ) -> ListResult: ...
+
+    def commit(
+        self, room: str, writes: Mapping[str, bytes | None], delete_all: bool, done: Done
+    ) -> None:
+        """Queue an atomic batch; ``done(error)`` is called on the trio thread once durable."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------
+# SQLite backend
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    room  TEXT NOT NULL,
+    key   TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (room, key)
+) WITHOUT ROWID;
+"""
+
+_BATCH_MAX = 1024  # jobs per transaction: bounds the latency of the first job in a batch
+
+
+class _Job:
+    __slots__ = ("deliver", "error", "result", "run")
+
+    def __init__(
+        self, run: Callable[[sqlite3.Connection], Any], deliver: Callable[[_Job], None]
+    ) -> None:
+        self.run = run
+        self.deliver = deliver
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SqliteBackend:
+    """SQLite in WAL mode behind one writer thread with group commit.
+
+    ``synchronous="NORMAL"`` (default) makes a commit survive the process being killed;
+    ``"FULL"`` also survives power loss, at the cost of an fsync per transaction.
+    ``path=":memory:"`` keeps everything in memory (tests).
+    """
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL", "OFF"):
+            raise ValueError(f"synchronous must be NORMAL, FULL or OFF, not {synchronous!r}")
+        self.path = str(path)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._closed = False
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._main, args=(synchronous.upper(), ready), name="rooms-storage", daemon=True
+        )
+        self._thread.start()
+        error = ready.get()
+        if error is not None:
+            raise StorageError(f"cannot open the database {self.path!r}: {error}") from error
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self.path != ":memory:":
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _main(self, synchronous: str, ready: queue.SimpleQueue[BaseException | None]) -> None:
+        try:
+            db = self._open(synchronous)
+        except Exception as exc:
+            ready.put(exc)
+            return
+        ready.put(None)
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < _BATCH_MAX:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(db, batch)
+                if stop:
+                    return
+        finally:
+            db.close()
+
+    def _run_batch(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
+        try:
+            db.execute("BEGIN")
+            for job in batch:
+                db.execute("SAVEPOINT job")
+                try:
+                    job.result = job.run(db)
+                except sqlite3.Error as exc:
+                    # one bad job (e.g. a value over SQLite's size limit) fails alone
+                    db.execute("ROLLBACK TO job")
+                    job.error = exc
+                db.execute("RELEASE job")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("storage commit failed for %d queued operations: %s", len(batch), exc)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for job in batch:
+                job.error = job.error or exc
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._deliver_batch, batch)
+
+    @staticmethod
+    def _deliver_batch(batch: list[_Job]) -> None:
+        for job in batch:
+            job.deliver(job)
+
+    # -- the interface ------------------------------------------------------------------
+
+    def _submit(
+        self, run: Callable[[sqlite3.Connection], Any], deliver: Callable[[_Job], None]
+    ) -> None:
+        if self._closed:
+            raise StorageError("storage is closed (the server is shutting down)")
+        self._jobs.put(_Job(run, deliver))
+
+    async def _call(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        finished = trio.Event()
+        outcome: list[_Job] = []
+
+        def deliver(job: _Job) -> None:
+            outcome.append(job)
+            finished.set()
+
+        self._submit(run, deliver)
+        with trio.CancelScope(shield=True):
+            # The thread will answer; leaving early would only orphan the answer.
+            await finished.wait()
+        job = outcome[0]
+        if job.error is not None:
+            raise StorageError(f"storage read failed: {job.error}") from job.error
+        return job.result
+
+    async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
+        def run(db: sqlite3.Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT key, value FROM kv WHERE room = ? AND key IN ({marks})", (room, *chunk)
+                )
+                found.update(rows)
+            return found
+
+        result: dict[str, bytes] = await self._call(run)
+        return result
+
+    async def list(
+        self,
+        room: str,
+        prefix: str | None,
+        start: str | None,
+        end: str | None,
+        reverse: bool,
+        limit: int | None,
+    ) -> ListResult:
+        where, params = ["room = ?"], [room]
+        if prefix:
+            where.append("key >= ?")
+            params.append(prefix)
+            upper = _prefix_upper_bound(prefix)
+            if upper is not None:
+                where.append("key < ?")
+                params.append(upper)
+        if start is not None:
+            where.append("key >= ?")
+            params.append(start)
+        if end is not None:
+            where.append("key < ?")
+            params.append(end)
+        sql = f"SELECT key, value FROM kv WHERE {' AND '.join(where)} ORDER BY key"
+        sql += " DESC" if reverse else ""
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+
+        def run(db: sqlite3.Connection) -> ListResult:
+            return list(db.execute(sql, params))
+
+        result: ListResult = await self._call(run)
+        return result
+
+    def commit(
+        self, room: str, writes: Mapping[str, bytes | None], delete_all: bool, done: Done
+    ) -> None:
+        puts = [(room, k, v) for k, v in writes.items() if v is not None]
+        deletes = [(room, k) for k, v in writes.items() if v is None]
+
+        def run(db: sqlite3.Connection) -> None:
+            if delete_all:
+                db.execute("DELETE FROM kv WHERE room = ?", (room,))
+            if deletes:
+                db.executemany("DELETE FROM kv WHERE room = ? AND key = ?", deletes)
+            if puts:
+                db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", puts)
+
+        def deliver(job: _Job) -> None:
+            done(StorageError(f"commit failed: {job.error}") if job.error else None)
+
+        self._submit(run, deliver)
+
+    async def aclose(self) -> None:
+        """Finish every queued job, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        await trio.to_thread.run_sync(self._thread.join)
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix``."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars[-1])
+        if last < 0x10FFFF:
+            chars[-1] = chr(last + 1)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The room's view: cache, pending writes, msgpack
+
+
+_ABSENT = None  # in the cache: known not to exist
+_CACHE_MAX = 10_000
+
+
+def encode_value(key: str, value: Any) -> bytes:
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"cannot store key {key!r}: the value is not msgpack-serialisable ({exc}); "
+            "store None, bool, int, float, str, bytes, list or dict values"
+        ) from None
+    return packed
+
+
+def decode_value(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class RoomStorage:
+    """What ``Room.storage`` is: reads through a per-activation cache, writes buffered until
+    the event ends (``take_writes``), then handed to the backend as one atomic commit."""
+
+    def __init__(self, backend: Backend, room: str, on_first_write: Callable[[], None]) -> None:
+        self._backend = backend
+        self._room = room
+        self._on_first_write = on_first_write
+        self._cache: dict[str, bytes | None] = {}
+        self._dirty: dict[str, bytes | None] = {}
+        self._deleted_all = False
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        found = await self.get_many([key])
+        return found.get(key, default)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        keys = list(keys)
+        result: dict[str, Any] = {}
+        missing: list[str] = []
+        for key in keys:
+            _check_key(key)
+            if key in self._dirty:
+                raw = self._dirty[key]
+            elif self._deleted_all:
+                raw = None
+            elif key in self._cache:
+                raw = self._cache[key]
+            else:
+                missing.append(key)
+                continue
+            if raw is not None:
+                result[key] = decode_value(raw)
+        if missing:
+            fetched = await self._backend.get_many(self._room, missing)
+            self._remember({k: fetched.get(k, _ABSENT) for k in missing})
+            for key in missing:
+                # a write made by this event while the read was in flight wins
+                raw = self._dirty.get(key, fetched.get(key)) if not self._deleted_all else None
+                if raw is not None:
+                    result[key] = decode_value(raw)
+        return {k: result[k] for k in keys if k in result}
+
+    async def list(
+        self,
+        *,
+        prefix: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        stored: dict[str, bytes | None] = {}
+        if not self._deleted_all:
+            # Pending deletes may remove fetched rows, so fetch enough to still fill `limit`.
+            fetch_limit = None if limit is None else limit + len(self._dirty)
+            rows = await self._backend.list(self._room, prefix, start, end, reverse, fetch_limit)
+            stored.update(rows)
+        for key, raw in self._dirty.items():
+            if _in_range(key, prefix, start, end):
+                stored[key] = raw
+        keys = sorted((k for k, v in stored.items() if v is not None), reverse=reverse)
+        if limit is not None:
+            keys = keys[:limit]
+        return {k: decode_value(stored[k]) for k in keys if stored[k] is not None}  # type: ignore[arg-type]
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def put(self, key: str, value: Any) -> None:
+        _check_key(key)
+        self._write(key, encode_value(key, value))
+
+    def put_many(self, entries: dict[str, Any]) -> None:
+        encoded = {}
+        for key, value in entries.items():
+            _check_key(key)
+            encoded[key] = encode_value(key, value)
+        for key, raw in encoded.items():
+            self._write(key, raw)
+
+    def delete(self, key: str) -> None:
+        _check_key(key)
+        self._write(key, None)
+
+    def delete_all(self) -> None:
+        if not self._dirty and not self._deleted_all:
+            self._on_first_write()
+        self._dirty.clear()
+        self._deleted_all = True
+
+    def _write(self, key: str, raw: bytes | None) -> None:
+        if not self._dirty and not self._deleted_all:
+            self._on_first_write()
+        self._dirty[key] = raw
+
+    # -- for the host ---------------------------------------------------------------------
+
+    @property
+    def has_writes(self) -> bool:
+        return bool(self._dirty) or self._deleted_all
+
+    def commit(self, done: Done) -> None:
+        """Hand this event's writes to the backend as one atomic batch."""
+        writes, deleted_all = self._dirty, self._deleted_all
+        self._dirty, self._deleted_all = {}, False
+        if deleted_all:
+            self._cache.clear()
+        self._remember(writes)
+        self._backend.commit(self._room, writes, deleted_all, done)
+
+    def rollback(self) -> None:
+        """Forget this event's writes and everything cached (the room restarts)."""
+        self._dirty.clear()
+        self._deleted_all = False
+        self._cache.clear()
+
+    def _remember(self, entries: Mapping[str, bytes | None]) -> None:
+        if len(self._cache) + len(entries) > _CACHE_MAX:
+            self._cache.clear()
+        self._cache.update(entries)
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"storage keys are str, not {type(key).__name__} ({key!r})")
+
+
+def _in_range(key: str, prefix: str | None, start: str | None, end: str | None) -> bool:
+    return (
+        (prefix is None or key.startswith(prefix))
+        and (start is None or key >= start)
+        and (end is None or key < end)
+    )

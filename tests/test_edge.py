@@ -1,0 +1,185 @@
+"""The edge over real sockets: HTTP, the upgrade, WebSocket messages, limits."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from examples.echo.app import app as echo_app
+from runtime.config import Settings
+
+from .conftest import start_server
+
+KEY = base64.b64encode(os.urandom(16)).decode()
+
+
+async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes (or the timeout)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = b""
+    async with stream:
+        await stream.send_all(data)
+        with trio.move_on_after(read_timeout):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+def upgrade(path: str, key: str = KEY, version: str = "13", extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n"
+    ).encode()
+
+
+async def test_broadcast_room_and_echo_over_real_websockets(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    base = f"ws://127.0.0.1:{port}"
+    with trio.fail_after(10):
+        async with (
+            open_websocket_url(f"{base}/room/a") as a,
+            open_websocket_url(f"{base}/room/a") as b,
+            open_websocket_url(f"{base}/echo/a") as e,
+        ):
+            await a.send_message("hello")
+            assert await a.get_message() == "hello"  # the sender is included
+            assert await b.get_message() == "hello"
+            await b.send_message(b"\x00\xffbinary")
+            assert await a.get_message() == b"\x00\xffbinary"
+            assert await b.get_message() == b"\x00\xffbinary"
+            big = "é" * 100_000
+            await e.send_message(big)
+            assert await e.get_message() == big
+
+
+async def test_many_clients_see_one_order(nursery: trio.Nursery, settings: Settings) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    url = f"ws://127.0.0.1:{port}/room/order"
+    received: dict[int, list[Any]] = {i: [] for i in range(4)}
+    with trio.fail_after(20):
+        async with (
+            open_websocket_url(url) as w0,
+            open_websocket_url(url) as w1,
+            open_websocket_url(url) as w2,
+            open_websocket_url(url) as w3,
+        ):
+            clients = [w0, w1, w2, w3]
+            await trio.sleep(0.1)  # every connection has joined
+
+            async def talk(i: int) -> None:
+                for j in range(50):
+                    await clients[i].send_message(f"{i}:{j}")
+
+            async def listen(i: int) -> None:
+                while len(received[i]) < 200:
+                    received[i].append(await clients[i].get_message())
+
+            async with trio.open_nursery() as n:
+                for i in range(4):
+                    n.start_soon(talk, i)
+                    n.start_soon(listen, i)
+    assert all(received[i] == received[0] for i in range(4))
+    for i in range(4):  # per-sender FIFO
+        mine = [m for m in received[0] if m.startswith(f"{i}:")]
+        assert mine == [f"{i}:{j}" for j in range(50)]
+
+
+async def test_http_errors(nursery: trio.Nursery, settings: Settings) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    assert (await raw_request(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 1)).startswith(
+        b"HTTP/1.1 404"
+    )
+    plain = await raw_request(port, b"GET /room/a HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert plain.startswith(b"HTTP/1.1 426")
+    bad_key = await raw_request(port, upgrade("/room/a", key="short"))
+    assert bad_key.startswith(b"HTTP/1.1 400") and b"Sec-WebSocket-Key" in bad_key
+    bad_version = await raw_request(port, upgrade("/room/a", version="8"))
+    assert bad_version.startswith(b"HTTP/1.1 426")
+    assert b"sec-websocket-version: 13" in bad_version.lower()
+    garbage = await raw_request(port, b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400")
+    both = await raw_request(
+        port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    assert both.startswith(b"HTTP/1.1 400")
+    bad_name = await raw_request(port, upgrade("/room/" + "n" * 100))
+    assert bad_name.startswith(b"HTTP/1.1 400")
+
+
+async def test_keep_alive_serves_several_requests(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    two = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await raw_request(port, two, 1)
+    assert answer.count(b"HTTP/1.1 404") == 2
+
+
+async def test_limits_on_the_request_head(nursery: trio.Nursery, tmp_path: Any) -> None:
+    settings = Settings(
+        port=0, data_dir=str(tmp_path), handshake_timeout=0.5, max_header_bytes=1024
+    )
+    port = await start_server(nursery, echo_app, settings)
+    huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
+    assert (await raw_request(port, huge)).startswith(b"HTTP/1.1 431")
+    # slowloris: an unfinished head is cut off after handshake_timeout
+    with trio.fail_after(5):
+        partial = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\n", read_timeout=4)
+    assert partial.startswith(b"HTTP/1.1 408")
+
+
+async def test_oversized_message_closes_with_1009(nursery: trio.Nursery, tmp_path: Any) -> None:
+    settings = Settings(port=0, data_dir=str(tmp_path), max_message_bytes=1000)
+    port = await start_server(nursery, echo_app, settings)
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/x") as ws:
+            await ws.send_message("x" * 1000)
+            assert await ws.get_message() == "x" * 1000
+            await ws.send_message("x" * 1001)
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason is not None
+            assert closed.value.reason.code == 1009
+
+
+async def test_a_client_that_stops_reading_is_closed_not_buffered(
+    nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    settings = Settings(port=0, data_dir=str(tmp_path), max_outbox_bytes=64 * 1024)
+    port = await start_server(nursery, echo_app, settings)
+    raw = trio.socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    await raw.connect(("127.0.0.1", port))
+    sleeper = trio.SocketStream(raw)
+    async with sleeper:
+        await sleeper.send_all(upgrade("/room/slow"))
+        assert (await sleeper.receive_some(4096)).startswith(b"HTTP/1.1 101")
+        with trio.fail_after(20):
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/room/slow") as talker:
+                chunk = "z" * 16384
+                # the talker reads its own copies; the sleeper never reads
+                for _ in range(1000):
+                    await talker.send_message(chunk)
+                    assert await talker.get_message() == chunk
+        metrics = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+        assert b"rooms_limit_outbox_overflow_total 1" in metrics
+
+
+async def test_unknown_routes_and_rejected_upgrades_with_a_client(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    with pytest.raises(ConnectionRejected) as rejected:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/nope/x"):
+            pass
+    assert rejected.value.status_code == 404
