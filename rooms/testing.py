@@ -91,9 +91,7 @@ class FakeClient:
         self.close_code, self.close_reason = code, reason
         self._arrived.set()
         if self._peer is not None:
-            self._harness._nursery.start_soon(
-                self._harness._host.disconnected, self._peer, code, reason
-            )
+            self._harness._host.disconnected(self._peer, code, reason)
 
     # -- the client's side ---------------------------------------------------------------
 
@@ -120,7 +118,8 @@ class FakeClient:
         self.closed = True
         self.close_code, self.close_reason = code, reason
         if self._peer is not None:
-            await self._harness._host.disconnected(self._peer, code, reason)
+            self._harness._host.disconnected(self._peer, code, reason)
+        await trio.lowlevel.checkpoint()
 
     @property
     def id(self) -> str:

@@ -475,7 +475,7 @@ class Edge:
             try:
                 await send_all(sock, h.send(switch) or b"")
             except ConnectionBroken:
-                await self.host.disconnected(peer, 1006, "")
+                self.host.disconnected(peer, 1006, "")
                 raise
             self.metrics.websocket_upgrades_total += 1
             self.metrics.websockets_open += 1
@@ -518,8 +518,8 @@ class Edge:
         except ConnectionBroken:
             pass
         finally:
+            host.disconnected(peer, code, reason)
             with trio.CancelScope(shield=True):
-                await host.disconnected(peer, code, reason)
                 if not ws.closed:
                     await ws.flush(self.settings.close_timeout)
                     await lingering_close(sock, self.settings.close_timeout)

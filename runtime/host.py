@@ -289,6 +289,13 @@ class Activation:
         self._mailbox.append(event)
         self._wake()
 
+    def post_always(self, event: Event) -> None:
+        """Queue an event past the mailbox bound: for closes, which must never wait (they
+        are bounded by the number of connections, and a reader that is shutting down cannot
+        wait for room in the mailbox)."""
+        self._mailbox.append(event)
+        self._wake()
+
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
@@ -491,8 +498,8 @@ class Host:
         self.metrics.messages_in_total += 1
         await peer.activation.post(_Message(peer, data))
 
-    async def disconnected(self, peer: Peer, code: int, reason: str) -> None:
-        await peer.activation.post(_Closed(peer, code, reason))
+    def disconnected(self, peer: Peer, code: int, reason: str) -> None:
+        peer.activation.post_always(_Closed(peer, code, reason))
 
     async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:
         reply = Reply()

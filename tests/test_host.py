@@ -365,3 +365,47 @@ async def test_messages_wait_until_the_writes_before_them_are_durable() -> None:
             real_commit(*args)
         assert await c.receive() == "1"
         assert await c.receive() == "1"
+
+
+# -- activations -------------------------------------------------------------------------------
+
+
+class Census(Room):
+    starts = 0
+
+    async def on_start(self) -> None:
+        type(self).starts += 1
+        await trio.sleep(0.01)  # a slow start: concurrent connects must still share it
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        conn.send(str(len(self.connections())))
+
+
+async def test_one_activation_per_room_and_idle_rooms_unload() -> None:
+    from runtime.config import Settings
+
+    Census.starts = 0
+    app = App()
+    app.room("/census/{name}", Census)
+    async with RoomsHarness(app, settings=Settings(room_idle_timeout=0.2)) as h:
+        clients = []
+
+        async def join() -> None:
+            clients.append(await h.connect("/census/one"))
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(join)
+        await clients[0].send("count")
+        assert await clients[0].receive() == "20"
+        assert Census.starts == 1
+        for c in clients:
+            await c.disconnect()
+        await h.settle()
+        assert h.is_active(Census, "one")
+        await trio.sleep(0.5)  # idle, no connections: unloaded
+        assert not h.is_active(Census, "one")
+        again = await h.connect("/census/one")
+        await again.send("count")
+        assert await again.receive() == "1"
+        assert Census.starts == 2
