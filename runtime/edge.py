@@ -42,8 +42,13 @@ class ConnectionBroken(Exception):
     pass
 
 
-async def recv(sock: socket.socket) -> bytes:
-    """Bytes from the socket (b"" at EOF), waiting until some arrive."""
+async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
+    """Bytes from the socket (b"" at EOF), waiting until some arrive.
+
+    ``wait_first`` skips the first attempt: after a short read the socket is most likely
+    empty, and a recv() that fails costs a syscall and an exception."""
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
     while True:
         try:
             data = sock.recv(_RECV_SIZE)
@@ -52,7 +57,8 @@ async def recv(sock: socket.socket) -> bytes:
             continue
         except OSError as exc:
             raise ConnectionBroken(str(exc)) from None
-        await trio.lowlevel.checkpoint()
+        if not wait_first:
+            await trio.lowlevel.checkpoint()
         return data
 
 
@@ -505,7 +511,7 @@ class Edge:
                             elif kind is Close:
                                 code, reason = self._close_received(ws, item)  # type: ignore[arg-type]
                                 return
-                    data = await recv(sock)
+                    data = await recv(sock, wait_first=len(data) < _RECV_SIZE)
                     if not data:
                         return  # TCP closed without a Close frame: 1006
         except ProtocolError as exc:
