@@ -7,7 +7,7 @@ with ``rooms serve MODULE:APP``. See the README for the guarantees the engine gi
 from ._app import App
 from ._engine import Storage
 from ._http import HTTPError, Request, Response
-from ._ids import RoomId
+from ._ids import RoomId, is_room_id
 from ._room import CallCycleError, Connection, Room, RoomCallError, Stub
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "RoomId",
     "Storage",
     "Stub",
+    "is_room_id",
 ]

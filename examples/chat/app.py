@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rooms import App, Connection, HTTPError, Request, Response, Room, RoomId
-from rooms._ids import is_room_id
+from rooms import App, Connection, HTTPError, Request, Response, Room, RoomId, is_room_id
 
 MAX_NAME = 32
 MAX_MESSAGE = 256
