@@ -24,10 +24,10 @@ from types import TracebackType
 
 import trio
 import trio.testing
-from runtime.frames import Close, FrameParser
 
 from runtime.config import Settings
 from runtime.edge import Edge
+from runtime.frames import Close, FrameParser
 from runtime.host import Host, Peer
 from runtime.metrics import Metrics
 from runtime.server import database_path
