@@ -19,6 +19,7 @@ import socket
 from collections import deque
 from http import HTTPStatus
 
+import attrs
 import h11
 import trio
 
@@ -261,7 +262,11 @@ class Edge:
                 await send_all(sock, _raw_response(503, "server is at its connection limit"))
                 await lingering_close(sock, 1.0)
                 return
-            await self._http(sock, (addr[0], addr[1]))
+            upgrade = await self._http(sock, (addr[0], addr[1]))
+            if upgrade is not None:
+                # The HTTP phase's state (h11, the request head) is gone by now: an idle
+                # WebSocket holds only what the data path needs.
+                await self._websocket(sock, upgrade)
         except ConnectionBroken:
             pass
         finally:
@@ -271,7 +276,8 @@ class Edge:
 
     # -- HTTP ----------------------------------------------------------------------------
 
-    async def _http(self, sock: socket.socket, client: tuple[str, int]) -> None:
+    async def _http(self, sock: socket.socket, client: tuple[str, int]) -> _Upgrade | None:
+        """Serve HTTP requests until the connection closes (None) or upgrades."""
         settings = self.settings
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
         timeout = settings.handshake_timeout
@@ -280,12 +286,12 @@ class Edge:
                 event = await self._next_event(h, sock, timeout)
                 if event is None:  # timed out waiting for a request head
                     if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
-                        return  # an idle keep-alive connection: just close it
+                        return None  # an idle keep-alive connection: just close it
                     self.metrics.limit_handshake_timeout_total += 1
                     await self._send_response(h, sock, _error(408, "request head not received"))
                     break
                 if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed
+                    return None  # ConnectionClosed
                 if _head_size(event) > settings.max_header_bytes:
                     # h11 only bounds a head that is still incomplete; bound complete ones too.
                     self.metrics.limit_header_too_big_total += 1
@@ -304,8 +310,13 @@ class Edge:
                     self.metrics.limit_body_too_big_total += 1
                 await self._send_response(h, sock, _error(exc.status, exc.reason))
                 break
-            if await self._dispatch(h, sock, event, request):
-                return  # the connection became a WebSocket and has ended
+            answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
+            if not isinstance(answer, Response):
+                problem = _handshake_problem(event, request)
+                if problem is None:
+                    return _Upgrade(request, *answer, _switch(h, request), h.trailing_data[0])
+                answer = problem
+            await self._send_response(h, sock, answer, head_only=request.method == "HEAD")
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 break
             try:
@@ -314,6 +325,7 @@ class Edge:
                 break
             timeout = settings.keepalive_timeout
         await lingering_close(sock, 1.0)
+        return None
 
     async def _next_event(
         self, h: h11.Connection, sock: socket.socket, timeout: float
@@ -381,17 +393,6 @@ class Edge:
         await send_all(sock, data)
         self.metrics.http_requests_total += 1
 
-    async def _dispatch(
-        self, h: h11.Connection, sock: socket.socket, event: h11.Request, request: Request
-    ) -> bool:
-        """Answer one request; True if it became a WebSocket (now finished)."""
-        answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
-        if isinstance(answer, Response):
-            await self._send_response(h, sock, answer, head_only=request.method == "HEAD")
-            return False
-        await self._websocket(h, sock, event, request, *answer)
-        return True
-
     async def route(self, request: Request, upgrade: bool) -> Response | tuple[type[Room], RoomId]:
         """The response to a request, or for a WebSocket upgrade the room it joins."""
         try:
@@ -447,46 +448,24 @@ class Edge:
 
     # -- WebSocket -----------------------------------------------------------------------
 
-    async def _websocket(
-        self,
-        h: h11.Connection,
-        sock: socket.socket,
-        event: h11.Request,
-        request: Request,
-        room_class: type[Room],
-        room_id: RoomId,
-    ) -> None:
-        problem = _handshake_problem(event, request)
-        if problem is not None:
-            await self._send_response(h, sock, problem)
-            await lingering_close(sock, 1.0)
-            return
+    async def _websocket(self, sock: socket.socket, upgrade: _Upgrade) -> None:
         async with trio.open_nursery() as nursery:
             ws = WebSocket(sock, self.settings, self.metrics, nursery)
-            peer = self.host.attach(room_class, room_id, ws, request)
+            peer = self.host.attach(upgrade.room_class, upgrade.room_id, ws, upgrade.request)
             if peer is None:
-                await self._send_response(h, sock, _error(503, "room is full"))
+                await send_all(sock, _raw_response(503, "room is full"))
                 await lingering_close(sock, 1.0)
                 return
             ws.label = f"connection {peer.conn.id} in room {peer.activation.label}"
-            key = request.header("sec-websocket-key") or ""
-            switch = h11.InformationalResponse(
-                status_code=101,
-                headers=[
-                    (b"upgrade", b"websocket"),
-                    (b"connection", b"Upgrade"),
-                    (b"sec-websocket-accept", accept_key(key).encode()),
-                ],
-            )
             try:
-                await send_all(sock, h.send(switch) or b"")
+                await send_all(sock, upgrade.switch)
             except ConnectionBroken:
                 self.host.disconnected(peer, 1006, "")
                 raise
             self.metrics.websocket_upgrades_total += 1
             self.metrics.websockets_open += 1
             try:
-                await self._websocket_session(ws, peer, h.trailing_data[0])
+                await self._websocket_session(ws, peer, upgrade.data)
             finally:
                 self.metrics.websockets_open -= 1
                 nursery.cancel_scope.cancel()
@@ -539,6 +518,30 @@ class Edge:
         if close.code is None:
             return 1005, ""
         return close.code, close.reason
+
+
+@attrs.frozen
+class _Upgrade:
+    """A valid WebSocket handshake, ready to be answered with ``switch`` (the 101)."""
+
+    request: Request
+    room_class: type[Room]
+    room_id: RoomId
+    switch: bytes
+    data: bytes  # what the client sent after its request head
+
+
+def _switch(h: h11.Connection, request: Request) -> bytes:
+    key = request.header("sec-websocket-key") or ""
+    accept = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept_key(key).encode()),
+        ],
+    )
+    return h.send(accept) or b""
 
 
 def _is_websocket_upgrade(request: Request) -> bool:
