@@ -504,10 +504,10 @@ class Edge:
             pass
         finally:
             host.disconnected(peer, code, reason)
-            with trio.CancelScope(shield=True):
-                if not ws.closed:
-                    await ws.flush(self.settings.close_timeout)
-                    await lingering_close(sock, self.settings.close_timeout)
+            if not ws.closed:
+                # Not shielded: a server that is being stopped does not wait on its clients.
+                await ws.flush(self.settings.close_timeout)
+                await lingering_close(sock, self.settings.close_timeout)
 
     @staticmethod
     def _close_received(ws: WebSocket, close: Close) -> tuple[int, str]:

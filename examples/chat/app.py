@@ -134,7 +134,7 @@ def _parse(message: str | bytes) -> dict[str, Any] | str:
         return "Binary frames are not part of this protocol; send JSON text."
     try:
         data = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return "Malformed message: expected a JSON object."
     if not isinstance(data, dict):
         return "Malformed message: expected a JSON object."
