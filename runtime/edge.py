@@ -278,38 +278,16 @@ class Edge:
 
     async def _http(self, sock: socket.socket, client: tuple[str, int]) -> _Upgrade | None:
         """Serve HTTP requests until the connection closes (None) or upgrades."""
-        settings = self.settings
-        h = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
-        timeout = settings.handshake_timeout
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
+        timeout = self.settings.handshake_timeout
         while True:
-            try:
-                event = await self._next_event(h, sock, timeout)
-                if event is None:  # timed out waiting for a request head
-                    if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
-                        return None  # an idle keep-alive connection: just close it
-                    self.metrics.limit_handshake_timeout_total += 1
-                    await self._send_response(h, sock, _error(408, "request head not received"))
-                    break
-                if not isinstance(event, h11.Request):
-                    return None  # ConnectionClosed
-                if _head_size(event) > settings.max_header_bytes:
-                    # h11 only bounds a head that is still incomplete; bound complete ones too.
-                    self.metrics.limit_header_too_big_total += 1
-                    await self._send_response(h, sock, _error(431, "request head too large"))
-                    break
-                request = await self._read_request(h, sock, event, client)
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                if status == 431:
-                    self.metrics.limit_header_too_big_total += 1
-                if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._send_response(h, sock, _error(status, f"bad request: {exc}"))
+            received = await self._receive_request(h, sock, client, timeout)
+            if received is None:
+                return None
+            if isinstance(received, Response):
+                await self._send_response(h, sock, received)
                 break
-            except HTTPError as exc:
-                if exc.status == 413:
-                    self.metrics.limit_body_too_big_total += 1
-                await self._send_response(h, sock, _error(exc.status, exc.reason))
-                break
+            event, request = received
             answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
             if not isinstance(answer, Response):
                 problem = _handshake_problem(event, request)
@@ -323,9 +301,40 @@ class Edge:
                 h.start_next_cycle()
             except h11.LocalProtocolError:
                 break
-            timeout = settings.keepalive_timeout
+            timeout = self.settings.keepalive_timeout
         await lingering_close(sock, 1.0)
         return None
+
+    async def _receive_request(
+        self, h: h11.Connection, sock: socket.socket, client: tuple[str, int], timeout: float
+    ) -> tuple[h11.Request, Request] | Response | None:
+        """The next request; or the error response to end the connection with; or None when
+        the client closed, or an idle keep-alive connection timed out."""
+        settings, metrics = self.settings, self.metrics
+        try:
+            event = await self._next_event(h, sock, timeout)
+            if event is None:  # timed out waiting for a request head
+                if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
+                    return None
+                metrics.limit_handshake_timeout_total += 1
+                return _error(408, "request head not received in time")
+            if not isinstance(event, h11.Request):
+                return None  # ConnectionClosed
+            if _head_size(event) > settings.max_header_bytes:
+                # h11 only bounds a head that is still incomplete; bound complete ones too.
+                metrics.limit_header_too_big_total += 1
+                return _error(431, "request head too large")
+            return event, await self._read_request(h, sock, event, client)
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                metrics.limit_header_too_big_total += 1
+            if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                return None
+            return _error(exc.error_status_hint, f"bad request: {exc}")
+        except HTTPError as exc:
+            if exc.status == 413:
+                metrics.limit_body_too_big_total += 1
+            return _error(exc.status, exc.reason)
 
     async def _next_event(
         self, h: h11.Connection, sock: socket.socket, timeout: float
