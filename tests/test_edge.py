@@ -183,3 +183,34 @@ async def test_unknown_routes_and_rejected_upgrades_with_a_client(
         async with open_websocket_url(f"ws://127.0.0.1:{port}/nope/x"):
             pass
     assert rejected.value.status_code == 404
+
+
+async def test_room_connection_cap(nursery: trio.Nursery, tmp_path: Any) -> None:
+    settings = Settings(port=0, data_dir=str(tmp_path), max_connections_per_room=2)
+    port = await start_server(nursery, echo_app, settings)
+    base = f"ws://127.0.0.1:{port}"
+    with trio.fail_after(10):
+        async with open_websocket_url(f"{base}/room/a"), open_websocket_url(f"{base}/room/a"):
+            with pytest.raises(ConnectionRejected) as full:
+                async with open_websocket_url(f"{base}/room/a"):
+                    pass
+            assert full.value.status_code == 503
+            assert full.value.body is not None and b"room is full" in full.value.body
+            async with open_websocket_url(f"{base}/room/b"):
+                pass  # other rooms are not affected
+        metrics = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert b"rooms_limit_room_connections_total 1" in metrics
+
+
+async def test_total_connection_cap(nursery: trio.Nursery, tmp_path: Any) -> None:
+    settings = Settings(port=0, data_dir=str(tmp_path), max_connections=2)
+    port = await start_server(nursery, echo_app, settings)
+    base = f"ws://127.0.0.1:{port}"
+    with trio.fail_after(10):
+        async with open_websocket_url(f"{base}/room/a"), open_websocket_url(f"{base}/room/b"):
+            answer = await raw_request(port, upgrade("/room/c"), read_timeout=1)
+            assert answer.startswith(b"HTTP/1.1 503")
+            assert b"connection limit" in answer
+        await trio.sleep(0.2)  # the two clients' sockets are closed by now
+        metrics = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert b"rooms_limit_connections_total 1" in metrics
