@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -17,7 +18,7 @@ from rooms import App
 
 from . import connect
 from .config import ConfigError, Settings, load_settings
-from .server import serve, tune_process
+from .server import listen, serve, tune_process
 
 
 def load_app(target: str) -> App:
@@ -41,10 +42,10 @@ def load_app(target: str) -> App:
     return app
 
 
-async def _serve_until_signal(app: App, settings: Settings) -> None:
+async def _serve_until_signal(app: App, settings: Settings, listener: socket.socket) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            nursery.start_soon(serve, app, settings)
+            nursery.start_soon(serve, app, settings, listener)
             async for signum in signals:
                 logging.getLogger("rooms.server").info(
                     "%s: stopping (pending storage commits are finished first)",
@@ -78,12 +79,12 @@ def _serve(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     tune_process()
     try:
-        trio.run(_serve_until_signal, app, settings)
+        listener = listen(settings.host, settings.port)
     except OSError as exc:
-        print(
-            f"rooms serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
-        )
+        where = f"{settings.host}:{settings.port}"
+        print(f"rooms serve: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         return 1
+    trio.run(_serve_until_signal, app, settings, listener)
     return 0
 
 

@@ -51,11 +51,16 @@ def tune_process() -> None:
 async def serve(
     app: App,
     settings: Settings,
+    listener: socket.socket | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until cancelled; ``task_status.started`` gets the port listened on."""
-    listener = listen(settings.host, settings.port)
+    """Serve ``app`` until cancelled; ``task_status.started`` gets the port listened on.
+
+    ``listener`` is a bound, listening socket; by default one is opened on the settings'
+    host and port."""
+    if listener is None:
+        listener = listen(settings.host, settings.port)
     backend = SqliteBackend(database_path(settings), settings.synchronous)
     metrics = Metrics()
     try:
