@@ -153,8 +153,9 @@ class SqliteBackend:
                 db.execute("SAVEPOINT job")
                 try:
                     job.result = job.run(db)
-                except sqlite3.Error as exc:
-                    # one bad job (e.g. a value over SQLite's size limit) fails alone
+                except Exception as exc:
+                    # One bad job (a value over SQLite's size limit, say) fails alone, and
+                    # never the thread: every room's storage depends on it.
                     db.execute("ROLLBACK TO job")
                     job.error = exc
                 db.execute("RELEASE job")
@@ -440,6 +441,10 @@ class RoomStorage:
 def _check_key(key: str) -> None:
     if not isinstance(key, str):
         raise TypeError(f"storage keys are str, not {type(key).__name__} ({key!r})")
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"storage key {key!r} is not valid Unicode (a lone surrogate)") from None
 
 
 def _in_range(key: str, prefix: str | None, start: str | None, end: str | None) -> bool:
