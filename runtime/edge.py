@@ -27,7 +27,16 @@ from rooms import HTTPError, Request, Response, Room, RoomId
 from rooms._app import App, FunctionRoute, RoomRoute
 
 from .config import Settings
-from .frames import Close, FrameParser, Ping, ProtocolError, encode_close, encode_frame
+from .frames import (
+    OP_PONG,
+    Close,
+    Event,
+    FrameParser,
+    Ping,
+    ProtocolError,
+    encode_close,
+    encode_frame,
+)
 from .host import Host, Peer
 from .metrics import Metrics
 
@@ -36,7 +45,6 @@ log = logging.getLogger("rooms.edge")
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _RECV_SIZE = 65536
 _WRITE_CHUNK = 256 * 1024
-_OP_PONG = 0xA
 
 
 class ConnectionBroken(Exception):
@@ -489,16 +497,10 @@ class Edge:
             with ws.read_scope:
                 while True:
                     if data:
-                        for item in parser.feed(data):
-                            kind = type(item)
-                            if kind is str or kind is bytes:
-                                if not ws.closing:
-                                    await host.received(peer, item)  # type: ignore[arg-type]
-                            elif kind is Ping:
-                                ws.write(encode_frame(_OP_PONG, item.payload))  # type: ignore[union-attr]
-                            elif kind is Close:
-                                code, reason = self._close_received(ws, item)  # type: ignore[arg-type]
-                                return
+                        closed = await self._deliver(ws, peer, parser.feed(data))
+                        if closed is not None:
+                            code, reason = closed
+                            return
                     data = await recv(sock, wait_first=len(data) < _RECV_SIZE)
                     if not data:
                         return  # TCP closed without a Close frame: 1006
@@ -517,6 +519,20 @@ class Edge:
                 # Not shielded: a server that is being stopped does not wait on its clients.
                 await ws.flush(self.settings.close_timeout)
                 await lingering_close(sock, self.settings.close_timeout)
+
+    async def _deliver(
+        self, ws: WebSocket, peer: Peer, events: list[Event]
+    ) -> tuple[int, str] | None:
+        """Hand messages to the room and answer pings; the code and reason of a Close."""
+        for item in events:
+            if isinstance(item, (str, bytes)):
+                if not ws.closing:
+                    await self.host.received(peer, item)
+            elif isinstance(item, Ping):
+                ws.write(encode_frame(OP_PONG, item.payload))
+            elif isinstance(item, Close):
+                return self._close_received(ws, item)
+        return None
 
     @staticmethod
     def _close_received(ws: WebSocket, close: Close) -> tuple[int, str]:
