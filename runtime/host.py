@@ -308,7 +308,9 @@ class Activation:
                 if self._mailbox:
                     event = self._mailbox.popleft()
                     self._space.unpark()
+                    self._busy = True
                     await self._handle(event)
+                    self._busy = False
                     if self._submitted - self._durable >= self._max_inflight:
                         self._drained = trio.Event()
                         await self._drained.wait()
@@ -333,13 +335,6 @@ class Activation:
         return not self._mailbox and not self._busy and self._durable == self._submitted
 
     async def _handle(self, event: Event) -> None:
-        self._busy = True
-        try:
-            await self._handle_event(event)
-        finally:
-            self._busy = False
-
-    async def _handle_event(self, event: Event) -> None:
         # Connection bookkeeping first: it must happen even if the room cannot start.
         if type(event) is _Closed:
             self.attached -= 1
