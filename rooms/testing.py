@@ -174,8 +174,9 @@ class RoomsHarness:
         """Open a WebSocket to ``path`` through the app's routes; HandshakeRejected if the
         app answers with an HTTP response instead."""
         target, _, query = path.partition("?")
-        request = Request("GET", target, query, list(headers or []), b"", client)
-        request._stub_factory = self._host.stub
+        request = Request(
+            "GET", target, query, list(headers or []), b"", client, stub_factory=self._host.stub
+        )
         answer = await self._edge.route(request, upgrade=True)
         if isinstance(answer, Response):
             raise HandshakeRejected(answer)
@@ -197,8 +198,9 @@ class RoomsHarness:
         """A plain HTTP request through the app's routes."""
         target, _, query = path.partition("?")
         data = body.encode() if isinstance(body, str) else body
-        request = Request(method.upper(), target, query, list(headers or []), data)
-        request._stub_factory = self._host.stub
+        request = Request(
+            method.upper(), target, query, list(headers or []), data, stub_factory=self._host.stub
+        )
         answer = await self._edge.route(request, upgrade=False)
         assert isinstance(answer, Response)
         return answer
