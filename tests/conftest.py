@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,6 +16,14 @@ from runtime.server import serve
 @pytest.fixture
 def settings(tmp_path: object) -> Settings:
     return Settings(host="127.0.0.1", port=0, data_dir=str(tmp_path))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers started as processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def start_server(nursery: trio.Nursery, app: App, settings: Settings) -> int:

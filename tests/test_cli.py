@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import trio
 
 from runtime.cli import main
 from runtime.config import ConfigError, load_settings
+
+from .conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,9 +55,7 @@ def test_bad_apps_are_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_serve_and_connect_as_real_processes(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "runtime.cli", "serve", "examples.echo.app:app"]
     command += ["--port", str(port), "--data-dir", str(tmp_path), "--log-level", "WARNING"]
     server = subprocess.Popen(command, cwd=REPO)  # noqa: ASYNC220 (killed in finally)
