@@ -6,8 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, ClassVar
 
-import msgpack
-
+from ._codec import encode
 from ._engine import ConnectionLink, RoomContext, Storage
 from ._http import HTTPError, Request, Response
 from ._ids import RoomId, is_room_id
@@ -58,10 +57,7 @@ class Connection:
 
     @state.setter
     def state(self, value: Any) -> None:
-        try:
-            size = len(msgpack.packb(value, use_bin_type=True))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"connection state must be msgpack-serialisable: {exc}") from None
+        size = len(encode(value, "connection state"))
         if size > MAX_STATE_BYTES:
             raise ValueError(
                 f"connection state is {size} bytes encoded; the limit is {MAX_STATE_BYTES}"

@@ -14,10 +14,10 @@ from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
-import msgpack
 import trio
 
 from rooms import CallCycleError, Connection, Request, Response, Room, RoomCallError, RoomId, Stub
+from rooms._codec import decode, encode
 from rooms._http import HTTPError
 
 from .config import Settings
@@ -143,14 +143,9 @@ _HOOK: dict[type, str] = {
 
 def _pack(value: Any, what: str) -> bytes:
     try:
-        packed: bytes = msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise RoomCallError(f"{what} is not msgpack-serialisable: {exc}") from None
-    return packed
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return encode(value, what)
+    except TypeError as exc:
+        raise RoomCallError(str(exc)) from None
 
 
 def callable_method(room_class: type[Room], method: str) -> bool:
@@ -386,9 +381,9 @@ class Activation:
                 raise TypeError(f"on_request returned {response!r}, not a rooms.Response")
             return response
         elif type(event) is _Call:
-            args, kwargs = _unpack(event.payload)
+            args, kwargs = decode(event.payload)
             result = await getattr(room, event.method)(*args, **kwargs)
-            return _unpack(_pack(result, f"the result of {event.method}()"))
+            return decode(_pack(result, f"the result of {event.method}()"))
         return None
 
     def _recover(self, event: Event, exc: Exception) -> None:

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgpack
 import trio
+
+from rooms._codec import decode, encode
 
 log = logging.getLogger("rooms.storage")
 
@@ -297,21 +298,6 @@ _ABSENT = None  # in the cache: known not to exist
 _CACHE_MAX = 10_000
 
 
-def encode_value(key: str, value: Any) -> bytes:
-    try:
-        packed: bytes = msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(
-            f"cannot store key {key!r}: the value is not msgpack-serialisable ({exc}); "
-            "store None, bool, int, float, str, bytes, list or dict values"
-        ) from None
-    return packed
-
-
-def decode_value(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
 class RoomStorage:
     """What ``Room.storage`` is: reads through a per-activation cache, writes buffered until
     the event ends (``take_writes``), then handed to the backend as one atomic commit."""
@@ -346,7 +332,7 @@ class RoomStorage:
                 missing.append(key)
                 continue
             if raw is not None:
-                result[key] = decode_value(raw)
+                result[key] = decode(raw)
         if missing:
             fetched = await self._backend.get_many(self._room, missing)
             self._remember({k: fetched.get(k, _ABSENT) for k in missing})
@@ -354,7 +340,7 @@ class RoomStorage:
                 # a write made by this event while the read was in flight wins
                 raw = self._dirty.get(key, fetched.get(key)) if not self._deleted_all else None
                 if raw is not None:
-                    result[key] = decode_value(raw)
+                    result[key] = decode(raw)
         return {k: result[k] for k in keys if k in result}
 
     async def list(
@@ -380,19 +366,19 @@ class RoomStorage:
         keys = sorted((k for k, v in stored.items() if v is not None), reverse=reverse)
         if limit is not None:
             keys = keys[:limit]
-        return {k: decode_value(stored[k]) for k in keys if stored[k] is not None}  # type: ignore[arg-type]
+        return {k: decode(stored[k]) for k in keys if stored[k] is not None}  # type: ignore[arg-type]
 
     # -- writes ---------------------------------------------------------------------------
 
     def put(self, key: str, value: Any) -> None:
         _check_key(key)
-        self._write(key, encode_value(key, value))
+        self._write(key, encode(value, f"the value for key {key!r}"))
 
     def put_many(self, entries: dict[str, Any]) -> None:
         encoded = {}
         for key, value in entries.items():
             _check_key(key)
-            encoded[key] = encode_value(key, value)
+            encoded[key] = encode(value, f"the value for key {key!r}")
         for key, raw in encoded.items():
             self._write(key, raw)
 
