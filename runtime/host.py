@@ -197,13 +197,9 @@ class Activation:
 
     def broadcast(self, message: str | bytes, exclude: Collection[str], tag: str | None) -> None:
         frame = encode_message(message)
-        targets = [
-            p.transport.write
-            for cid, p in self.peers.items()
-            if cid not in exclude and (tag is None or tag in p.conn.tags)
-        ]
+        targets = [p.transport.write for p in self._tagged(tag) if p.conn.id not in exclude]
         self.host.metrics.messages_out_total += len(targets)
-        if self._horizon <= self._durable and not self._held:
+        if self._gate_open:
             for write in targets:
                 write(frame)
         else:
@@ -211,7 +207,11 @@ class Activation:
             self._held.extend((horizon, write, frame) for write in targets)
 
     def connections(self, tag: str | None) -> list[Connection]:
-        return [p.conn for p in self.peers.values() if tag is None or tag in p.conn.tags]
+        return [p.conn for p in self._tagged(tag)]
+
+    def _tagged(self, tag: str | None) -> list[Peer]:
+        peers = self.peers.values()
+        return list(peers) if tag is None else [p for p in peers if tag in p.conn.tags]
 
     async def call(
         self,
@@ -227,10 +227,15 @@ class Activation:
 
     def emit(self, deliver: Callable[[Any], None], item: Any) -> None:
         """Deliver ``item`` now, or once every write made before it is durable."""
-        if self._horizon <= self._durable and not self._held:
+        if self._gate_open:
             deliver(item)
         else:
             self._held.append((self._horizon, deliver, item))
+
+    @property
+    def _gate_open(self) -> bool:
+        """No write made so far is still on its way to disk, and nothing is held."""
+        return self._horizon <= self._durable and not self._held
 
     def _first_write(self) -> None:
         self._horizon = self._submitted + 1
