@@ -128,11 +128,14 @@ class App:
                 return None
             if "\0" in relative:
                 return None
-            candidate = (static.directory / relative).resolve()
-            if not candidate.is_relative_to(static.directory):
+            try:
+                candidate = (static.directory / relative).resolve()
+                if not candidate.is_relative_to(static.directory):
+                    return None
+                if candidate.is_dir():
+                    candidate = candidate / "index.html"
+                if candidate.is_file():
+                    return candidate
+            except OSError:  # a name too long for the filesystem, a loop of links: not found
                 return None
-            if candidate.is_dir():
-                candidate = candidate / "index.html"
-            if candidate.is_file():
-                return candidate
         return None

@@ -15,6 +15,12 @@ def encode(value: Any, what: str) -> bytes:
         packed: bytes = msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"{what} is not msgpack-serialisable ({exc}); use {ALLOWED}") from None
+    try:
+        # Some values pack but do not read back (a tuple dict key comes back as an
+        # unhashable list): refuse them now rather than fail every later read.
+        decode(packed)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} cannot be read back from msgpack ({exc}); use {ALLOWED}") from None
     return packed
 
 

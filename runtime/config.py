@@ -89,4 +89,15 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             )
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"setting {key!r} must not be negative, got {value}")
+        if key in _CHOICES and str(value).upper() not in _CHOICES[key]:
+            choices = ", ".join(_CHOICES[key])
+            raise ConfigError(f"setting {key!r} must be one of {choices}, got {value!r}")
+    if values.get("port", 0) > 65535:
+        raise ConfigError(f"setting 'port' must be at most 65535, got {values['port']}")
     return Settings(**values)
+
+
+_CHOICES = {
+    "synchronous": ("NORMAL", "FULL", "OFF"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}

@@ -142,11 +142,6 @@ def test_serve_reports_a_bad_config_with_exit_code_2(
     assert len(captured.err.splitlines()) == 1  # one clear line, not a traceback
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: runtime/config.py load_settings validates types only; a bad synchronous or "
-    "log_level value passes and `rooms serve` then dies with a traceback",
-)
 @pytest.mark.parametrize(
     ("text", "key"),
     [('synchronous = "SOMETIMES"\n', "synchronous"), ('log_level = "LOUD"\n', "log_level")],
@@ -156,11 +151,6 @@ def test_bad_setting_values_name_the_key(tmp_path: Path, text: str, key: str) ->
         load_settings(write_config(tmp_path, text))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: runtime/config.py load_settings accepts port = 70000; `rooms serve` then "
-    "dies with an OverflowError traceback from bind() instead of naming the setting",
-)
 def test_a_port_out_of_range_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'port'"):
         load_settings(write_config(tmp_path, "port = 70000\n"))

@@ -372,11 +372,6 @@ def test_static_refuses_a_symlink_out_of_the_folder(site: Path) -> None:
     assert app.static_file("/parent/secret") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: rooms/_app.py static_file raises OSError (ENAMETOOLONG) for a path "
-    "component over 255 bytes instead of returning None (the edge answers 500)",
-)
 def test_static_a_too_long_name_is_not_found(site: Path) -> None:
     app = App()
     app.static("/", site)

@@ -168,11 +168,6 @@ async def test_a_value_that_msgpack_cannot_encode_is_a_type_error_naming_the_key
     assert await s.get("profile") is None and await s.get("good") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: runtime/storage.py encode_value accepts a dict with a tuple key, which "
-    "decodes as an unhashable list key, so the stored value can never be read back",
-)
 async def test_a_value_that_cannot_be_read_back_is_refused_at_put(backend: SqliteBackend) -> None:
     s = view(backend)
     with pytest.raises(TypeError, match="'pairs'"):
