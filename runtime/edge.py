@@ -105,6 +105,7 @@ class WebSocket:
     """A server-side WebSocket over a socket: the ``Transport`` the host writes to."""
 
     __slots__ = (
+        "_close_sent",
         "_flushed",
         "_nursery",
         "closed",
@@ -134,6 +135,7 @@ class WebSocket:
         self.read_scope = trio.CancelScope()
         self.label = "connection"
         self._flushed: trio.Event | None = None
+        self._close_sent: trio.Event | None = None
 
     def write(self, frame: bytes) -> None:
         if self.closing or self.closed:
@@ -219,12 +221,24 @@ class WebSocket:
         self.read_scope.deadline = min(
             self.read_scope.deadline, trio.current_time() + self.settings.close_timeout
         )
+        if self._close_sent is not None:
+            self._close_sent.set()
 
     def _broken(self) -> None:
         self.closed = True
         self.pending.clear()
         self.pending_bytes = 0
         self.read_scope.cancel()
+        if self._close_sent is not None:
+            self._close_sent.set()
+
+    async def wait_close_sent(self, timeout: float) -> bool:
+        """Wait (bounded) until a Close frame was queued or the socket failed; whether it was."""
+        if not (self.closing or self.closed):
+            self._close_sent = trio.Event()
+            with trio.move_on_after(timeout):
+                await self._close_sent.wait()
+        return self.closing or self.closed
 
     async def flush(self, timeout: float) -> None:
         """Wait (bounded) until everything queued reached the kernel."""
@@ -492,6 +506,7 @@ class Edge:
         sock = ws.sock
         parser = FrameParser(max_message_size=self.settings.max_message_bytes)
         code, reason = 1006, ""
+        told_host = False
         await host.connected(peer)
         try:
             with ws.read_scope:
@@ -501,6 +516,8 @@ class Edge:
                         if closed is not None:
                             code, reason = closed
                             return
+                        if parser.error is not None:  # after the valid messages before it
+                            raise parser.error
                     data = await recv(sock, wait_first=len(data) < _RECV_SIZE)
                     if not data:
                         return  # TCP closed without a Close frame: 1006
@@ -509,12 +526,17 @@ class Edge:
             if exc.code == 1009:
                 self.metrics.limit_message_too_big_total += 1
             log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
-            code, reason = exc.code, exc.reason
-            ws.close(exc.code, exc.reason)
+            # The room answers what the client sent before the violation, then the Close
+            # goes out; a room too busy to get there in time does not keep the socket open.
+            host.disconnected(peer, exc.code, exc.reason, send_close=True)
+            told_host = True
+            if not await ws.wait_close_sent(self.settings.close_timeout):
+                ws.close(exc.code, exc.reason)
         except ConnectionBroken:
             pass
         finally:
-            host.disconnected(peer, code, reason)
+            if not told_host:
+                host.disconnected(peer, code, reason)
             if not ws.closed:
                 # Not shielded: a server that is being stopped does not wait on its clients.
                 await ws.flush(self.settings.close_timeout)
@@ -560,6 +582,7 @@ def _switch(h: h11.Connection, request: Request) -> bytes:
     key = request.header("sec-websocket-key") or ""
     accept = h11.InformationalResponse(
         status_code=101,
+        reason=b"Switching Protocols",
         headers=[
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),

@@ -216,6 +216,8 @@ class FrameParser:
         "_msg_size",
         "_parts_bin",
         "_parts_text",
+        "_prefix_checked",
+        "_prefix_decoder",
         "_want",
     )
 
@@ -231,11 +233,23 @@ class FrameParser:
         self._parts_bin: list[bytes] = []
         self._msg_size = 0
         self._decoder: codecs.IncrementalDecoder | None = None
+        # UTF-8 check of a text frame whose payload is still arriving: the decoder and how
+        # many payload bytes it has seen (so a bad byte fails fast, not at the frame's end).
+        self._prefix_decoder: codecs.IncrementalDecoder | None = None
+        self._prefix_checked = 0
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The violation that ended parsing, if any."""
+        return self._error
 
     def feed(self, data: bytes) -> list[Event]:
         """Append `data`; return every event now complete, in order.
 
-        Raises ``ProtocolError`` on any violation; the parser is unusable afterwards."""
+        Raises ``ProtocolError`` on a violation; the parser is unusable afterwards. When
+        complete events precede the violation in the data, they are returned first (a peer's
+        valid messages are not lost to its next mistake) and the error is kept in ``error``
+        and raised by the next call."""
         if self._error is not None:
             raise ProtocolError(self._error.code, self._error.reason)
         buf = self._buf
@@ -244,12 +258,18 @@ class FrameParser:
         if end < self._want:
             return []
         events: list[Event] = []
+        prefix_checked = self._prefix_checked
         try:
             pos = self._parse(buf, end, events)
         except ProtocolError as exc:
             self._error = exc
             buf.clear()
+            if events:
+                return events
             raise
+        if self._prefix_checked == prefix_checked and pos:
+            self._prefix_decoder = None  # the frame it was checking is complete
+            self._prefix_checked = 0
         # Compact once per call; deleting a prefix of a bytearray is cheap in CPython.
         if pos == end:
             buf.clear()
@@ -342,7 +362,11 @@ class FrameParser:
             start = pos + header
             stop = start + n
             if stop > end:
-                self._want = stop - pos
+                if opcode == OP_TEXT or (opcode == OP_CONTINUATION and self._msg_op == OP_TEXT):
+                    self._check_text_prefix(buf, start, end, masked, fresh=pos > 0)
+                    self._want = end - pos + 1  # check each new piece as it arrives
+                else:
+                    self._want = stop - pos
                 return pos
             if masked and n:
                 key = (buf[start - 4 : start] * ((n >> 2) + 1))[:n]
@@ -394,21 +418,31 @@ class FrameParser:
                     self._msg_op = 0
                     self._msg_size = 0
 
+    def _check_text_prefix(
+        self, buf: bytearray, start: int, end: int, masked: bool, fresh: bool
+    ) -> None:
+        """Check the UTF-8 of the part of a text frame's payload that has arrived so far."""
+        decoder = self._prefix_decoder
+        if fresh or decoder is None:
+            decoder = self._prefix_decoder = _utf8_decoder()
+            self._prefix_checked = 0
+            if self._decoder is not None:  # a continuation: carry the message's state
+                decoder.setstate(self._decoder.getstate())
+        done = self._prefix_checked
+        chunk = bytes(buf[start + done : end])
+        if not chunk:
+            return
+        if masked:
+            key = bytes(buf[start - 4 : start])
+            shift = done % 4
+            chunk = unmask(chunk, key[shift:] + key[:shift])
+        _decode_utf8(decoder, chunk, False)
+        self._prefix_checked = done + len(chunk)
+
     def _decode(self, payload: bytes, final: bool) -> str:
         """Decode one fragment of a text message, failing as soon as the bytes are invalid."""
-        decoder = self._decoder
-        assert decoder is not None
-        try:
-            text: str = decoder.decode(payload, final)
-        except UnicodeDecodeError:
-            raise ProtocolError(1007, "invalid UTF-8 in text message") from None
-        if not final:
-            # CPython accepts a pending ED A0..ED BF (the start of a UTF-16 surrogate) until
-            # the third byte arrives; reject it now.
-            pending = decoder.getstate()[0]
-            if len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0:
-                raise ProtocolError(1007, "invalid UTF-8 in text message")
-        return text
+        assert self._decoder is not None
+        return _decode_utf8(self._decoder, payload, final)
 
     def _close(self, payload: bytes) -> Close:
         n = len(payload)
@@ -424,3 +458,18 @@ class FrameParser:
         except UnicodeDecodeError:
             raise ProtocolError(1007, "invalid UTF-8 in close reason") from None
         return Close(code, reason)
+
+
+def _decode_utf8(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> str:
+    """``data`` decoded; ProtocolError 1007 as soon as the bytes so far cannot be UTF-8."""
+    try:
+        text: str = decoder.decode(data, final)
+    except UnicodeDecodeError:
+        raise ProtocolError(1007, "invalid UTF-8 in text message") from None
+    if not final:
+        # CPython accepts a pending ED A0..ED BF (the start of a UTF-16 surrogate) until
+        # the third byte arrives; reject it now.
+        pending = decoder.getstate()[0]
+        if len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0:
+            raise ProtocolError(1007, "invalid UTF-8 in text message")
+    return text

@@ -105,12 +105,13 @@ class _Message:
 
 
 class _Closed:
-    __slots__ = ("code", "peer", "reason")
+    __slots__ = ("code", "peer", "reason", "send_close")
 
-    def __init__(self, peer: Peer, code: int, reason: str) -> None:
+    def __init__(self, peer: Peer, code: int, reason: str, send_close: bool) -> None:
         self.peer = peer
         self.code = code
         self.reason = reason
+        self.send_close = send_close
 
 
 class _Http:
@@ -337,6 +338,8 @@ class Activation:
     async def _handle(self, event: Event) -> None:
         # Connection bookkeeping first: it must happen even if the room cannot start.
         if type(event) is _Closed:
+            if event.send_close:  # after the answers to what the client sent before
+                self.emit(event.peer._close_now, (event.code, event.reason))
             self.attached -= 1
             if self.peers.pop(event.peer.conn.id, None) is None:
                 return
@@ -493,8 +496,10 @@ class Host:
         self.metrics.messages_in_total += 1
         await peer.activation.post(_Message(peer, data))
 
-    def disconnected(self, peer: Peer, code: int, reason: str) -> None:
-        peer.activation.post_always(_Closed(peer, code, reason))
+    def disconnected(self, peer: Peer, code: int, reason: str, send_close: bool = False) -> None:
+        """The connection ended with ``code``. With ``send_close`` the edge wants the Close
+        frame sent in the room's output order: after every answer to earlier messages."""
+        peer.activation.post_always(_Closed(peer, code, reason, send_close))
 
     async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:
         reply = Reply()

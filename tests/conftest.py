@@ -1,9 +1,15 @@
-"""Shared fixtures: free ports, an in-process server on a real socket."""
+"""Shared fixtures: free ports, an in-process server on a real socket, a server process."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -11,6 +17,8 @@ import trio
 from rooms import App
 from runtime.config import Settings
 from runtime.server import serve
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -37,3 +45,43 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as n:
         yield n
         n.cancel_scope.cancel()
+
+
+@contextmanager
+def server(
+    target: str, cwd: Path, data_dir: Path, *options: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``python -m runtime.cli serve TARGET [OPTIONS]`` in ``cwd`` on a free port; always
+    killed on the way out."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "runtime.cli", "serve", target, "--port", str(port)]
+    command += ["--data-dir", str(data_dir), "--log-level", "WARNING", *options]
+    proc = subprocess.Popen(command, cwd=cwd, env=env)
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    with trio.fail_after(15):
+        while True:
+            assert proc.poll() is None, "the server exited while starting"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+def kill_9(proc: subprocess.Popen[bytes]) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL

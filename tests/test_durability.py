@@ -8,21 +8,13 @@ once, and with nothing missing before it."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from .conftest import free_port
-
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import REPO, kill_9, server, wait_for_port
 
 COUNTER_APP = """
 import json
@@ -45,43 +37,6 @@ class Counter(Room):
 app = App()
 app.room("/counter/{name}", Counter)
 """
-
-
-@contextmanager
-def server(target: str, cwd: Path, data_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m runtime.cli serve TARGET`` in ``cwd``; always killed on the way out."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, "-m", "runtime.cli", "serve", target, "--port", str(port)]
-    command += ["--data-dir", str(data_dir), "--log-level", "WARNING"]
-    proc = subprocess.Popen(command, cwd=cwd, env=env)
-    try:
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-async def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    with trio.fail_after(15):
-        while True:
-            assert proc.poll() is None, "the server exited while starting"
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
-
-
-def kill_9(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(10) == -signal.SIGKILL
 
 
 async def dump(port: int) -> tuple[int, dict[str, str]]:

@@ -49,9 +49,14 @@ def feed_bytewise(parser: FrameParser, data: bytes) -> list[Event]:
 
 
 def expect_error(data: bytes, code: int, *, client: bool = False, max_size: int = 1 << 20) -> str:
-    """Feed `data` whole and byte by byte; both must raise ProtocolError(code). Returns reason."""
+    """Feed `data` whole and byte by byte; both must raise ProtocolError(code). Returns reason.
+
+    Fed whole, events before the violation come back first and the next feed raises."""
+    parser = FrameParser(client=client, max_message_size=max_size)
     with pytest.raises(ProtocolError) as whole:
-        FrameParser(client=client, max_message_size=max_size).feed(data)
+        parser.feed(data)
+        assert parser.error is not None
+        parser.feed(b"")
     assert whole.value.code == code
     with pytest.raises(ProtocolError) as split:
         feed_bytewise(FrameParser(client=client, max_message_size=max_size), data)
@@ -591,3 +596,68 @@ def test_arbitrary_frames_only_raise_protocol_error(
         FrameParser(client=client).feed(stream)
     except ProtocolError as exc:
         assert exc.code in (1002, 1007, 1009)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors after valid data, and UTF-8 checked while a frame is still arriving
+# --------------------------------------------------------------------------------------------
+
+
+def test_valid_messages_before_a_violation_are_returned_first() -> None:
+    parser = FrameParser()
+    data = masked(OP_TEXT, b"first") + masked(OP_BINARY, b"second") + b"\xf1\x80"  # RSV1 set
+    assert parser.feed(data) == ["first", b"second"]
+    assert parser.error is not None and parser.error.code == 1002
+    with pytest.raises(ProtocolError) as exc:
+        parser.feed(b"")
+    assert exc.value.code == 1002
+
+
+def test_no_error_is_recorded_for_valid_data() -> None:
+    parser = FrameParser()
+    assert parser.feed(masked(OP_TEXT, b"fine")) == ["fine"]
+    assert parser.error is None
+
+
+@pytest.mark.parametrize("chop", [1, 2, 3, 5, 7])
+def test_invalid_utf8_fails_before_the_frame_is_complete(chop: int) -> None:
+    payload = "κόσμε".encode() + b"\xce\xba\xe1\x80\x80\xed\xa0\x80" + b"edited" * 40
+    frame = masked(OP_TEXT, payload)
+    parser = FrameParser()
+    fed = 0
+    with pytest.raises(ProtocolError) as exc:
+        while fed < len(frame) - 1:
+            parser.feed(frame[fed : fed + chop])
+            fed += chop
+    assert exc.value.code == 1007
+    header = 2 + 2 + 4  # 126-form length and the mask
+    assert fed < header + len("κόσμε".encode()) + 12  # stopped near the bad bytes
+
+
+@pytest.mark.parametrize("chop", [1, 3, 64])
+def test_valid_utf8_arriving_in_pieces_is_accepted(chop: int) -> None:
+    text = "héllo wörld ✓ 😀 " * 30
+    for frame_data, parts in [
+        (masked(OP_TEXT, text.encode()), [text]),
+        (
+            masked(OP_TEXT, text.encode()[:301], fin=False)
+            + masked(OP_CONTINUATION, text.encode()[301:]),
+            [text],
+        ),
+    ]:
+        parser = FrameParser()
+        events = []
+        for i in range(0, len(frame_data), chop):
+            events += parser.feed(frame_data[i : i + chop])
+        assert events == parts
+
+
+def test_a_partly_checked_frame_followed_by_another() -> None:
+    parser = FrameParser()
+    first = masked(OP_TEXT, "é".encode() * 100)
+    second = masked(OP_TEXT, b"\xff" + b"x" * 200)
+    assert parser.feed(first[:50]) == []
+    assert parser.feed(first[50:] + second[:20]) == ["é" * 100]
+    with pytest.raises(ProtocolError) as exc:
+        parser.feed(second[20:40])
+    assert exc.value.code == 1007
