@@ -213,9 +213,7 @@ class FrameParser:
         "_error",
         "_max",
         "_msg_op",
-        "_msg_size",
-        "_parts_bin",
-        "_parts_text",
+        "_fragments",
         "_prefix_checked",
         "_prefix_decoder",
         "_want",
@@ -227,11 +225,9 @@ class FrameParser:
         self._max = max_message_size
         self._want = 2  # bytes the buffer must hold before parsing can make progress
         self._error: ProtocolError | None = None
-        # The fragmented message in progress: its opcode (0 when none), fragments and size.
+        # The fragmented message in progress: its opcode (0 when none) and payload so far.
         self._msg_op = 0
-        self._parts_text: list[str] = []
-        self._parts_bin: list[bytes] = []
-        self._msg_size = 0
+        self._fragments = bytearray()
         self._decoder: codecs.IncrementalDecoder | None = None
         # UTF-8 check of a text frame whose payload is still arriving: the decoder and how
         # many payload bytes it has seen (so a bad byte fails fast, not at the frame's end).
@@ -354,7 +350,7 @@ class FrameParser:
                     if n >> 63:
                         raise ProtocolError(1002, "frame length with the most significant bit set")
                     header = 10
-                size = n + (self._msg_size if opcode == OP_CONTINUATION else 0)
+                size = n + (len(self._fragments) if opcode == OP_CONTINUATION else 0)
                 if size > max_size:
                     raise ProtocolError(1009, f"message exceeds {max_size} bytes")
             if masked:
@@ -395,28 +391,25 @@ class FrameParser:
                         append(payload)
                 else:
                     self._msg_op = opcode
-                    self._msg_size = n
                     if opcode == OP_TEXT:
                         self._decoder = _utf8_decoder()
-                        self._parts_text.append(self._decode(payload, False))
-                    else:
-                        self._parts_bin.append(payload)
+                        self._decode(payload, False)
+                    self._fragments += payload
             else:  # CONTINUATION
-                self._msg_size += n
+                # One growing buffer, not a list of pieces: a flood of tiny fragments costs
+                # no more memory than the message itself.
+                self._fragments += payload
                 if self._msg_op == OP_TEXT:
-                    self._parts_text.append(self._decode(payload, bool(fin)))
-                    if fin:
-                        append("".join(self._parts_text))
-                        self._parts_text.clear()
-                        self._decoder = None
-                else:
-                    self._parts_bin.append(payload)
-                    if fin:
-                        append(b"".join(self._parts_bin))
-                        self._parts_bin.clear()
+                    self._decode(payload, bool(fin))  # fail fast on bad UTF-8
                 if fin:
+                    message = bytes(self._fragments)
+                    self._fragments.clear()
+                    if self._msg_op == OP_TEXT:
+                        append(message.decode())
+                        self._decoder = None
+                    else:
+                        append(message)
                     self._msg_op = 0
-                    self._msg_size = 0
 
     def _check_text_prefix(
         self, buf: bytearray, start: int, end: int, masked: bool, fresh: bool
@@ -439,10 +432,10 @@ class FrameParser:
         _decode_utf8(decoder, chunk, False)
         self._prefix_checked = done + len(chunk)
 
-    def _decode(self, payload: bytes, final: bool) -> str:
-        """Decode one fragment of a text message, failing as soon as the bytes are invalid."""
+    def _decode(self, payload: bytes, final: bool) -> None:
+        """Check one fragment of a text message, failing as soon as the bytes are invalid."""
         assert self._decoder is not None
-        return _decode_utf8(self._decoder, payload, final)
+        _decode_utf8(self._decoder, payload, final)
 
     def _close(self, payload: bytes) -> Close:
         n = len(payload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 import struct
 
 import pytest
@@ -661,3 +662,17 @@ def test_a_partly_checked_frame_followed_by_another() -> None:
     with pytest.raises(ProtocolError) as exc:
         parser.feed(second[20:40])
     assert exc.value.code == 1007
+
+
+def test_a_flood_of_tiny_fragments_costs_no_more_memory_than_the_message() -> None:
+    parser = FrameParser(max_message_size=200_000)
+    flood = masked(OP_BINARY, b"x", fin=False) + masked(OP_CONTINUATION, b"", fin=False) * 1000
+    flood += masked(OP_CONTINUATION, b"y", fin=False) * 20_000
+    tracemalloc.start()
+    try:
+        assert parser.feed(flood) == []
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 100_000  # the 20 KB message and a buffer, not 20,000 objects
+    assert parser.feed(masked(OP_CONTINUATION, b"z")) == [b"x" + b"y" * 20_000 + b"z"]
