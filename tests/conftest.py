@@ -82,6 +82,11 @@ async def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
             return
 
 
+def wait_for_port_sync(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """``wait_for_port`` outside trio, for fixtures shared by a module."""
+    trio.run(wait_for_port, port, proc)
+
+
 def kill_9(proc: subprocess.Popen[bytes]) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL

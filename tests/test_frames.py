@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import tracemalloc
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings

@@ -1,0 +1,485 @@
+"""Hostile input against a real ``rooms serve`` process, over raw sockets.
+
+Each case checks the answer a client gets (an HTTP status, a Close code), that the server
+still serves everyone else, and, after every test, that its open file descriptors are back to
+their baseline: nothing an abusive client did is left behind. Memory is checked where abuse
+could make it grow (floods, mass connects): a second round must not grow it further.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import struct
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from runtime.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_TEXT,
+    Close,
+    FrameParser,
+    encode_frame,
+)
+
+from .conftest import server, wait_for_port_sync
+
+APP = """
+from pathlib import Path
+
+from rooms import App, Request, Response
+from examples.echo.app import BroadcastRoom, EchoRoom
+
+app = App()
+app.room("/room/{name}", BroadcastRoom)
+app.room("/echo/{name}", EchoRoom)
+
+
+@app.route("/hello")
+async def hello(request: Request) -> Response:
+    return Response.text("hello")
+
+
+app.static("/files", Path(__file__).parent / "public")
+"""
+
+CONFIG = """
+handshake_timeout = 1.0
+close_timeout = 1.0
+keepalive_timeout = 2.0
+max_message_bytes = 65536
+max_outbox_bytes = 262144
+"""
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode()
+
+
+HELLO = get("/hello")
+SECRET = "TOP SECRET: outside the static folder"
+MASK = b"\x37\xfa\x21\x3d"
+
+
+@attrs.frozen
+class Server:
+    pid: int
+    port: int
+    folder: Path
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / "hostileapp.py").write_text(APP)
+    (folder / "public").mkdir()
+    (folder / "public" / "index.html").write_text("public page")
+    (folder / "secret.txt").write_text(SECRET)
+    (folder / "rooms.toml").write_text(CONFIG)
+    options = ("--config", str(folder / "rooms.toml"))
+    with server("hostileapp:app", folder, folder / "data", *options) as (proc, port):
+        wait_for_port_sync(port, proc)
+        yield Server(proc.pid, port, folder)
+        assert proc.poll() is None, "the server died"
+
+
+@pytest.fixture
+async def srv(hostile_server: Server) -> AsyncIterator[Server]:
+    """The shared server; after the test its descriptors must return to the baseline."""
+    await http(hostile_server.port, HELLO)  # warm up
+    baseline = hostile_server.fds()
+    yield hostile_server
+    await fds_back_to(hostile_server, baseline)
+
+
+async def fds_back_to(srv: Server, baseline: int) -> None:
+    for _ in range(200):  # up to 10 s
+        if srv.fds() <= baseline:
+            break
+        await trio.sleep(0.05)
+    assert srv.fds() <= baseline, f"{srv.fds()} descriptors open, {baseline} before the test"
+
+
+# --------------------------------------------------------------------------------------------
+# raw clients
+
+
+async def http(port: int, data: bytes, timeout: float = 5) -> bytes:
+    """Send ``data`` on a new connection; everything the server sends until it closes (or
+    ``timeout`` passes; a keep-alive connection is then closed by us)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = bytearray()
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)  # (the server may answer and close before reading all)
+        with trio.move_on_after(timeout):
+            try:
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+            except trio.BrokenResourceError:
+                pass
+    return bytes(received)
+
+
+def status(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response[9:12])
+
+
+def upgrade(path: str, key: bytes | None = None, extra: bytes = b"") -> bytes:
+    key = key if key is not None else base64.b64encode(os.urandom(16))
+    return (
+        f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n".encode()
+        + b"sec-websocket-key: "
+        + key
+        + b"\r\n"
+        + (extra or b"sec-websocket-version: 13\r\n")
+        + b"\r\n"
+    )
+
+
+class RawWebSocket:
+    """A client that sends whatever bytes it is given and parses what comes back."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.parser = FrameParser(client=True, max_message_size=1 << 30)
+        self.events: list[Any] = []
+
+    @classmethod
+    async def connect(cls, port: int, path: str = "/echo/hostile") -> RawWebSocket:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(upgrade(path))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        ws = cls(stream)
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        if rest:
+            ws.events += ws.parser.feed(rest)
+        return ws
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def next_event(self, timeout: float = 5) -> Any:
+        """The next message, Ping, Pong or Close; None if TCP closed first."""
+        with trio.fail_after(timeout):
+            while not self.events:
+                try:
+                    chunk = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return None
+                if not chunk:
+                    return None
+                self.events += self.parser.feed(chunk)
+            return self.events.pop(0)
+
+    async def close_received(self, timeout: float = 5) -> tuple[int | None, str]:
+        """Skip messages until the server's Close; its code and reason."""
+        while True:
+            event = await self.next_event(timeout)
+            assert event is not None, "TCP closed without a Close frame"
+            if isinstance(event, Close):
+                return event.code, event.reason
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return encode_frame(opcode, payload, fin=fin, mask=MASK)
+
+
+# --------------------------------------------------------------------------------------------
+# hostile HTTP
+
+BAD_HEADS = {
+    "not HTTP at all": (b"GARBAGE\r\n\r\n", 400),
+    "request line without target": (b"GET\r\n\r\n", 400),
+    "HTTP/1.1 without Host": (b"GET /hello HTTP/1.1\r\n\r\n", 400),
+    "TLS ClientHello on the plain port": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
+    "header line without a colon": (b"GET /hello HTTP/1.1\r\nhost: x\r\nno colon\r\n\r\n", 400),
+    "NUL in a header value": (b"GET /hello HTTP/1.1\r\nhost: x\r\nx: a\x00b\r\n\r\n", 400),
+    "Content-Length with Transfer-Encoding": (
+        b"POST /hello HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "negative Content-Length": (
+        b"POST /hello HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n",
+        400,
+    ),
+    "two different Content-Lengths": (
+        b"POST /hello HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        400,
+    ),
+    "one huge header": (HELLO[:-2] + b"x-big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    "thousands of headers": (HELLO[:-2] + b"x: y\r\n" * 5000 + b"\r\n", 431),
+    "huge request target": (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 431),
+    "body over max_body_bytes": (
+        b"POST /hello HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999\r\n\r\n",
+        413,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADS))
+async def test_malformed_requests_get_a_clear_status(srv: Server, case: str) -> None:
+    data, expected = BAD_HEADS[case]
+    response = await http(srv.port, data)
+    assert status(response) == expected, response[:300]
+    assert b"connection: close" in response.lower()
+
+
+async def test_pipelined_garbage_after_a_good_request(srv: Server) -> None:
+    good = b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n"
+    response = await http(srv.port, good + good + b"\x00\xff\xfe garbage \r\n\r\n")
+    assert response.count(b"HTTP/1.1 200 ") == 2
+    assert response.count(b"HTTP/1.1 400 ") == 1
+    assert response.index(b"HTTP/1.1 400 ") > response.rindex(b"HTTP/1.1 200 ")
+
+
+async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
+    """50 clients trickle a request head a byte at a time: each gets 408 once the
+    handshake_timeout (1 s here) is over, and a normal request is served meanwhile."""
+    answers: list[bytes] = []
+
+    async def trickle() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        received = b""
+        async with stream:
+            with trio.move_on_after(8):
+                try:
+                    for byte in b"GET /hello HTTP/1.1\r\nhost: x\r\nx-slow: " + b"z" * 1000:
+                        await stream.send_all(bytes([byte]))
+                        await trio.sleep(0.1)
+                except trio.BrokenResourceError:
+                    pass
+                try:
+                    while chunk := await stream.receive_some(4096):
+                        received += chunk
+                except trio.BrokenResourceError:
+                    pass
+        answers.append(received)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(trickle)
+        await trio.sleep(0.3)
+        with trio.fail_after(2):
+            assert status(await http(srv.port, HELLO)) == 200
+    assert len(answers) == 50
+    assert all(status(a) == 408 for a in answers), answers
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"key": b"not base64!"}, 400),
+        ({"key": base64.b64encode(b"short")}, 400),
+        ({"key": b""}, 400),
+        ({"extra": b"sec-websocket-version: 8\r\n"}, 426),
+        ({"extra": b"sec-websocket-version: banana\r\n"}, 426),
+    ],
+)
+async def test_bad_websocket_handshakes(
+    srv: Server, headers: dict[str, bytes], expected: int
+) -> None:
+    response = await http(srv.port, upgrade("/echo/x", **headers), timeout=2)
+    assert status(response) == expected, response
+    if expected == 426:
+        assert b"sec-websocket-version: 13" in response.lower()
+
+
+async def test_an_upgrade_that_is_not_get_or_lacks_connection_upgrade(srv: Server) -> None:
+    post = upgrade("/echo/x").replace(b"GET ", b"POST ", 1)
+    assert status(await http(srv.port, post, timeout=2)) == 400
+    no_connection = upgrade("/echo/x").replace(b"connection: Upgrade", b"connection: keep-alive")
+    assert status(await http(srv.port, no_connection, timeout=2)) == 400
+
+
+TRAVERSALS = [
+    "/files/../secret.txt",
+    "/files/%2e%2e/secret.txt",
+    "/files/%2E%2E%2Fsecret.txt",
+    "/files/..%2fsecret.txt",
+    "/files/....//secret.txt",
+    "/files/%252e%252e/secret.txt",
+    "/files/..\\secret.txt",
+    "/files/%c0%ae%c0%ae/secret.txt",
+    "/files/" + "%2e%2e/" * 20 + "etc/passwd",
+    "/files//etc/passwd",
+    "/files/%00",
+    "/files/index.html%00.txt",
+    "/files/" + "a" * 300,
+    "/files/" + "a/" * 2000,
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+async def test_static_paths_never_leave_the_folder(srv: Server, path: str) -> None:
+    response = await http(srv.port, get(path))
+    assert status(response) in (400, 404), response[:300]
+    assert SECRET.encode() not in response and b"root:" not in response
+
+
+async def test_the_static_folder_itself_is_served(srv: Server) -> None:
+    response = await http(srv.port, get("/files/"))
+    assert status(response) == 200 and response.endswith(b"public page")
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/room/%ff%fe", 400),  # not UTF-8
+        ("/room/%C0%AF", 400),  # an overlong encoding of "/"
+        ("/room/", 404),  # no name
+        ("/room/a/b", 404),  # names are one path segment
+    ],
+)
+async def test_bad_room_names(srv: Server, path: str, expected: int) -> None:
+    assert status(await http(srv.port, upgrade(path), timeout=2)) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# hostile WebSocket frames
+
+
+PROTOCOL_ERRORS = {
+    "unmasked client frame": (encode_frame(OP_TEXT, b"hi"), 1002),
+    "reserved bits": (bytes([0xC1, 0x80]) + MASK, 1002),
+    "reserved opcode": (frame(0x3, b""), 1002),
+    "control frame over 125 bytes": (frame(OP_PING, b"x" * 126), 1002),
+    "fragmented control frame": (frame(OP_PING, b"x", fin=False), 1002),
+    "continuation without a message": (frame(OP_CONTINUATION, b"x"), 1002),
+    "close code 999": (frame(OP_CLOSE, struct.pack("!H", 999)), 1002),
+    "close code 1005 (reserved)": (frame(OP_CLOSE, struct.pack("!H", 1005)), 1002),
+    "close code 5000": (frame(OP_CLOSE, struct.pack("!H", 5000)), 1002),
+    "one-byte close payload": (frame(OP_CLOSE, b"\x03"), 1002),
+    "invalid UTF-8 text": (frame(OP_TEXT, b"caf\xc3"), 1007),
+    "invalid UTF-8 close reason": (frame(OP_CLOSE, b"\x03\xe8\xff"), 1007),
+    "frame announcing 2**40 bytes": (bytes([0x82, 0xFF]) + struct.pack("!Q", 1 << 40), 1009),
+    "message over max_message_bytes": (frame(OP_BINARY, b"x" * 70_000), 1009),
+    "fragments over max_message_bytes": (
+        frame(OP_TEXT, b"x" * 40_000, fin=False) + frame(OP_CONTINUATION, b"x" * 40_000),
+        1009,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PROTOCOL_ERRORS))
+async def test_protocol_violations_close_with_a_code_and_reason(srv: Server, case: str) -> None:
+    data, expected = PROTOCOL_ERRORS[case]
+    ws = await RawWebSocket.connect(srv.port)
+    await ws.send(frame(OP_TEXT, b"before"))  # answered before the Close
+    await ws.send(data)
+    assert await ws.next_event() == "before"
+    code, reason = await ws.close_received()
+    assert code == expected
+    assert reason  # says what was wrong
+    assert await ws.next_event() is None  # then the server closes TCP
+    await ws.aclose()
+
+
+async def test_a_flood_of_fragments_within_the_limit_is_one_message(srv: Server) -> None:
+    ws = await RawWebSocket.connect(srv.port)
+    flood = frame(OP_TEXT, b"a", fin=False) + frame(OP_CONTINUATION, b"b", fin=False) * 20_000
+    await ws.send(flood + frame(OP_CONTINUATION, b"c"))
+    assert await ws.next_event(10) == "a" + "b" * 20_000 + "c"
+    await ws.aclose()
+
+
+async def test_a_ping_flood_is_answered_in_order(srv: Server) -> None:
+    ws = await RawWebSocket.connect(srv.port)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.send, b"".join(frame(OP_PING, b"%d" % i) for i in range(5000)))
+        for i in range(5000):
+            event = await ws.next_event()
+            assert event.payload == b"%d" % i
+    await ws.send(frame(OP_TEXT, b"still here"))
+    assert await ws.next_event() == "still here"
+    await ws.aclose()
+
+
+async def test_a_ping_flood_from_a_client_that_never_reads(srv: Server) -> None:
+    """The pongs pile up for a client that does not read them: past max_outbox_bytes it is
+    closed with 1008, and memory does not grow with the flood."""
+    rss_before = srv.rss_kib()
+    ws = await RawWebSocket.connect(srv.port)
+    burst = frame(OP_PING, b"p" * 125) * 1000
+    with trio.move_on_after(10):
+        try:
+            for _ in range(200):  # up to 26 MB of pings
+                await ws.send(burst)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    code, _reason = await ws.close_received(10)
+    assert code == 1008
+    await ws.aclose()
+    assert srv.rss_kib() - rss_before < 16 * 1024
+
+
+async def test_thousands_of_connections_opened_and_dropped_at_once(srv: Server) -> None:
+    """1,500 WebSockets in 30 rooms, all dropped without a Close; twice. The server keeps
+    serving, its connection count returns to zero and its memory does not keep growing."""
+
+    async def round_of_connections() -> None:
+        sockets: list[RawWebSocket] = []
+
+        async def open_one(i: int) -> None:
+            sockets.append(await RawWebSocket.connect(srv.port, f"/room/mass-{i % 30}"))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(1500):
+                    nursery.start_soon(open_one, i)
+        assert len(sockets) == 1500
+        for ws in sockets:
+            ws.stream.socket.setsockopt(
+                trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )  # close with a reset, as a crashed client would
+            await ws.aclose()
+        for _ in range(200):  # up to 20 s
+            if await open_websockets(srv.port) == 0:
+                break
+            await trio.sleep(0.1)
+        assert await open_websockets(srv.port) == 0
+
+    await round_of_connections()
+    rss_after_first = srv.rss_kib()
+    await round_of_connections()
+    assert srv.rss_kib() - rss_after_first < 16 * 1024
+    ws = await RawWebSocket.connect(srv.port)
+    await ws.send(frame(OP_TEXT, b"still serving"))
+    assert await ws.next_event() == "still serving"
+    await ws.aclose()
+
+
+async def open_websockets(port: int) -> int:
+    response = await http(port, get("/_rooms/metrics"))
+    for line in response.decode().splitlines():
+        if line.startswith("rooms_websockets_open "):
+            return int(float(line.split()[1]))
+    raise AssertionError(response)
