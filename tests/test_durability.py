@@ -152,3 +152,68 @@ async def test_chat_history_survives_kill_9(tmp_path: Path) -> None:
                 after = json.loads(await ws.get_message())
     assert after["seq"] == 5  # the sequence continues
     assert after["timestamp"] > acked[-1]["timestamp"]
+
+
+LOAD_APP = """
+from examples.chat.app import RateLimiter, app
+
+RateLimiter.grace = 1e9  # every test client is 127.0.0.1: no rate limit under load
+"""
+
+
+async def test_chat_under_load_nothing_seen_is_lost_or_duplicated_after_kill_9(
+    tmp_path: Path,
+) -> None:
+    """12 clients in 4 rooms each keep 3 messages in flight (sending the next one as soon as
+    one of theirs comes back); the server is killed (SIGKILL) mid-stream. After a restart
+    each room's history holds every message any client saw, once, unchanged, and its
+    sequence numbers have no gap."""
+    app_dir, data = tmp_path / "app", tmp_path / "data"
+    app_dir.mkdir()
+    (app_dir / "chatload.py").write_text(LOAD_APP)
+    rooms, per_room, per_client, window = 4, 3, 30, 3
+    seen: dict[str, dict[int, dict[str, Any]]] = {f"load-{r}": {} for r in range(rooms)}
+    enough = trio.Event()  # a third of all messages seen: time to kill
+
+    async def client(port: int, room: str, name: str) -> None:
+        url = f"ws://127.0.0.1:{port}/api/room/{room}/websocket"
+        async with open_websocket_url(url) as ws:
+            await chat_join(ws, name)
+            sent = 0
+            for sent in range(window):
+                await ws.send_message(json.dumps({"message": f"{name} #{sent}"}))
+            while True:
+                entry = json.loads(await ws.get_message())
+                if "seq" not in entry:
+                    continue
+                seen[room][entry["seq"]] = entry
+                if sum(map(len, seen.values())) >= rooms * per_room * per_client // 3:
+                    enough.set()
+                if entry["name"] == name and sent + 1 < per_client:
+                    sent += 1
+                    await ws.send_message(json.dumps({"message": f"{name} #{sent}"}))
+
+    with server("chatload:app", app_dir, data) as (proc, port):
+        await wait_for_port(port, proc)
+        with trio.fail_after(30), trio.CancelScope() as clients:
+            async with trio.open_nursery() as nursery:
+                for r in range(rooms):
+                    for c in range(per_room):
+                        nursery.start_soon(client, port, f"load-{r}", f"r{r}c{c}")
+                await enough.wait()
+                kill_9(proc)
+                clients.cancel()
+    assert all(seen.values())  # every room had acknowledged messages at the kill
+
+    with server("chatload:app", app_dir, data) as (proc, port):
+        await wait_for_port(port, proc)
+        for room, entries in seen.items():
+            with trio.fail_after(10):
+                url = f"ws://127.0.0.1:{port}/api/room/{room}/websocket"
+                async with open_websocket_url(url) as ws:
+                    history = [e for e in await chat_join(ws, "checker") if "seq" in e]
+            assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
+            texts = [e["message"] for e in history]
+            assert len(texts) == len(set(texts)), "a message was stored twice"
+            stored = {e["seq"]: e for e in history}
+            assert all(stored.get(seq) == entry for seq, entry in entries.items())
