@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat test lint typecheck unit clean
+.PHONY: chat test lint typecheck unit soak clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ unit: $(VENV)/.dev $(WSTEST)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit  ## lint, strict type check, every test
+
+soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .autobahn .mypy_cache .ruff_cache .pytest_cache
