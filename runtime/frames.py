@@ -263,7 +263,7 @@ class FrameParser:
             if events:
                 return events
             raise
-        if self._prefix_checked == prefix_checked and pos:
+        if pos and self._prefix_decoder is not None and self._prefix_checked == prefix_checked:
             self._prefix_decoder = None  # the frame it was checking is complete
             self._prefix_checked = 0
         # Compact once per call; deleting a prefix of a bytearray is cheap in CPython.
