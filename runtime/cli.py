@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -70,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.print_config:
         for key, value in attrs.asdict(settings).items():
-            print(f"{key} = {value!r}")
+            print(f"{key} = {json.dumps(value)}")  # JSON scalars and arrays are valid TOML
         return 0
     logging.basicConfig(
         level=settings.log_level.upper(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ class Settings:
     """Seconds a room with no connections and no events stays in memory."""
     max_inflight_commits: int = 64
     """Commits one room may have in flight before it waits for the disk."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-For``
+    names the real client; from anyone else the header is ignored (it is trivially forged)."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
     log_level: str = "INFO"
@@ -83,6 +87,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         expected = float if isinstance(default, float) else type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
+        if expected is tuple and isinstance(value, list):
+            values[key] = value = tuple(value)
         if not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool):
             raise ConfigError(
                 f"setting {key!r} must be {expected.__name__}, got {type(value).__name__}"
@@ -92,6 +98,13 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if key in _CHOICES and str(value).upper() not in _CHOICES[key]:
             choices = ", ".join(_CHOICES[key])
             raise ConfigError(f"setting {key!r} must be one of {choices}, got {value!r}")
+    for proxy in values.get("trusted_proxies", ()):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"setting 'trusted_proxies': {proxy!r} is not an IP address or network"
+            ) from None
     if values.get("port", 0) > 65535:
         raise ConfigError(f"setting 'port' must be at most 65535, got {values['port']}")
     return Settings(**values)

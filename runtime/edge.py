@@ -13,10 +13,12 @@ import base64
 import binascii
 import errno
 import hashlib
+import ipaddress
 import logging
 import mimetypes
 import socket
 from collections import deque
+from collections.abc import Iterable
 from http import HTTPStatus
 
 import attrs
@@ -256,6 +258,7 @@ class Edge:
         self.settings = settings
         self.host = host
         self.metrics = metrics
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
@@ -403,9 +406,27 @@ class Edge:
             query_string=query,
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
             body=bytes(body),
-            client=client,
+            client=self._client_address(client, event.headers),
             stub_factory=self.host.stub,
         )
+
+    def _client_address(
+        self, peer: tuple[str, int], headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[str, int]:
+        """The socket peer, or, when the peer is a trusted proxy, the client its
+        ``X-Forwarded-For`` names: the rightmost address no trusted proxy added."""
+        if not self._trusted or not _is_in(peer[0], self._trusted):
+            return peer
+        forwarded = [
+            hop.strip()
+            for name, value in headers
+            if name == b"x-forwarded-for"
+            for hop in value.decode("latin-1").split(",")
+        ]
+        for hop in reversed(forwarded):
+            if not _is_in(hop, self._trusted):
+                return (hop, 0) if _is_address(hop) else peer
+        return peer
 
     async def _send_response(
         self, h: h11.Connection, sock: socket.socket, response: Response, head_only: bool = False
@@ -620,6 +641,22 @@ def _handshake_problem(event: h11.Request, request: Request) -> Response | None:
     if not valid_key:
         return _error(400, "invalid Sec-WebSocket-Key: expected 16 random bytes in base64")
     return None
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_in(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _head_size(event: h11.Request) -> int:

@@ -59,10 +59,26 @@ def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "examples.echo.app:app", "--print-config", "--port", "9001"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "port = 9001" in lines
-    assert "host = '127.0.0.1'" in lines
+    assert 'host = "127.0.0.1"' in lines
     assert f"max_message_bytes = {1024 * 1024}" in lines
-    assert "synchronous = 'NORMAL'" in lines
+    assert 'synchronous = "NORMAL"' in lines
     assert len(lines) == len(attrs.fields(Settings))  # every setting, one per line
+
+
+def test_printed_config_is_a_config_file_that_loads_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, 'trusted_proxies = ["10.0.0.0/8", "::1"]\nport = 9002\n')
+    assert main(["serve", "examples.echo.app:app", "--config", str(config), "--print-config"]) == 0
+    (tmp_path / "again").mkdir()
+    printed = write_config(tmp_path / "again", capsys.readouterr().out)
+    assert load_settings(printed) == load_settings(config)
+    assert load_settings(printed).trusted_proxies == ("10.0.0.0/8", "::1")
+
+
+def test_a_trusted_proxy_that_is_not_an_address_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'trusted_proxies'"):
+        load_settings(write_config(tmp_path, 'trusted_proxies = ["proxy.local"]\n'))
 
 
 def test_print_config_with_file_and_flags(
@@ -77,8 +93,8 @@ def test_print_config_with_file_and_flags(
     assert main([*argv, "--port", "9001", "--synchronous", "FULL"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "port = 9001" in lines  # the flag wins over the file
-    assert "synchronous = 'FULL'" in lines
-    assert "data_dir = 'from-file'" in lines  # no flag: the file's value
+    assert 'synchronous = "FULL"' in lines
+    assert 'data_dir = "from-file"' in lines  # no flag: the file's value
     assert "max_message_bytes = 2048" in lines
     assert "handshake_timeout = 3.0" in lines
     assert main(argv) == 0

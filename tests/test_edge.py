@@ -214,3 +214,42 @@ async def test_total_connection_cap(nursery: trio.Nursery, tmp_path: Any) -> Non
         await trio.sleep(0.2)  # the two clients' sockets are closed by now
         metrics = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1)
     assert b"rooms_limit_connections_total 1" in metrics
+
+
+def client_ip_app() -> Any:
+    from rooms import App, Request, Response
+
+    app = App()
+
+    @app.route("/ip")
+    async def ip(request: Request) -> Response:
+        return Response.text(request.client[0])
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "seen"),
+    [
+        ((), "203.0.113.7", "127.0.0.1"),  # no trusted proxy: the header is ignored
+        (("127.0.0.1",), "203.0.113.7", "203.0.113.7"),
+        (("127.0.0.0/8",), "198.51.100.1, 203.0.113.7", "203.0.113.7"),  # rightmost hop
+        (("127.0.0.1", "10.0.0.0/8"), "203.0.113.7, 10.1.2.3", "203.0.113.7"),  # skip proxies
+        (("127.0.0.1",), "not-an-address", "127.0.0.1"),
+        (("10.0.0.0/8",), "203.0.113.7", "127.0.0.1"),  # the peer is not a trusted proxy
+    ],
+)
+async def test_x_forwarded_for_only_from_trusted_proxies(
+    nursery: trio.Nursery,
+    settings: Settings,
+    trusted: tuple[str, ...],
+    forwarded: str,
+    seen: str,
+) -> None:
+    port = await start_server(nursery, client_ip_app(), settings.replace(trusted_proxies=trusted))
+    response = await raw_request(
+        port,
+        f"GET /ip HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: {forwarded}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert response.endswith(seen.encode())
