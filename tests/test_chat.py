@@ -97,10 +97,10 @@ async def send(ws: WebSocketConnection, data: Any) -> None:
 
 
 async def join(ws: WebSocketConnection, name: str) -> list[JSON]:
-    """Send the name; return every frame up to and including ``{"ready": true}``."""
+    """Send the name; return every frame up to and including ``{"ready": true, ...}``."""
     await send(ws, {"name": name})
     frames: list[JSON] = []
-    while not frames or frames[-1] != {"ready": True}:
+    while not frames or "ready" not in frames[-1]:
         frames.append(await receive(ws))
     return frames
 
@@ -178,9 +178,9 @@ async def test_room_names(nursery: trio.Nursery, settings: Settings) -> None:
         assert rejected.value.body is not None
         assert rejected.value.body.decode().strip() == "Name too long"
         async with client(port, "n" * 32) as ws:
-            assert await join(ws, "a") == [{"joined": "a"}, {"ready": True}]
+            assert await join(ws, "a") == [{"joined": "a"}, {"ready": True, "seq": 0}]
         async with client(port, "ab" * 32) as ws:  # 64 hex: a private room id
-            assert await join(ws, "a") == [{"joined": "a"}, {"ready": True}]
+            assert await join(ws, "a") == [{"joined": "a"}, {"ready": True, "seq": 0}]
         status, _, body = await http(port, "GET", "/api/room/x/websocket")
         assert (status, body.decode().strip()) == (400, "expected websocket")
         status, _, body = await http(port, "GET", "/api/room/" + "n" * 33 + "/websocket")
@@ -203,7 +203,7 @@ async def test_nothing_arrives_before_the_name(nursery: trio.Nursery, settings: 
                 {"joined": "alice"},
                 said,
                 {"joined": "bob"},
-                {"ready": True},
+                {"ready": True, "seq": 1},
             ]
             assert await receive(alice) == {"joined": "bob"}
 
@@ -214,7 +214,7 @@ async def test_join_sequence_roster_history_joined_ready(
     port = await start_server(nursery, chat.app, settings)
     with trio.fail_after(10):
         async with client(port, "busy") as alice, client(port, "busy") as bob:
-            assert await join(alice, "alice") == [{"joined": "alice"}, {"ready": True}]
+            assert await join(alice, "alice") == [{"joined": "alice"}, {"ready": True, "seq": 0}]
             await join(bob, "bob")
             assert await receive(alice) == {"joined": "bob"}
             for i in range(105):
@@ -229,7 +229,7 @@ async def test_join_sequence_roster_history_joined_ready(
             # oldest first, then carol's own join and ready
             assert sorted(f["joined"] for f in frames[:2]) == ["alice", "bob"]
             assert frames[2:102] == sent[5:]
-            assert frames[102:] == [{"joined": "carol"}, {"ready": True}]
+            assert frames[102:] == [{"joined": "carol"}, {"ready": True, "seq": 105}]
             assert await receive(alice) == {"joined": "carol"}
             assert await receive(bob) == {"joined": "carol"}
 
@@ -243,7 +243,7 @@ async def test_a_bad_first_frame_asks_for_the_name(
             for bad in ({"message": "hi"}, {"name": 5}, {"name": "  "}, {}):
                 await send(ws, bad)
                 assert "error" in await receive(ws)
-            assert await join(ws, "alice") == [{"joined": "alice"}, {"ready": True}]
+            assert await join(ws, "alice") == [{"joined": "alice"}, {"ready": True, "seq": 0}]
 
 
 async def test_a_name_over_32_characters_is_refused_and_closed_1009(
@@ -252,7 +252,7 @@ async def test_a_name_over_32_characters_is_refused_and_closed_1009(
     port = await start_server(nursery, chat.app, quick_close(settings))
     with trio.fail_after(5):
         async with client(port, "lobby") as ws:
-            assert await join(ws, "n" * 32) == [{"joined": "n" * 32}, {"ready": True}]
+            assert await join(ws, "n" * 32) == [{"joined": "n" * 32}, {"ready": True, "seq": 0}]
         async with client(port, "lobby") as ws:
             await send(ws, {"name": "n" * 33})
             assert await receive(ws) == {"error": "Name too long."}
@@ -376,7 +376,178 @@ async def test_history_survives_a_server_restart(settings: Settings, no_rate_lim
         async with trio.open_nursery() as server:
             port = await start_server(server, chat.app, settings)
             async with client(port, "kept") as bob:
-                assert await join(bob, "bob") == [*before, {"joined": "bob"}, {"ready": True}]
+                assert await join(bob, "bob") == [
+                    *before,
+                    {"joined": "bob"},
+                    {"ready": True, "seq": 3},
+                ]
                 after = await chat_message(bob, "after")
                 check_entries([*before, after], first_seq=1)
             server.cancel_scope.cancel()
+
+
+# -- resume by seq ----------------------------------------------------------------------
+
+
+async def join_after(ws: WebSocketConnection, name: str, after: int) -> list[JSON]:
+    await send(ws, {"name": name, "after": after})
+    frames: list[JSON] = []
+    while not frames or "ready" not in frames[-1]:
+        frames.append(await receive(ws))
+    return frames
+
+
+async def test_a_resuming_client_gets_exactly_what_it_missed(
+    nursery: trio.Nursery, settings: Settings, no_rate_limit: None
+) -> None:
+    port = await start_server(nursery, chat.app, settings)
+    with trio.fail_after(10):
+        async with client(port, "resume") as alice:
+            await join(alice, "alice")
+            sent = [await chat_message(alice, f"m{i}") for i in range(5)]
+            async with client(port, "resume") as bob:
+                frames = await join_after(bob, "bob", 2)
+                assert frames == [
+                    {"joined": "alice"},
+                    *sent[2:],  # seq 3, 4, 5: nothing before, nothing twice
+                    {"joined": "bob"},
+                    {"ready": True, "seq": 5},
+                ]
+            async with client(port, "resume") as bob:  # up to date: no history at all
+                assert await join_after(bob, "bob", 5) == [
+                    {"joined": "alice"},
+                    {"joined": "bob"},
+                    {"ready": True, "seq": 5},
+                ]
+
+
+async def test_a_client_that_missed_too_much_is_told_what_to_fetch(
+    nursery: trio.Nursery,
+    settings: Settings,
+    no_rate_limit: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(chat, "MAX_REPLAY", 3)
+    port = await start_server(nursery, chat.app, settings)
+    with trio.fail_after(10):
+        async with client(port, "behind") as alice:
+            await join(alice, "alice")
+            sent = [await chat_message(alice, f"m{i}") for i in range(6)]
+        async with client(port, "behind") as bob:
+            frames = await join_after(bob, "bob", 1)
+        # seq 2 and 3 are not replayed: the client hears so, and fetches them from history
+        assert frames[0] == {"missed": {"after": 1, "before": 4}}
+        assert frames[1:4] == sent[3:]
+        _, _, body = await http(port, "GET", "/api/room/behind/history?before=4")
+        assert json.loads(body)["messages"] == sent[:3]
+
+
+@pytest.mark.parametrize("after", [-1, "3", 1.5, True, None])
+async def test_a_bad_after_is_an_error_frame(
+    nursery: trio.Nursery, settings: Settings, after: Any
+) -> None:
+    port = await start_server(nursery, chat.app, settings)
+    with trio.fail_after(5):
+        async with client(port, "lobby") as ws:
+            if after is None:  # "after": null is the same as no "after"
+                assert await join_after(ws, "a", after) == [
+                    {"joined": "a"},
+                    {"ready": True, "seq": 0},
+                ]
+                return
+            await send(ws, {"name": "a", "after": after})
+            assert "after" in (await receive(ws))["error"]
+            assert await join(ws, "a") == [{"joined": "a"}, {"ready": True, "seq": 0}]
+
+
+# -- history endpoint and retention -------------------------------------------------------
+
+
+async def history(port: int, room: str, query: str = "") -> tuple[int, dict[str, str], Any]:
+    status, headers, body = await http(port, "GET", f"/api/room/{room}/history{query}")
+    return status, headers, json.loads(body) if status == 200 else body.decode().strip()
+
+
+async def test_history_pages(
+    nursery: trio.Nursery, settings: Settings, no_rate_limit: None
+) -> None:
+    port = await start_server(nursery, chat.app, settings)
+    with trio.fail_after(10):
+        async with client(port, "paged") as alice:
+            await join(alice, "alice")
+            sent = [await chat_message(alice, f"m{i}") for i in range(7)]
+        status, headers, page = await history(port, "paged")
+        assert status == 200 and headers["access-control-allow-origin"] == "*"
+        assert page == {"messages": sent, "more": False}
+        _, _, page = await history(port, "paged", "?limit=3")
+        assert page == {"messages": sent[4:], "more": True}
+        _, _, page = await history(port, "paged", f"?limit=3&before={page['messages'][0]['seq']}")
+        assert page == {"messages": sent[1:4], "more": True}
+        _, _, page = await history(port, "paged", "?limit=3&before=2")
+        assert page == {"messages": sent[:1], "more": False}
+        _, _, page = await history(port, "nobody-here")
+        assert page == {"messages": [], "more": False}
+        for bad in ("?limit=0", "?limit=x", "?before=-3", "?before="):
+            status, _, text = await history(port, "paged", bad)
+            assert status == 400 and "positive whole number" in text, (bad, text)
+        status, _, _ = await http(port, "POST", "/api/room/paged/history")
+        assert status == 405
+        status, _, _ = await http(port, "GET", "/api/room/" + "n" * 33 + "/history")
+        assert status == 404
+
+
+async def test_retention_by_count(
+    settings: Settings, no_rate_limit: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chat.ChatRoom, "retention_messages", 3)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as server:
+            port = await start_server(server, chat.app, settings)
+            async with client(port, "short") as alice:
+                await join(alice, "alice")
+                sent = [await chat_message(alice, f"m{i}") for i in range(5)]
+            _, _, page = await history(port, "short")
+            assert page["messages"] == sent[2:]
+            server.cancel_scope.cancel()
+        # lowered while the server was down: applied when the room starts again
+        monkeypatch.setattr(chat.ChatRoom, "retention_messages", 1)
+        async with trio.open_nursery() as server:
+            port = await start_server(server, chat.app, settings)
+            _, _, page = await history(port, "short")
+            assert page["messages"] == sent[4:]
+            server.cancel_scope.cancel()
+
+
+async def test_retention_by_age(
+    nursery: trio.Nursery,
+    settings: Settings,
+    no_rate_limit: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(chat.ChatRoom, "retention_seconds", 0.3)
+    port = await start_server(nursery, chat.app, settings)
+    with trio.fail_after(10):
+        async with client(port, "fleeting") as alice:
+            await join(alice, "alice")
+            await chat_message(alice, "old")
+            await trio.sleep(0.5)
+            new = await chat_message(alice, "new")
+        _, _, page = await history(port, "fleeting")
+        assert page["messages"] == [new]
+
+
+@pytest.mark.parametrize(("raw", "value"), [("", 5.0), ("2.5", 2.5), ("0", 0.0)])
+def test_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, value: float
+) -> None:
+    monkeypatch.setenv("CHAT_SECONDS_PER_MESSAGE", raw)
+    assert chat._setting("CHAT_SECONDS_PER_MESSAGE", 5.0) == value
+
+
+@pytest.mark.parametrize("raw", ["fast", "-1"])
+def test_bad_settings_in_the_environment_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("CHAT_BURST_SECONDS", raw)
+    with pytest.raises(ValueError, match="CHAT_BURST_SECONDS"):
+        chat._setting("CHAT_BURST_SECONDS", 20.0)

@@ -1,22 +1,33 @@
 """The example chat: the wire protocol of Cloudflare's workers-chat-demo, on Rooms.
 
-- ``GET /``: the chat page (``static/index.html``).
+- ``GET /``: the chat page (``static/index.html``, using the runtime's ``/_rooms/client.js``).
 - ``POST /api/room``: a new private room id (64 hex characters).
 - ``GET /api/room/<name>/websocket``: join the room ``<name>`` (a public name of at most
   32 characters, or a private room id).
+- ``GET /api/room/<name>/history?before=SEQ&limit=N``: stored messages as JSON pages.
 
 Protocol: the client's first frame is ``{"name": NAME}``; it then receives ``{"joined": N}``
 for every member already there, the last 100 messages, ``{"joined": NAME}`` (broadcast) and
-``{"ready": true}``. ``{"message": TEXT}`` is stored, then broadcast as
+``{"ready": true, "seq": LATEST}``. ``{"message": TEXT}`` is stored, then broadcast as
 ``{"name", "message", "timestamp", "seq"}``. A leaving member is announced as ``{"quit": NAME}``.
 
 Beyond the demo: every message is stored before anyone sees it (the output gate holds the
-broadcast until the write is durable) and carries a per-room sequence number ``seq``.
+broadcast until the write is durable) and carries a per-room sequence number ``seq``. A client
+that reconnects sends ``{"name": NAME, "after": SEQ}`` (the last seq it saw) and receives
+exactly the messages after it instead of the last 100.
+
+Configuration (environment variables, read at start):
+
+- ``CHAT_SECONDS_PER_MESSAGE`` (5) and ``CHAT_BURST_SECONDS`` (20): the rate limit per client
+  IP, as in the demo: one message per interval, with a burst allowance.
+- ``CHAT_RETENTION_MESSAGES`` (10000) and ``CHAT_RETENTION_DAYS`` (0): messages kept per room,
+  by count and by age; 0 keeps everything.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +36,23 @@ from rooms import App, Connection, HTTPError, Request, Response, Room, RoomId, i
 
 MAX_NAME = 32
 MAX_MESSAGE = 256
-HISTORY = 100
+HISTORY = 100  # messages sent to a client that joins without "after"
+MAX_REPLAY = 1000  # messages sent to a resuming client; more missed: a "missed" frame first
+MAX_PAGE = 1000  # messages in one history page
 RATE_LIMITED = "Your IP is being rate-limited, please try again later."
+
+
+def _setting(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {raw!r}")
+    return value
 
 
 class RateLimiter(Room):
@@ -34,8 +60,8 @@ class RateLimiter(Room):
     with a burst allowance of ``grace`` seconds (the demo's policy)."""
 
     namespace = "limiter"
-    seconds_per_action = 5.0
-    grace = 20.0
+    seconds_per_action = _setting("CHAT_SECONDS_PER_MESSAGE", 5.0)
+    grace = _setting("CHAT_BURST_SECONDS", 20.0)
 
     async def on_start(self) -> None:
         self.next_allowed = 0.0
@@ -49,6 +75,8 @@ class RateLimiter(Room):
 
 class ChatRoom(Room):
     namespace = "chat"
+    retention_messages = int(_setting("CHAT_RETENTION_MESSAGES", 10_000))
+    retention_seconds = _setting("CHAT_RETENTION_DAYS", 0) * 86400
 
     @classmethod
     def resolve(cls, name: str) -> RoomId:
@@ -59,11 +87,24 @@ class ChatRoom(Room):
         return RoomId.from_name(name)
 
     async def on_request(self, request: Request) -> Response:
-        return Response.text("expected websocket", 400)
+        if not request.path.endswith("/history"):
+            return Response.text("expected websocket", 400)
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "history is read with GET", {"allow": "GET, HEAD"})
+        before = min(_int_param(request, "before", self.seq + 1), self.seq + 1)
+        limit = min(_int_param(request, "limit", HISTORY), MAX_PAGE)
+        page = await self.storage.list(
+            prefix="msg:", end=_key(before), reverse=True, limit=limit + 1
+        )
+        messages = list(page.values())[:limit]
+        messages.reverse()
+        body = {"messages": messages, "more": len(page) > limit}
+        return Response.json(body, headers={"access-control-allow-origin": "*"})
 
     async def on_start(self) -> None:
         self.seq: int = await self.storage.get("seq", 0)
         self.last_timestamp: int = await self.storage.get("last_timestamp", 0)
+        await self._trim(everything=True)
 
     async def on_connect(self, conn: Connection, request: Request) -> None:
         conn.state = {"name": None, "ip": request.client[0]}
@@ -91,15 +132,34 @@ class ChatRoom(Room):
             conn.send(json.dumps({"error": "Name too long."}))
             conn.close(1009, "Name too long.")
             return
+        after = data.get("after")
+        if after is not None and (type(after) is not int or after < 0):
+            conn.send(json.dumps({"error": '"after" must be the last seq you saw (0 or more).'}))
+            return
         for other in self.connections("ready"):
             conn.send(json.dumps({"joined": other.state["name"]}))
-        history = await self.storage.list(prefix="msg:", reverse=True, limit=HISTORY)
-        for stored in reversed(history.values()):
-            conn.send(json.dumps(stored))
+        await self._send_history(conn, after)
         conn.state = {**conn.state, "name": name}
         conn.tags.add("ready")
         self.broadcast(json.dumps({"joined": name}), tag="ready")
-        conn.send(json.dumps({"ready": True}))
+        # "seq" lets a client notice that the room's history is not the one it remembers.
+        conn.send(json.dumps({"ready": True, "seq": self.seq}))
+
+    async def _send_history(self, conn: Connection, after: int | None) -> None:
+        """The last HISTORY messages; or, for a resuming client, every message after
+        ``after`` (announcing first, if more than MAX_REPLAY were missed, what it must fetch
+        from the history endpoint to have no gap)."""
+        if after is None:
+            history = await self.storage.list(prefix="msg:", reverse=True, limit=HISTORY)
+        else:
+            history = await self.storage.list(
+                prefix="msg:", start=_key(after + 1), reverse=True, limit=MAX_REPLAY
+            )
+            oldest = min((m["seq"] for m in history.values()), default=self.seq + 1)
+            if len(history) == MAX_REPLAY and oldest > after + 1:
+                conn.send(json.dumps({"missed": {"after": after, "before": oldest}}))
+        for stored in reversed(history.values()):
+            conn.send(json.dumps(stored))
 
     async def _chat(self, conn: Connection, data: dict[str, Any]) -> None:
         text = data.get("message")
@@ -121,11 +181,41 @@ class ChatRoom(Room):
             "timestamp": self.last_timestamp,
             "seq": self.seq,
         }
-        self.storage.put(f"msg:{self.seq:012d}", entry)
+        self.storage.put(_key(self.seq), entry)
         self.storage.put_many({"seq": self.seq, "last_timestamp": self.last_timestamp})
+        await self._trim()
         # Held by the output gate until the write above is durable: nobody sees a message
         # that could still be lost.
         self.broadcast(json.dumps(entry), tag="ready")
+
+    async def _trim(self, everything: bool = False) -> None:
+        """Apply the retention settings: drop what is past the count or the age. After each
+        message one key or a few suffice; at start, a whole backlog (the settings may have
+        been lowered since the last run)."""
+        batch = 1000 if everything else 8
+        if self.retention_messages and self.seq > self.retention_messages:
+            cutoff = _key(self.seq - self.retention_messages + 1)
+            for key in await self.storage.list(prefix="msg:", end=cutoff, limit=batch):
+                self.storage.delete(key)
+        if self.retention_seconds:
+            oldest_allowed = (time.time() - self.retention_seconds) * 1000
+            for key, stored in (await self.storage.list(prefix="msg:", limit=batch)).items():
+                if stored["timestamp"] >= oldest_allowed:
+                    break
+                self.storage.delete(key)
+
+
+def _key(seq: int) -> str:
+    return f"msg:{seq:012d}"
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_param(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise HTTPError(400, f"{name} must be a positive whole number, got {raw!r}")
+    return int(raw)
 
 
 def _parse(message: str | bytes) -> dict[str, Any] | str:
@@ -143,6 +233,7 @@ def _parse(message: str | bytes) -> dict[str, Any] | str:
 
 app = App()
 app.room("/api/room/{name}/websocket", ChatRoom)
+app.room("/api/room/{name}/history", ChatRoom)
 
 
 @app.route("/api/room", methods=["POST", "OPTIONS"])
