@@ -389,7 +389,7 @@ async def test_history_survives_a_server_restart(settings: Settings, no_rate_lim
 # -- resume by seq ----------------------------------------------------------------------
 
 
-async def join_after(ws: WebSocketConnection, name: str, after: int) -> list[JSON]:
+async def join_after(ws: WebSocketConnection, name: str, after: int | None) -> list[JSON]:
     await send(ws, {"name": name, "after": after})
     frames: list[JSON] = []
     while not frames or "ready" not in frames[-1]:
