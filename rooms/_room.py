@@ -107,10 +107,15 @@ class Room:
         namespace: the storage namespace of this class (default: the class name). Set it
             explicitly to rename a class without losing its data.
         max_name_length: longest room name ``resolve`` accepts (default 64).
+        auto_reply: a pair ``(request, reply)`` of text messages, e.g. ``("ping", "pong")``:
+            a message equal to ``request`` is answered with ``reply`` by the server itself,
+            without reaching ``on_message`` (a heartbeat for ``/_rooms/client.js``, which
+            costs the room nothing). Default None: every message reaches the room.
     """
 
     namespace: ClassVar[str] = ""
     max_name_length: ClassVar[int] = 64
+    auto_reply: ClassVar[tuple[str, str] | None] = None
 
     _ctx: RoomContext
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -20,6 +21,7 @@ import socket
 from collections import deque
 from collections.abc import Iterable
 from http import HTTPStatus
+from pathlib import Path
 
 import attrs
 import h11
@@ -38,6 +40,7 @@ from .frames import (
     ProtocolError,
     encode_close,
     encode_frame,
+    encode_message,
 )
 from .host import Host, Peer
 from .metrics import Metrics
@@ -450,6 +453,8 @@ class Edge:
         try:
             if request.path == "/_rooms/metrics":
                 return self._metrics(request)
+            if request.path == "/_rooms/client.js":
+                return _client_js(request)
             matched = self.app.match(request.path)
             if matched is None:
                 return await self._static(request)
@@ -567,10 +572,16 @@ class Edge:
         self, ws: WebSocket, peer: Peer, events: list[Event]
     ) -> tuple[int, str] | None:
         """Hand messages to the room and answer pings; the code and reason of a Close."""
+        auto = peer.activation.room_class.auto_reply
         for item in events:
             if isinstance(item, (str, bytes)):
-                if not ws.closing:
-                    await self.host.received(peer, item)
+                if ws.closing:
+                    continue
+                if auto is not None and item == auto[0]:
+                    ws.write(encode_message(auto[1]))
+                    self.metrics.auto_replies_total += 1
+                    continue
+                await self.host.received(peer, item)
             elif isinstance(item, Ping):
                 ws.write(encode_frame(OP_PONG, item.payload))
             elif isinstance(item, Close):
@@ -641,6 +652,27 @@ def _handshake_problem(event: h11.Request, request: Request) -> Response | None:
     if not valid_key:
         return _error(400, "invalid Sec-WebSocket-Key: expected 16 random bytes in base64")
     return None
+
+
+_CLIENT_JS = Path(__file__).with_name("static") / "client.js"
+
+
+@functools.cache
+def _client_js_file() -> tuple[bytes, str]:
+    body = _CLIENT_JS.read_bytes()
+    return body, '"' + hashlib.sha1(body).hexdigest()[:16] + '"'
+
+
+def _client_js(request: Request) -> Response:
+    """The browser client (RoomSocket), revalidated by ETag."""
+    if request.method not in ("GET", "HEAD"):
+        return Response.text("method not allowed", 405, {"allow": "GET, HEAD"})
+    body, etag = _client_js_file()
+    headers = {"etag": etag, "cache-control": "no-cache"}
+    if request.header("if-none-match") == etag:
+        return Response(304, b"", headers)
+    headers["content-type"] = "text/javascript; charset=utf-8"
+    return Response(200, body, headers)
 
 
 def _is_address(text: str) -> bool:

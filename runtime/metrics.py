@@ -31,6 +31,7 @@ class Metrics:
         "limit_body_too_big_total": "requests refused 413: max_body_bytes",
         "limit_handshake_timeout_total": "connections closed: no request head in handshake_timeout",
         "protocol_errors_total": "WebSocket connections closed for a protocol error",
+        "auto_replies_total": "messages answered by a room class's auto_reply, room not woken",
     }
 
     def __init__(self) -> None:
@@ -58,6 +59,7 @@ class Metrics:
     limit_body_too_big_total: int
     limit_handshake_timeout_total: int
     protocol_errors_total: int
+    auto_replies_total: int
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.HELP}

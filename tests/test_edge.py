@@ -253,3 +253,54 @@ async def test_x_forwarded_for_only_from_trusted_proxies(
         "Connection: close\r\n\r\n".encode(),
     )
     assert response.endswith(seen.encode())
+
+
+# -- auto reply and the browser client -----------------------------------------------------
+
+
+async def test_auto_reply_answers_without_reaching_the_room(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    from rooms import App, Connection, Room
+
+    class Counting(Room):
+        auto_reply = ("ping", "pong")
+
+        async def on_start(self) -> None:
+            self.seen: list[str | bytes] = []
+
+        async def on_message(self, conn: Connection, message: str | bytes) -> None:
+            if message == "seen?":
+                conn.send(repr(self.seen))
+            else:
+                self.seen.append(message)
+
+    app = App()
+    app.room("/c/{name}", Counting)
+    port = await start_server(nursery, app, settings)
+    with trio.fail_after(5):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/c/x") as ws:
+            for message in ("ping", "pingx", b"ping", "ping"):
+                await ws.send_message(message)
+            assert await ws.get_message() == "pong"
+            assert await ws.get_message() == "pong"
+            await ws.send_message("seen?")
+            # only the exact text reaches the edge's reply; everything else the room
+            assert await ws.get_message() == "['pingx', b'ping']"
+
+
+async def test_the_browser_client_is_served_with_an_etag(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    get = b"GET /_rooms/client.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    response = await raw_request(port, get + b"\r\n")
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"content-type: text/javascript; charset=utf-8" in head
+    assert b"class RoomSocket" in body
+    etag = next(line for line in head.split(b"\r\n") if line.startswith(b"etag: "))[6:]
+    again = await raw_request(port, get + b"If-None-Match: " + etag + b"\r\n\r\n")
+    assert again.startswith(b"HTTP/1.1 304 ")
+    post = get.replace(b"GET", b"POST") + b"Content-Length: 0\r\n\r\n"
+    assert (await raw_request(port, post)).startswith(b"HTTP/1.1 405 ")
