@@ -49,11 +49,11 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
 
 @contextmanager
 def server(
-    target: str, cwd: Path, data_dir: Path, *options: str
+    target: str, cwd: Path, data_dir: Path, *options: str, port: int | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m runtime.cli serve TARGET [OPTIONS]`` in ``cwd`` on a free port; always
-    killed on the way out."""
-    port = free_port()
+    """``python -m runtime.cli serve TARGET [OPTIONS]`` in ``cwd`` on ``port`` (default: a
+    free one); always killed on the way out."""
+    port = port or free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

@@ -14,7 +14,8 @@ for every member already there, the last 100 messages, ``{"joined": NAME}`` (bro
 Beyond the demo: every message is stored before anyone sees it (the output gate holds the
 broadcast until the write is durable) and carries a per-room sequence number ``seq``. A client
 that reconnects sends ``{"name": NAME, "after": SEQ}`` (the last seq it saw) and receives
-exactly the messages after it instead of the last 100.
+exactly the messages after it instead of the last 100. The text message ``ping`` is answered
+``pong`` by the server (the page's heartbeat).
 
 Configuration (environment variables, read at start):
 
@@ -75,6 +76,7 @@ class RateLimiter(Room):
 
 class ChatRoom(Room):
     namespace = "chat"
+    auto_reply = ("ping", "pong")  # the page's heartbeat, answered without waking the room
     retention_messages = int(_setting("CHAT_RETENTION_MESSAGES", 10_000))
     retention_seconds = _setting("CHAT_RETENTION_DAYS", 0) * 86400
 

@@ -1,0 +1,183 @@
+"""The chat page in a real browser: headless Chromium (Debian's ``chromium``) driven by
+Playwright, against ``rooms serve examples.chat.app:app`` run as a process.
+
+Two pages join one room, chat and see each other in the roster; a reload shows the history;
+the server is restarted and both pages reconnect on their own, and every page then shows every
+line exactly once, in order. A screenshot is kept in ``artifacts/chat.png``.
+
+Without chromium the test is skipped with the reason, except under
+``ROOMS_REQUIRE_BROWSER=1`` (set by ``.ci/run``, which installs it), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from .conftest import REPO, server, wait_for_port_sync
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = REPO / "artifacts"
+LINES = """els => els.map(e => [
+    Number(e.dataset.seq), e.querySelector('.who').textContent, e.querySelector('.text').textContent
+])"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    path = os.environ.get("ROOMS_CHROMIUM") or shutil.which("chromium")
+    if path is None:
+        reason = "no chromium on PATH (apt-get install chromium, or set ROOMS_CHROMIUM)"
+        if os.environ.get("ROOMS_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def chat_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every page is 127.0.0.1, so one rate limiter counts them all: give it room.
+    monkeypatch.setenv("CHAT_BURST_SECONDS", "1000")
+
+
+def open_chat(browser: Browser, port: int, who: str, room: str) -> Page:
+    page = browser.new_context(viewport={"width": 900, "height": 560}).new_page()
+    page.goto(f"http://127.0.0.1:{port}/#{room}")
+    join(page, who)
+    return page
+
+
+def join(page: Page, who: str) -> None:
+    page.fill("[data-testid=name-input]", who)
+    page.click("[data-testid=name-submit]")
+    connected(page)
+
+
+def connected(page: Page, timeout: float = 20_000) -> None:
+    page.wait_for_selector("[data-testid=status][data-state=connected]", timeout=timeout)
+
+
+def say(page: Page, text: str) -> None:
+    page.fill("[data-testid=chat-input]", text)
+    page.press("[data-testid=chat-input]", "Enter")
+
+
+def lines(page: Page) -> list[Any]:
+    """Each message line as [seq, who, text], top to bottom."""
+    found: list[Any] = page.eval_on_selector_all("[data-testid=messages] .message", LINES)
+    return found
+
+
+def wait_for_lines(page: Page, count: int) -> list[Any]:
+    page.wait_for_function(
+        f"document.querySelectorAll('[data-testid=messages] .message').length >= {count}",
+        timeout=20_000,
+    )
+    return lines(page)
+
+
+def roster(page: Page) -> list[str]:
+    names: list[str] = page.eval_on_selector_all(
+        "[data-testid=roster] .member", "els => els.map(e => e.firstChild.textContent)"
+    )
+    return names
+
+
+def test_two_pages_chat_reload_and_survive_a_server_restart(
+    browser: Browser, chat_env: None, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    with server("examples.chat.app:app", REPO, data) as (proc, port):
+        wait_for_port_sync(port, proc)
+        ada = open_chat(browser, port, "Ada", "browser-test")
+        grace = open_chat(browser, port, "Grace", "browser-test")
+        ada.wait_for_function("document.querySelectorAll('.member').length === 2")
+        assert roster(ada) == roster(grace) == ["Ada", "Grace"]
+
+        say(ada, "Hello <b>Grace</b>!")  # markup must arrive as text
+        assert wait_for_lines(grace, 1) == [[1, "Ada", "Hello <b>Grace</b>!"]]
+        assert grace.locator("[data-testid=messages] b").count() == 0
+        say(grace, "Hi Ada, this line was on disk before you saw it.")
+        wait_for_lines(ada, 2)
+
+        grace.reload()  # the history comes back; the name is remembered
+        assert grace.input_value("[data-testid=name-input]") == "Grace"
+        grace.click("[data-testid=name-submit]")
+        connected(grace)
+        expected = lines(ada)
+        assert wait_for_lines(grace, 2) == expected
+        port_kept = port
+
+    # The server goes away; Ada types meanwhile (queued), then it comes back on the same port.
+    ada.wait_for_selector("[data-testid=status]:not([data-state=connected])", timeout=10_000)
+    say(ada, "Typed while the server was down.")
+    with server("examples.chat.app:app", REPO, data, port=port_kept) as (proc, port):
+        wait_for_port_sync(port, proc)
+        connected(ada)
+        connected(grace)
+        say(grace, "Back after the restart.")
+        final_ada = wait_for_lines(ada, 4)
+        final_grace = wait_for_lines(grace, 4)
+        assert final_ada == final_grace
+        assert [seq for seq, _, _ in final_ada] == [1, 2, 3, 4]  # none lost, none twice
+        assert final_ada[:2] == expected
+        # the queued line went out right after Ada's rejoin, before Grace spoke
+        assert final_ada[2:] == [
+            [3, "Ada", "Typed while the server was down."],
+            [4, "Grace", "Back after the restart."],
+        ]
+        ada.wait_for_function("document.querySelectorAll('.member').length === 2")
+        ARTIFACTS.mkdir(exist_ok=True)
+        ada.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+
+def test_the_page_fits_a_phone(browser: Browser, chat_env: None, tmp_path: Path) -> None:
+    with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        page = browser.new_context(viewport={"width": 360, "height": 640}).new_page()
+        page.goto(f"http://127.0.0.1:{port}/#phone")
+        join(page, "Phone")
+        say(page, "A long line " * 20)
+        wait_for_lines(page, 1)
+        width = page.evaluate("document.scrollingElement.scrollWidth")
+        assert width <= 360, f"the page scrolls sideways: {width} px"
+        assert page.is_visible("[data-testid=chat-input]")
+        assert page.is_visible("[data-testid=roster]")
+
+
+def test_a_private_room_link_brings_a_second_page_in(
+    browser: Browser, chat_env: None, tmp_path: Path
+) -> None:
+    with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        page = browser.new_context(viewport={"width": 900, "height": 560}).new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.fill("[data-testid=name-input]", "Host")
+        page.click("[data-testid=name-submit]")
+        page.click("[data-testid=private-room]")
+        connected(page)
+        link = page.input_value("[data-testid=share-link]")
+        assert len(link.rsplit("#", 1)[1]) == 64
+        guest = browser.new_context().new_page()
+        guest.goto(link)
+        join(guest, "Guest")
+        say(guest, "Found it.")
+        assert wait_for_lines(page, 1)[0][1:] == ["Guest", "Found it."]
