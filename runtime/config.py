@@ -47,6 +47,11 @@ class Settings:
     """Seconds an idle keep-alive HTTP connection stays open."""
     close_timeout: float = 5.0
     """Seconds to wait for the client's Close reply before dropping the TCP connection."""
+    ping_interval: float = 20.0
+    """Seconds a WebSocket may be silent before the server pings it (0: never ping)."""
+    ping_timeout: float = 20.0
+    """Seconds to wait for any answer to that ping; then the connection is closed with 1011
+    ("keepalive timeout"), so a client that vanished without closing does not linger."""
     room_idle_timeout: float = 30.0
     """Seconds a room with no connections and no events stays in memory."""
     max_inflight_commits: int = 64

@@ -32,6 +32,7 @@ from rooms._app import App, FunctionRoute, RoomRoute
 
 from .config import Settings
 from .frames import (
+    OP_PING,
     OP_PONG,
     Close,
     Event,
@@ -115,12 +116,15 @@ class WebSocket:
         "_nursery",
         "closed",
         "closing",
+        "heard",
         "label",
         "metrics",
         "pending",
         "pending_bytes",
+        "pinged_at",
         "read_scope",
         "settings",
+        "silent_since",
         "sock",
         "writing",
     )
@@ -138,6 +142,11 @@ class WebSocket:
         self.closing = False  # we sent a Close frame
         self.closed = False  # the socket failed or was closed
         self.read_scope = trio.CancelScope()
+        # Keepalive: `heard` is set by every read and cleared by the pinger, which pings a
+        # connection silent since `silent_since` and closes it if `pinged_at` goes unanswered.
+        self.heard = True
+        self.silent_since = 0.0
+        self.pinged_at: float | None = None
         self.label = "connection"
         self._flushed: trio.Event | None = None
         self._close_sent: trio.Event | None = None
@@ -262,9 +271,12 @@ class Edge:
         self.host = host
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+        self._websockets: set[WebSocket] = set()
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
+            if self.settings.ping_interval > 0:
+                nursery.start_soon(self._keepalive)
             while True:
                 await trio.lowlevel.wait_readable(listener)
                 for _ in range(128):
@@ -280,6 +292,27 @@ class Edge:
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     nursery.start_soon(self._connection, sock, addr)
+
+    async def _keepalive(self) -> None:
+        """One task for every WebSocket: ping the silent ones, close the unanswering ones.
+        A pass over all connections a few times per interval costs far less than a timer
+        per connection."""
+        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
+        ping = encode_frame(OP_PING, b"keepalive")
+        while True:
+            await trio.sleep(max(0.05, min(interval, timeout or interval) / 4))
+            now = trio.current_time()
+            for ws in self._websockets:
+                if ws.heard:
+                    ws.heard, ws.silent_since, ws.pinged_at = False, now, None
+                elif ws.pinged_at is None:
+                    if now - ws.silent_since >= interval:
+                        ws.write(ping)
+                        ws.pinged_at = now
+                elif timeout and now - ws.pinged_at >= timeout and not ws.closing:
+                    self.metrics.keepalive_timeouts_total += 1
+                    log.info("%s: no answer to a ping in %g s; closing (1011)", ws.label, timeout)
+                    ws.close(1011, "keepalive timeout")
 
     async def _connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         metrics = self.metrics
@@ -521,9 +554,11 @@ class Edge:
                 raise
             self.metrics.websocket_upgrades_total += 1
             self.metrics.websockets_open += 1
+            self._websockets.add(ws)
             try:
                 await self._websocket_session(ws, peer, upgrade.data)
             finally:
+                self._websockets.discard(ws)
                 self.metrics.websockets_open -= 1
                 nursery.cancel_scope.cancel()
 
@@ -545,6 +580,7 @@ class Edge:
                         if parser.error is not None:  # after the valid messages before it
                             raise parser.error
                     data = await recv(sock, wait_first=len(data) < _RECV_SIZE)
+                    ws.heard = True
                     if not data:
                         return  # TCP closed without a Close frame: 1006
         except ProtocolError as exc:

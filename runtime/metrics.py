@@ -31,6 +31,7 @@ class Metrics:
         "limit_body_too_big_total": "requests refused 413: max_body_bytes",
         "limit_handshake_timeout_total": "connections closed: no request head in handshake_timeout",
         "protocol_errors_total": "WebSocket connections closed for a protocol error",
+        "keepalive_timeouts_total": "connections closed 1011: no answer to a keepalive ping",
         "auto_replies_total": "messages answered by a room class's auto_reply, room not woken",
     }
 
@@ -60,6 +61,7 @@ class Metrics:
     limit_handshake_timeout_total: int
     protocol_errors_total: int
     auto_replies_total: int
+    keepalive_timeouts_total: int
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.HELP}

@@ -304,3 +304,41 @@ async def test_the_browser_client_is_served_with_an_etag(
     assert again.startswith(b"HTTP/1.1 304 ")
     post = get.replace(b"GET", b"POST") + b"Content-Length: 0\r\n\r\n"
     assert (await raw_request(port, post)).startswith(b"HTTP/1.1 405 ")
+
+
+# -- keepalive --------------------------------------------------------------------------
+
+
+async def test_a_client_that_never_answers_pings_is_closed_1011(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    from runtime.frames import Close, FrameParser, Ping
+
+    quick = settings.replace(ping_interval=0.2, ping_timeout=0.3, close_timeout=0.5)
+    port = await start_server(nursery, echo_app, quick)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(upgrade("/echo/quiet"))
+        parser = FrameParser(client=True)
+        events: list[object] = []
+        with trio.fail_after(5):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(4096)
+            while not events or not isinstance(events[-1], Close):
+                events += parser.feed(await stream.receive_some(4096))
+        # a raw socket does not answer pings: first a ping, then the close
+        assert isinstance(events[0], Ping)
+        assert events[-1] == Close(1011, "keepalive timeout")
+
+
+async def test_a_client_that_answers_pings_stays_connected(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    quick = settings.replace(ping_interval=0.1, ping_timeout=0.3)
+    port = await start_server(nursery, echo_app, quick)
+    with trio.fail_after(5):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/chatty") as ws:
+            await trio.sleep(1.5)  # many ping intervals; trio-websocket answers each ping
+            await ws.send_message("still here")
+            assert await ws.get_message() == "still here"
