@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from .conftest import REPO, server, wait_for_port_sync
+from .conftest import REPO, free_port, server, wait_for_port_sync
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -181,3 +181,72 @@ def test_a_private_room_link_brings_a_second_page_in(
         join(guest, "Guest")
         say(guest, "Found it.")
         assert wait_for_lines(page, 1)[0][1:] == ["Guest", "Found it."]
+
+
+ROOM_SOCKET_RULES = """async (port) => {
+  const until = (socket, state) => new Promise((resolve) => {
+    if (socket.state === state) return resolve();
+    socket.addEventListener("statechange", (e) => { if (e.detail.state === state) resolve(); });
+  });
+  const results = {};
+
+  // A close that says retrying is pointless (1009, name too long) ends it for good.
+  const refused = new RoomSocket("/api/room/rules/websocket", {
+    hello: () => JSON.stringify({ name: "n".repeat(33) }),
+  });
+  const states = [];
+  refused.addEventListener("statechange", (e) => states.push(e.detail.state));
+  await until(refused, "closed");
+  results.refusedStates = states;
+
+  // Nobody listening: it keeps retrying with delays under the cap, and queues at most 100.
+  const lonely = new RoomSocket(`ws://127.0.0.1:${port}/nothing`, { minDelay: 10, maxDelay: 40 });
+  const delays = [];
+  lonely.addEventListener("statechange", (e) => {
+    if (e.detail.state === "waiting") delays.push(e.detail.retryIn);
+  });
+  const accepted = [];
+  for (let i = 0; i < 105; i++) accepted.push(lonely.send("m" + i));
+  while (delays.length < 6) await new Promise((r) => setTimeout(r, 20));
+  lonely.close();
+  results.maxDelay = Math.max(...delays);
+  results.accepted = accepted.filter(Boolean).length;
+  results.queuedAfterClose = lonely.queued;
+  results.lonelyState = lonely.state;
+
+  // Connected: hello first, then what was queued, then live sends; the heartbeat reply
+  // is not dispatched.
+  const got = [];
+  const live = new RoomSocket("/api/room/rules/websocket", {
+    hello: () => JSON.stringify({ name: "rules" }),
+    heartbeat: { message: "ping", reply: "pong", interval: 50, timeout: 1000 },
+  });
+  live.send(JSON.stringify({ message: "queued before open" }));
+  live.addEventListener("message", (e) => got.push(JSON.parse(e.data)));
+  await until(live, "open");
+  live.send(JSON.stringify({ message: "sent when open" }));
+  const chat = () => got.filter((m) => "message" in m);
+  while (chat().length < 2) await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 300));  // several heartbeats
+  results.live = chat().map((m) => m.message);
+  results.pongDispatched = got.some((m) => m === "pong");
+  results.liveState = live.state;
+  live.close();
+  return results;
+}"""
+
+
+def test_room_socket_rules(browser: Browser, chat_env: None, tmp_path: Path) -> None:
+    with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        page = browser.new_context().new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        nobody = free_port()
+        results = page.evaluate(ROOM_SOCKET_RULES, nobody)
+    assert results["refusedStates"] == ["connecting", "open", "closed"]
+    assert results["maxDelay"] < 40
+    assert results["accepted"] == 100  # the bound; the rest refused, not silently dropped
+    assert results["queuedAfterClose"] == 0 and results["lonelyState"] == "closed"
+    assert results["live"] == ["queued before open", "sent when open"]
+    assert results["pongDispatched"] is False
+    assert results["liveState"] == "open"

@@ -551,3 +551,28 @@ def test_bad_settings_in_the_environment_name_the_variable(
     monkeypatch.setenv("CHAT_BURST_SECONDS", raw)
     with pytest.raises(ValueError, match="CHAT_BURST_SECONDS"):
         chat._setting("CHAT_BURST_SECONDS", 20.0)
+
+
+async def test_a_member_that_vanishes_silently_leaves_the_roster(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    """A client that stops answering (a phone that lost its network) is found by the
+    server's keepalive and announced as gone: no ghost in the roster."""
+    from runtime.frames import OP_TEXT, encode_frame
+
+    quick = settings.replace(ping_interval=0.2, ping_timeout=0.3, close_timeout=0.3)
+    port = await start_server(nursery, chat.app, quick)
+    with trio.fail_after(10):
+        ghost = await trio.open_tcp_stream("127.0.0.1", port)
+        await ghost.send_all(
+            b"GET /api/room/haunted/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await ghost.send_all(encode_frame(OP_TEXT, b'{"name": "ghost"}', mask=b"abcd"))
+        async with client(port, "haunted") as alice:
+            frames = await join(alice, "alice")
+            assert {"joined": "ghost"} in frames
+            # the ghost never reads and never answers a ping
+            assert await receive(alice) == {"quit": "ghost"}
+        await ghost.aclose()

@@ -78,7 +78,8 @@
       this._onVisible = () => { if (!global.document.hidden) this._probe(); };
       global.addEventListener?.("online", this._onOnline);
       global.document?.addEventListener("visibilitychange", this._onVisible);
-      this._connect();
+      // After the caller's code has run, so listeners added right after `new` see everything.
+      queueMicrotask(() => { if (this.state !== "closed") this._connect(); });
     }
 
     /** Messages waiting for the next connection. */
