@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import types
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine, Generator
 from typing import Any, Protocol
 
 import trio
@@ -76,13 +77,17 @@ class Peer:
         self.conn = Connection(self, secrets.token_hex(8), request)
 
     def send(self, message: str | bytes) -> None:
-        self.activation.emit(self.transport.write, encode_message(message))
+        self.activation.emit(self._write, encode_message(message))
         self.activation.host.metrics.messages_out_total += 1
+
+    def _write(self, frame: bytes) -> None:
+        self.activation.write(self.transport, frame)
 
     def close(self, code: int, reason: str) -> None:
         self.activation.emit(self._close_now, (code, reason))
 
     def _close_now(self, args: tuple[int, str]) -> None:
+        self.activation.flush(self.transport)  # what was sent before the close goes first
         self.transport.close(*args)
 
 
@@ -156,6 +161,30 @@ def callable_method(room_class: type[Room], method: str) -> bool:
     return callable(getattr(room_class, method, None))
 
 
+_MAX_BURST = 64
+"""Events a room handles before the writes it batched are sent (a latency bound)."""
+
+
+@types.coroutine
+def _finish(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+    """Await the rest of ``coro``, which was started by hand and has just yielded ``trap``
+    to the event loop: what ``await`` does, resumed half way (in the same task)."""
+    value = trap
+    while True:
+        try:
+            sent = yield value
+        except BaseException as exc:  # cancellation and the like: the coroutine handles it
+            try:
+                value = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration:
+                return
+
+
 class Activation:
     """One live room: its instance, connections, mailbox, storage view and output gate."""
 
@@ -175,7 +204,6 @@ class Activation:
         )
         self._mailbox: deque[Event] = deque()
         self._mailbox_size = host.settings.mailbox_size
-        self._wakeup: trio.Event | None = None
         self._space = trio.lowlevel.ParkingLot()
         # Output gate: commits are numbered; an output carries the number of the commit it
         # must wait for (its horizon) and is released once that many commits are durable.
@@ -185,6 +213,11 @@ class Activation:
         self._held: deque[tuple[int, Callable[[Any], None], Any]] = deque()
         self._drained: trio.Event | None = None
         self._busy = False
+        self._sleeper: trio.lowlevel.Task | None = None  # the room's task, while it sleeps
+        # Frames written while the room works through a burst of queued events, per
+        # connection: sent as one write each when the burst ends (one syscall per
+        # connection per burst instead of one per frame).
+        self._batch: dict[Transport, list[bytes]] | None = None
 
     # -- RoomContext (what the SDK calls) ------------------------------------------------
 
@@ -198,14 +231,49 @@ class Activation:
 
     def broadcast(self, message: str | bytes, exclude: Collection[str], tag: str | None) -> None:
         frame = encode_message(message)
-        targets = [p.transport.write for p in self._tagged(tag) if p.conn.id not in exclude]
+        targets = [p.transport for p in self._tagged(tag) if p.conn.id not in exclude]
         self.host.metrics.messages_out_total += len(targets)
-        if self._gate_open:
-            for write in targets:
-                write(frame)
-        else:
+        if not self._gate_open:
             horizon = self._horizon
-            self._held.extend((horizon, write, frame) for write in targets)
+            self._held.extend((horizon, self._write_to(t), frame) for t in targets)
+        elif self._batch is None:
+            for transport in targets:
+                transport.write(frame)
+        else:
+            batch = self._batch
+            for transport in targets:
+                frames = batch.get(transport)
+                if frames is None:
+                    batch[transport] = [frame]
+                else:
+                    frames.append(frame)
+
+    def write(self, transport: Transport, frame: bytes) -> None:
+        """Write now, or into the burst's batch."""
+        if self._batch is None:
+            transport.write(frame)
+        else:
+            frames = self._batch.get(transport)
+            if frames is None:
+                self._batch[transport] = [frame]
+            else:
+                frames.append(frame)
+
+    def _write_to(self, transport: Transport) -> Callable[[bytes], None]:
+        return lambda frame: self.write(transport, frame)
+
+    def flush(self, transport: Transport | None = None) -> None:
+        """Send what the current burst batched, one write per connection; with
+        ``transport``, only that connection's (the burst goes on)."""
+        if self._batch is None:
+            return
+        if transport is None:
+            batch, self._batch = self._batch, None
+        else:
+            frames = self._batch.pop(transport, None)
+            batch = {transport: frames} if frames else {}
+        for target, frames in batch.items():
+            target.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def connections(self, tag: str | None) -> list[Connection]:
         return [p.conn for p in self._tagged(tag)]
@@ -270,6 +338,7 @@ class Activation:
             error,
             len(self.peers),
         )
+        self.flush()
         held, self._held = self._held, deque()
         for _, deliver, _item in held:
             reply = getattr(deliver, "__self__", None)
@@ -298,34 +367,63 @@ class Activation:
         self._wake()
 
     def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        task = self._sleeper
+        if task is not None:
+            self._sleeper = None
+            trio.lowlevel.reschedule(task)
+
+    async def _sleep(self) -> None:
+        """Until ``_wake`` (cheaper than a trio.Event per wait, on the hot path)."""
+        self._sleeper = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._sleeper = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def run(self) -> None:
         """The room's task: one event at a time until the room is idle long enough."""
         host = self.host
+        mailbox = self._mailbox
+        burst = 0
         try:
             while True:
-                if self._mailbox:
-                    event = self._mailbox.popleft()
-                    self._space.unpark()
+                if mailbox:
+                    if burst == 0 and len(mailbox) > 1:
+                        self._batch = {}  # a burst: batch its writes
+                    event = mailbox.popleft()
+                    if self._space:
+                        self._space.unpark()
                     self._busy = True
-                    await self._handle(event)
+                    handling = self._handle(event)
+                    try:
+                        trap = handling.send(None)
+                    except StopIteration:
+                        pass  # done without blocking: its writes may stay in the batch
+                    else:  # it blocks (a storage read, a call): send the batch first
+                        self.flush()
+                        await _finish(handling, trap)
                     self._busy = False
+                    burst += 1
+                    if not mailbox or burst >= _MAX_BURST:
+                        self.flush()
+                        burst = 0
                     if self._submitted - self._durable >= self._max_inflight:
+                        self.flush()
+                        burst = 0
                         self._drained = trio.Event()
                         await self._drained.wait()
                     continue
-                self._wakeup = trio.Event()
                 if self.attached or self._durable < self._submitted:
-                    await self._wakeup.wait()
+                    await self._sleep()
                 else:
                     with trio.move_on_after(host.settings.room_idle_timeout):
-                        await self._wakeup.wait()
-                    if not (self._mailbox or self.attached or self._durable < self._submitted):
+                        await self._sleep()
+                    if not (mailbox or self.attached or self._durable < self._submitted):
                         return
-                self._wakeup = None
         finally:
+            self.flush()
             host.forget(self)
 
     # -- handling one event --------------------------------------------------------------

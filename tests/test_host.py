@@ -409,3 +409,86 @@ async def test_one_activation_per_room_and_idle_rooms_unload() -> None:
         await again.send("count")
         assert await again.receive() == "1"
         assert Census.starts == 2
+
+
+# -- coalesced writes ----------------------------------------------------------------------
+
+
+class Burst(Room):
+    """Broadcasts each message; "hold" blocks until the test releases it; "save" writes
+    storage first; "bye" sends then closes the sender."""
+
+    release = trio.Event()
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        if message == "hold":
+            await self.release.wait()
+        elif message == "save":
+            self.storage.put("k", 1)
+        elif message == "bye":
+            conn.send("last words")
+            conn.close(4000, "bye")
+            return
+        self.broadcast(message)
+
+
+def counting_writes(client: Any) -> list[bytes]:
+    """Replace a fake client's transport write with one that also records each call."""
+    calls: list[bytes] = []
+    write = client.write
+
+    def counted(data: bytes) -> None:
+        calls.append(data)
+        write(data)
+
+    client.write = counted
+    return calls
+
+
+def burst_app() -> App:
+    app = App()
+    app.room("/burst/{name}", Burst)
+    return app
+
+
+async def test_a_burst_of_events_is_one_write_per_connection() -> None:
+    async with RoomsHarness(burst_app()) as h:
+        a, b = await h.connect("/burst/x"), await h.connect("/burst/x")
+        await h.settle()
+        writes_a, writes_b = counting_writes(a), counting_writes(b)
+        for i in range(10):  # queued before the room runs: one burst
+            await a.send(f"m{i}")
+        await h.settle()
+        expected = [f"m{i}" for i in range(10)]
+        assert a.received == b.received == expected  # in order, complete
+        assert len(writes_a) == len(writes_b) == 1  # ... and one write each
+
+
+async def test_a_blocking_handler_sends_the_burst_so_far_first() -> None:
+    Burst.release = trio.Event()
+    async with RoomsHarness(burst_app()) as h:
+        a = await h.connect("/burst/y")
+        await h.settle()
+        for message in ("one", "two", "hold", "three"):
+            await a.send(message)
+        await h.settle_events()
+        # the room waits inside "hold": what it sent before is out already
+        assert a.received == ["one", "two"]
+        Burst.release.set()
+        await h.settle()
+        assert a.received == ["one", "two", "hold", "three"]
+
+
+async def test_batched_and_gated_outputs_keep_their_order() -> None:
+    async with RoomsHarness(burst_app()) as h:
+        a = await h.connect("/burst/z")
+        await h.settle()
+        for message in ("plain", "save", "after"):
+            await a.send(message)
+        await h.settle()
+        assert a.received == ["plain", "save", "after"]
+        await a.send("x")
+        await a.send("bye")  # its message goes before its close
+        await h.settle()
+        assert a.received[-2:] == ["x", "last words"]
+        assert (a.close_code, a.close_reason) == (4000, "bye")
