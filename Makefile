@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat test lint typecheck unit soak clean
+.PHONY: chat test lint typecheck unit soak bench bench-quick clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,20 @@ test: lint typecheck unit  ## lint, strict type check, every test
 soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
+# The benchmark: Rooms against websockets and Node ws, built here (bench/.venv, node_modules,
+# the C load generator), one table of medians and ratios; see bench/run.py.
+bench/.ready: bench/requirements.txt bench/package.json bench/wsload.c
+	$(PYTHON) -m venv bench/.venv
+	bench/.venv/bin/python -m pip install -q -r bench/requirements.txt
+	cd bench && npm ci --no-audit --no-fund --silent
+	cc -O2 -Wall -o bench/wsload bench/wsload.c
+	touch $@
+
+bench: $(BIN)/rooms bench/.ready  ## about 12 minutes
+	bench/.venv/bin/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(BIN)/rooms bench/.ready  ## under 3 minutes
+	bench/.venv/bin/python bench/run.py --quick $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .autobahn .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .autobahn bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache

@@ -314,6 +314,10 @@ class Activation:
         if error is not None:
             self._storage_failed(error)
         held = self._held
+        if held and held[0][0] <= self._durable and self._batch is None:
+            # Released outputs of a whole group commit go out as one write per connection.
+            self._batch = {}
+            self.host.flush_soon(self)
         while held and held[0][0] <= self._durable:
             _, deliver, item = held.popleft()
             deliver(item)
@@ -390,7 +394,7 @@ class Activation:
         try:
             while True:
                 if mailbox:
-                    if burst == 0 and len(mailbox) > 1:
+                    if burst == 0 and len(mailbox) > 1 and self._batch is None:
                         self._batch = {}  # a burst: batch its writes
                     event = mailbox.popleft()
                     if self._space:
@@ -544,6 +548,18 @@ class Host:
         self._nursery = nursery
         self._activations: dict[tuple[str, str], Activation] = {}
         self._classes: dict[str, type[Room]] = {}
+        self._to_flush: list[Activation] = []
+
+    def flush_soon(self, act: Activation) -> None:
+        """Flush ``act``'s batch once the current run of storage callbacks is over."""
+        if not self._to_flush:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._flush_all)
+        self._to_flush.append(act)
+
+    def _flush_all(self) -> None:
+        acts, self._to_flush = self._to_flush, []
+        for act in acts:
+            act.flush()
 
     def activation(self, room_class: type[Room], room_id: RoomId) -> Activation:
         """The live activation of a room, started if needed."""

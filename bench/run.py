@@ -1,0 +1,390 @@
+"""Rooms against the reference servers, side by side in one run (``make bench``).
+
+    make bench          # full: about 12 minutes
+    make bench-quick    # under 3 minutes
+
+Servers: ``rooms`` (``examples.echo``: broadcast and echo rooms, no storage), ``rooms-stored``
+(``bench/apps.py``: the chat's data path, every message stored before it is broadcast),
+``websockets`` (Python websockets 17, asyncio) and ``node-ws`` (Node + ws 8). They speak one
+protocol: ``/room/<name>`` broadcasts each message to everyone in the room, sender included;
+``/echo/<x>`` echoes to the sender.
+
+Workloads, driven by ``wsload`` (bench/wsload.c, a single-threaded C epoll client, so that
+the generator is not the bottleneck; its CPU is reported):
+
+    sat:RxC   R rooms x C clients, each keeping one message in flight: delivered messages/s
+              and server CPU per delivery (from /proc, the least noisy figure).
+    lat:RxC   the same topology at a fixed load, half the weakest reference's saturation:
+              p50 / p99 latency of every delivery.
+    echo      100 connections ping-pong: messages/s.
+    conns:N   N idle connections: upgrades/s while opening them, server RSS per connection.
+
+Every measurement starts a fresh server process; servers are interleaved and their order
+rotated each repetition, because the machine is shared and noisy: only figures from the same
+run are compared. The table gives medians and, for Rooms, the ratio to each reference (the
+median of the per-repetition ratios). Results go to bench/results/ (JSON, markdown, a PNG
+chart when matplotlib is available).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BENCH_PY = HERE / ".venv" / "bin" / "python"
+ROOMS_PY = REPO / ".venv" / "bin" / "python"
+WSLOAD = HERE / "wsload"
+
+
+def rooms_server(app: str) -> list[str]:
+    return [str(ROOMS_PY), "-m", "runtime.cli", "serve", app, "--log-level", "WARNING"]
+
+
+SERVERS: dict[str, tuple[str, list[str]]] = {
+    # name: (label, command; --port and, for Rooms, --data-dir are added)
+    "rooms": ("Rooms (examples.echo)", rooms_server("examples.echo.app:app")),
+    "rooms-stored": ("Rooms, stored before broadcast", rooms_server("bench.apps:app")),
+    "websockets": ("websockets 17", [str(BENCH_PY), str(HERE / "servers/websockets_server.py")]),
+    "node-ws": ("Node + ws 8", [shutil.which("node") or "node", "servers/node_ws_server.js"]),
+}
+REFERENCES = ("websockets", "node-ws")
+CHECKOUTS: dict[str, Path] = {}  # server name -> the checkout it runs from
+FULL = ["sat:1x200", "sat:10x50", "sat:100x10", "lat:10x50", "lat:100x10", "echo", "conns:10000"]
+QUICK = ["sat:10x50", "lat:10x50", "echo", "conns:2000"]
+# the stored variant only where storage is on the path: broadcasts
+STORED_CASES = ("sat:", "lat:")
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def wsload_args(case: str, cfg: argparse.Namespace, lat_rates: dict[str, float]) -> list[str]:
+    kind, _, arg = case.partition(":")
+    timing = ["--duration", str(cfg.duration), "--warmup", str(cfg.warmup), "--size", "100"]
+    if kind in ("sat", "lat"):
+        rooms, clients = arg.split("x")
+        topology = ["fanout", "--rooms", rooms, "--clients", clients]
+        if kind == "sat":
+            return [*topology, "--window", "1", "--poll-us", "1000", *timing]
+        return [*topology, "--rate", f"{lat_rates[arg]:.6f}", *timing]
+    if kind == "echo":
+        return ["echo", "--conns", "100", "--window", "1", *timing]
+    if kind == "conns":
+        return ["conns", "--conns", arg, "--concurrency", "100", "--hold", "0"]
+    raise SystemExit(f"unknown case {case!r}")
+
+
+def measure(
+    server: str, case: str, cfg: argparse.Namespace, lat: dict[str, float]
+) -> dict[str, Any]:
+    """One fresh server process, one wsload run against it: wsload's JSON record."""
+    port = free_port()
+    command = [*SERVERS[server][1], "--port", str(port)]
+    rooms = server.startswith("rooms") or server in CHECKOUTS
+    if rooms:
+        command += ["--data-dir", str(Path(cfg.out) / "data" / f"{server}-{port}")]
+    cwd = HERE if server == "node-ws" else CHECKOUTS.get(server, REPO)
+    with open(Path(cfg.out) / "servers.log", "a") as errors:
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
+    record: dict[str, Any] = {"server": server, "case": case}
+    try:
+        if not wait_port(port, proc):
+            return {**record, "error": "the server did not start (see servers.log)"}
+        time.sleep(0.15)
+        args = [str(WSLOAD), *wsload_args(case, cfg, lat), "--port", str(port)]
+        done = subprocess.run(
+            [*args, "--server-pid", str(proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=cfg.duration + cfg.warmup + 180,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            return {**record, "error": f"wsload: {done.stderr.strip()[-300:]}"}
+        return {**record, **json.loads(lines[-1])}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if rooms:
+            shutil.rmtree(Path(cfg.out) / "data" / f"{server}-{port}", ignore_errors=True)
+
+
+# what each workload reports: (label, extractor, higher is better)
+METRICS: dict[str, list[tuple[str, Any, bool]]] = {
+    "sat": [
+        ("delivered msg/s", lambda r: r["recv_per_s"], True),
+        ("server CPU us / delivery", lambda r: r["server_cpu_s_per_1m"], False),
+    ],
+    "lat": [
+        ("p50 latency ms", lambda r: r["lat_us"]["p50"] / 1000, False),
+        ("p99 latency ms", lambda r: r["lat_us"]["p99"] / 1000, False),
+    ],
+    "echo": [
+        ("msg/s", lambda r: r["recv_per_s"], True),
+        ("p99 RTT ms", lambda r: r["lat_us"]["p99"] / 1000, False),
+    ],
+    "conns": [
+        ("server RSS KiB / connection", lambda r: r["rss_per_conn_kib"], False),
+        ("upgrades/s", lambda r: r["upgrades_per_s"], True),
+    ],
+}
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def summarize(
+    runs: list[dict[str, Any]], cases: list[str], servers: list[str]
+) -> list[dict[str, Any]]:
+    """One row per (workload, metric): each server's median, Rooms' ratio to each reference."""
+    rows = []
+    for case in cases:
+        for label, extract, higher in METRICS[case.partition(":")[0]]:
+            per_rep: dict[int, dict[str, float]] = {}
+            for run in runs:
+                if run["case"] == case and "error" not in run:
+                    per_rep.setdefault(run["rep"], {})[run["server"]] = extract(run)
+            medians = {
+                s: statistics.median(v)
+                if (v := [r[s] for r in per_rep.values() if s in r])
+                else None
+                for s in servers
+            }
+            ratios = {}
+            for ref in REFERENCES:
+                pairs = [
+                    r["rooms"] / r[ref] for r in per_rep.values() if r.get(ref) and "rooms" in r
+                ]
+                if pairs:
+                    ratios[ref] = statistics.median(pairs)
+            rows.append(
+                {
+                    "case": case,
+                    "metric": label,
+                    "higher_is_better": higher,
+                    "median": medians,
+                    "rooms_ratio": ratios,
+                }
+            )
+    return rows
+
+
+def table(rows: list[dict[str, Any]], servers: list[str], lat_loads: dict[str, float]) -> str:
+    refs = [r for r in REFERENCES if r in servers]
+    head = ["workload", "metric", *servers, *(f"Rooms / {r}" for r in refs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        case = row["case"]
+        kind, _, arg = case.partition(":")
+        title = {
+            "sat": f"fan-out {arg}, saturation",
+            "lat": f"fan-out {arg} at {fmt(lat_loads.get(arg))} deliveries/s",
+            "echo": "echo, 100 connections",
+            "conns": f"{arg} idle connections",
+        }[kind]
+        cells = [fmt(row["median"][s]) for s in servers]
+        better = "higher" if row["higher_is_better"] else "lower"
+        ratios = [
+            f"{row['rooms_ratio'][r]:.2f}x" if r in row["rooms_ratio"] else "n/a" for r in refs
+        ]
+        lines.append(
+            f"| {title} | {row['metric']} ({better} is better) | "
+            + " | ".join(cells + ratios)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], servers: list[str], path: Path) -> bool:
+    """Bars of every metric, each scaled to Node ws = 1 (so 'better' reads the same way)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shown = [r for r in rows if r["median"].get("node-ws")]
+    labels: list[str] = []
+    series: dict[str, list[float]] = {s: [] for s in servers}
+    for row in shown:
+        labels.append(f"{row['case']}\n{row['metric'].split(' (')[0]}")
+        base = row["median"]["node-ws"]
+        for s in servers:
+            value = row["median"].get(s)
+            score = (
+                None
+                if value is None
+                else (value / base if row["higher_is_better"] else base / value)
+            )
+            series[s].append(score or 0)
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 1.2), 4.5))
+    width = 0.8 / len(servers)
+    for i, s in enumerate(servers):
+        xs = [x + i * width for x in range(len(labels))]
+        ax.bar(xs, series[s], width, label=SERVERS[s][0])
+    ax.axhline(1, color="grey", linewidth=0.8)
+    ax.set_xticks(
+        [x + width * (len(servers) - 1) / 2 for x in range(len(labels))], labels, fontsize=7
+    )
+    ax.set_ylabel("relative to Node ws (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter workloads (< 3 min)")
+    parser.add_argument("--servers", default="rooms,rooms-stored,websockets,node-ws")
+    parser.add_argument("--cases", help="comma list, e.g. sat:10x50,lat:10x50,echo,conns:1000")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--duration", type=float, help="measured seconds per run (4; quick 1)")
+    parser.add_argument("--warmup", type=float, help="seconds before measuring (1; quick 0.3)")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run examples.echo from another checkout (before/after comparisons)",
+    )
+    cfg = parser.parse_args()
+    for spec in cfg.checkout:
+        name, _, path = spec.partition("=")
+        SERVERS[name] = (f"Rooms at {path}", rooms_server("examples.echo.app:app"))
+        CHECKOUTS[name] = Path(path).resolve()
+    cfg.servers += "".join("," + spec.partition("=")[0] for spec in cfg.checkout)
+    cfg.duration = cfg.duration or (1.0 if cfg.quick else 4.0)
+    cfg.warmup = cfg.warmup if cfg.warmup is not None else (0.3 if cfg.quick else 1.0)
+    cases = cfg.cases.split(",") if cfg.cases else (QUICK if cfg.quick else FULL)
+    servers = cfg.servers.split(",")
+    for s in servers:
+        if s not in SERVERS:
+            raise SystemExit(f"unknown server {s!r}; known: {', '.join(SERVERS)}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    runs: list[dict[str, Any]] = []
+    lat_loads: dict[str, float] = {}
+    lat_rates: dict[str, float] = {}
+    ordered = [c for c in cases if not c.startswith("lat:")] + [
+        c for c in cases if c.startswith("lat:")
+    ]
+    for case in ordered:
+        if case.startswith("lat:"):
+            topology = case[4:]
+            rooms, clients = map(int, topology.split("x"))
+            saturations = [
+                statistics.median(
+                    x["recv_per_s"]
+                    for x in runs
+                    if x["case"] == f"sat:{topology}" and x["server"] == s and "error" not in x
+                )
+                for s in REFERENCES
+                if any(x["case"] == f"sat:{topology}" and x["server"] == s for x in runs)
+            ]
+            if not saturations:
+                raise SystemExit(f"{case} needs sat:{topology} in the same run")
+            lat_loads[topology] = 0.5 * min(saturations)
+            lat_rates[topology] = lat_loads[topology] / (rooms * clients * clients)
+        here = [s for s in servers if s != "rooms-stored" or case.startswith(STORED_CASES)]
+        for rep in range(cfg.reps):
+            for server in here[rep % len(here) :] + here[: rep % len(here)]:
+                run = {**measure(server, case, cfg, lat_rates), "rep": rep}
+                runs.append(run)
+                summary = run.get("error") or ", ".join(
+                    f"{label} {fmt(extract(run))}"
+                    for label, extract, _ in METRICS[case.partition(":")[0]]
+                )
+                log(f"[{rep + 1}/{cfg.reps}] {case:<11} {server:<13} {summary}")
+
+    rows = summarize(runs, cases, servers)
+    text = table(rows, servers, lat_loads)
+    generators = [r["gen_cpu_pct"] for r in runs if "gen_cpu_pct" in r and r.get("mode") != "conns"]
+    note = (
+        f"{len(runs)} runs, {cfg.reps} repetitions interleaved, "
+        f"{time.monotonic() - started:.0f} s; "
+        f"load generator CPU: median {statistics.median(generators or [0]):.0f}% of one core "
+        f"(max {max(generators or [0]):.0f}%); {os.cpu_count()} CPUs; command: "
+        f"python bench/run.py {' '.join(sys.argv[1:])}"
+    )
+    print(text + "\n\n" + note)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out)
+    (out / f"run-{stamp}.md").write_text(text + "\n\n" + note + "\n")
+    (out / f"run-{stamp}.json").write_text(
+        json.dumps(
+            {
+                "cases": cases,
+                "servers": servers,
+                "lat_loads": lat_loads,
+                "runs": runs,
+                "rows": rows,
+                "note": note,
+            },
+            indent=1,
+        )
+    )
+    if chart(rows, servers, out / f"chart-{stamp}.png"):
+        log(f"chart: {out / f'chart-{stamp}.png'}")
+    log(f"results: {out / f'run-{stamp}.md'}")
+
+
+if __name__ == "__main__":
+    main()
