@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
 import functools
 import hashlib
 import ipaddress
 import logging
 import mimetypes
+import select
 import socket
 from collections import deque
 from collections.abc import Iterable
@@ -75,6 +77,72 @@ async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
         if not wait_first:
             await trio.lowlevel.checkpoint()
         return data
+
+
+class ReadPoller:
+    """Readiness of the WebSockets' sockets from one edge-triggered epoll set, where each
+    socket is registered once: trio's own wait_readable() re-registers the socket with its
+    epoll on every wait, one extra system call per message received."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._waiting: dict[int, trio.lowlevel.Task] = {}
+        self._ready: set[int] = set()  # readiness that arrived while nobody waited
+
+    def register(self, sock: socket.socket) -> None:
+        self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+
+    def unregister(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+        self._ready.discard(fd)
+        self._waiting.pop(fd, None)
+
+    async def run(self) -> None:
+        epoll, waiting, ready = self._epoll, self._waiting, self._ready
+        reschedule = trio.lowlevel.reschedule
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0):
+                    task = waiting.pop(fd, None)
+                    if task is None:
+                        ready.add(fd)
+                    else:
+                        reschedule(task)
+        finally:
+            epoll.close()
+
+    async def _wait(self, fd: int) -> None:
+        if fd in self._ready:
+            self._ready.discard(fd)
+            await trio.lowlevel.checkpoint()
+            return
+        self._waiting[fd] = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiting.pop(fd, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def recv(self, sock: socket.socket, wait_first: bool) -> bytes:
+        """As ``recv`` above, waiting on this poller."""
+        fd = sock.fileno()
+        if wait_first:
+            await self._wait(fd)
+        while True:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                await self._wait(fd)
+                continue
+            except OSError as exc:
+                raise ConnectionBroken(str(exc)) from None
+            if not wait_first:
+                await trio.lowlevel.checkpoint()
+            return data
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
@@ -272,11 +340,13 @@ class Edge:
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
         self._websockets: set[WebSocket] = set()
+        self._reads = ReadPoller()
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
             if self.settings.ping_interval > 0:
                 nursery.start_soon(self._keepalive)
+            nursery.start_soon(self._reads.run)
             while True:
                 await trio.lowlevel.wait_readable(listener)
                 for _ in range(128):
@@ -569,6 +639,7 @@ class Edge:
         code, reason = 1006, ""
         told_host = False
         await host.connected(peer)
+        self._reads.register(sock)
         try:
             with ws.read_scope:
                 while True:
@@ -579,7 +650,7 @@ class Edge:
                             return
                         if parser.error is not None:  # after the valid messages before it
                             raise parser.error
-                    data = await recv(sock, wait_first=len(data) < _RECV_SIZE)
+                    data = await self._reads.recv(sock, wait_first=len(data) < _RECV_SIZE)
                     ws.heard = True
                     if not data:
                         return  # TCP closed without a Close frame: 1006
@@ -597,6 +668,7 @@ class Edge:
         except ConnectionBroken:
             pass
         finally:
+            self._reads.unregister(sock)
             if not told_host:
                 host.disconnected(peer, code, reason)
             if not ws.closed:
