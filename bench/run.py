@@ -250,6 +250,7 @@ def chart(rows: list[dict[str, Any]], servers: list[str], path: Path) -> bool:
     """Bars of every metric, each scaled to Node ws = 1 (so 'better' reads the same way)."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -275,10 +276,12 @@ def chart(rows: list[dict[str, Any]], servers: list[str], path: Path) -> bool:
         xs = [x + i * width for x in range(len(labels))]
         ax.bar(xs, series[s], width, label=SERVERS[s][0])
     ax.axhline(1, color="grey", linewidth=0.8)
+    ax.set_yscale("log", base=2)  # 2x better and 2x worse look the same size
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
     ax.set_xticks(
         [x + width * (len(servers) - 1) / 2 for x in range(len(labels))], labels, fontsize=7
     )
-    ax.set_ylabel("relative to Node ws (higher is better)")
+    ax.set_ylabel("relative to Node ws, log scale (higher is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -303,7 +306,14 @@ def main() -> None:
         metavar="NAME=PATH",
         help="also run examples.echo from another checkout (before/after comparisons)",
     )
+    parser.add_argument("--chart", metavar="RUN_JSON", help="only redraw the chart of a saved run")
     cfg = parser.parse_args()
+    if cfg.chart:
+        saved = json.loads(Path(cfg.chart).read_text())
+        png = Path(cfg.chart).with_suffix(".png")
+        chart(saved["rows"], saved["servers"], png)
+        print(png)
+        return
     for spec in cfg.checkout:
         name, _, path = spec.partition("=")
         SERVERS[name] = (f"Rooms at {path}", rooms_server("examples.echo.app:app"))
