@@ -48,7 +48,7 @@ bench/.ready: bench/requirements.txt bench/package.json bench/wsload.c
 	cc -O2 -Wall -o bench/wsload bench/wsload.c
 	touch $@
 
-bench: $(BIN)/rooms bench/.ready  ## about 12 minutes
+bench: $(BIN)/rooms bench/.ready  ## about 8 minutes
 	bench/.venv/bin/python bench/run.py $(BENCH_ARGS)
 
 bench-quick: $(BIN)/rooms bench/.ready  ## under 3 minutes

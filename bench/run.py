@@ -1,6 +1,6 @@
 """Rooms against the reference servers, side by side in one run (``make bench``).
 
-    make bench          # full: about 12 minutes
+    make bench          # full: about 8 minutes
     make bench-quick    # under 3 minutes
 
 Servers: ``rooms`` (``examples.echo``: broadcast and echo rooms, no storage), ``rooms-stored``
