@@ -149,18 +149,18 @@ class SqliteBackend:
 
     def _run_batch(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
         try:
-            db.execute("BEGIN")
-            for job in batch:
-                db.execute("SAVEPOINT job")
-                try:
+            try:
+                # Fast path: the whole batch in one transaction, one statement per job.
+                db.execute("BEGIN")
+                for job in batch:
                     job.result = job.run(db)
-                except Exception as exc:
-                    # One bad job (a value over SQLite's size limit, say) fails alone, and
-                    # never the thread: every room's storage depends on it.
-                    db.execute("ROLLBACK TO job")
-                    job.error = exc
-                db.execute("RELEASE job")
-            db.execute("COMMIT")
+                db.execute("COMMIT")
+            except Exception:
+                # Some job failed: nothing is committed; run the batch again with each job
+                # in its own savepoint, so that the bad one fails alone.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._run_isolated(db, batch)
         except sqlite3.Error as exc:
             log.error("storage commit failed for %d queued operations: %s", len(batch), exc)
             if db.in_transaction:
@@ -169,6 +169,22 @@ class SqliteBackend:
                 job.error = job.error or exc
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._deliver_batch, batch)
+
+    @staticmethod
+    def _run_isolated(db: sqlite3.Connection, batch: list[_Job]) -> None:
+        db.execute("BEGIN")
+        for job in batch:
+            job.result = None
+            db.execute("SAVEPOINT job")
+            try:
+                job.result = job.run(db)
+            except Exception as exc:
+                # One bad job (a value over SQLite's size limit, say) fails alone, and
+                # never the thread: every room's storage depends on it.
+                db.execute("ROLLBACK TO job")
+                job.error = exc
+            db.execute("RELEASE job")
+        db.execute("COMMIT")
 
     @staticmethod
     def _deliver_batch(batch: list[_Job]) -> None:

@@ -357,6 +357,10 @@ async def test_messages_wait_until_the_writes_before_them_are_durable() -> None:
         await c.send("get")  # no writes, but must not overtake "1"
         await other.send("free")  # another room is not held
         assert await other.receive() == "free"
+        for _ in range(5000):  # the room reads storage (a thread) before it commits: wait
+            if parked:
+                break
+            await trio.sleep(0.001)
         await h.settle_events()
         assert c.received == []
         assert len(parked) == 1
