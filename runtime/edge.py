@@ -21,7 +21,7 @@ import mimetypes
 import select
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from pathlib import Path
 
@@ -59,18 +59,22 @@ class ConnectionBroken(Exception):
     pass
 
 
-async def recv(sock: socket.socket, wait_first: bool = False) -> bytes:
+async def recv(
+    sock: socket.socket,
+    wait_first: bool = False,
+    wait_readable: Callable[[socket.socket], Awaitable[None]] = trio.lowlevel.wait_readable,
+) -> bytes:
     """Bytes from the socket (b"" at EOF), waiting until some arrive.
 
     ``wait_first`` skips the first attempt: after a short read the socket is most likely
     empty, and a recv() that fails costs a syscall and an exception."""
     if wait_first:
-        await trio.lowlevel.wait_readable(sock)
+        await wait_readable(sock)
     while True:
         try:
             data = sock.recv(_RECV_SIZE)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
+            await wait_readable(sock)
             continue
         except OSError as exc:
             raise ConnectionBroken(str(exc)) from None
@@ -114,7 +118,9 @@ class ReadPoller:
         finally:
             epoll.close()
 
-    async def _wait(self, fd: int) -> None:
+    async def wait_readable(self, sock: socket.socket) -> None:
+        """Until ``sock`` (registered) has data, or an error or EOF to report."""
+        fd = sock.fileno()
         if fd in self._ready:
             self._ready.discard(fd)
             await trio.lowlevel.checkpoint()
@@ -126,23 +132,6 @@ class ReadPoller:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-
-    async def recv(self, sock: socket.socket, wait_first: bool) -> bytes:
-        """As ``recv`` above, waiting on this poller."""
-        fd = sock.fileno()
-        if wait_first:
-            await self._wait(fd)
-        while True:
-            try:
-                data = sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                await self._wait(fd)
-                continue
-            except OSError as exc:
-                raise ConnectionBroken(str(exc)) from None
-            if not wait_first:
-                await trio.lowlevel.checkpoint()
-            return data
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
@@ -650,7 +639,7 @@ class Edge:
                             return
                         if parser.error is not None:  # after the valid messages before it
                             raise parser.error
-                    data = await self._reads.recv(sock, wait_first=len(data) < _RECV_SIZE)
+                    data = await recv(sock, len(data) < _RECV_SIZE, self._reads.wait_readable)
                     ws.heard = True
                     if not data:
                         return  # TCP closed without a Close frame: 1006
