@@ -44,16 +44,31 @@ def load_app(target: str) -> App:
 
 
 async def _serve_until_signal(app: App, settings: Settings, listener: socket.socket) -> None:
+    """Serve; the first SIGINT/SIGTERM drains (1012 to every WebSocket, running events and
+    commits finish), a second one stops at once (queued commits still finish)."""
+    log = logging.getLogger("rooms.server")
+    shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            nursery.start_soon(serve, app, settings, listener)
+
+            async def run() -> None:
+                await serve(app, settings, listener, shutdown=shutdown)
+                nursery.cancel_scope.cancel()  # drained: stop listening for signals
+
+            nursery.start_soon(run)
             async for signum in signals:
-                logging.getLogger("rooms.server").info(
-                    "%s: stopping (pending storage commits are finished first)",
-                    signal.Signals(signum).name,
+                name = signal.Signals(signum).name
+                if shutdown.is_set():
+                    log.info("%s again: stopping now", name)
+                    nursery.cancel_scope.cancel()
+                    break
+                log.info(
+                    "%s: draining for up to %g s (WebSockets closed with 1012); "
+                    "send it again to stop at once",
+                    name,
+                    settings.drain_timeout,
                 )
-                nursery.cancel_scope.cancel()
-                break
+                shutdown.set()
 
 
 def _serve(args: argparse.Namespace) -> int:

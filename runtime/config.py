@@ -52,6 +52,9 @@ class Settings:
     ping_timeout: float = 20.0
     """Seconds to wait for any answer to that ping; then the connection is closed with 1011
     ("keepalive timeout"), so a client that vanished without closing does not linger."""
+    drain_timeout: float = 10.0
+    """Seconds a stopping server (SIGTERM, SIGINT) waits for its WebSockets to close (1012)
+    and its running events and commits to finish; a second signal stops it at once."""
     room_idle_timeout: float = 30.0
     """Seconds a room with no connections and no events stays in memory."""
     max_inflight_commits: int = 64

@@ -183,6 +183,7 @@ class WebSocket:
         "settings",
         "silent_since",
         "sock",
+        "told_host",
         "writing",
     )
 
@@ -204,6 +205,7 @@ class WebSocket:
         self.heard = True
         self.silent_since = 0.0
         self.pinged_at: float | None = None
+        self.told_host = False  # the room has been told this connection ended
         self.label = "connection"
         self._flushed: trio.Event | None = None
         self._close_sent: trio.Event | None = None
@@ -328,29 +330,54 @@ class Edge:
         self.host = host
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
-        self._websockets: set[WebSocket] = set()
+        self._websockets: dict[WebSocket, Peer] = {}
         self._reads = ReadPoller()
+        self._accepting = trio.CancelScope()
+        self._draining = False
+        self._all_closed: trio.Event | None = None  # set when draining and none is left
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
             if self.settings.ping_interval > 0:
                 nursery.start_soon(self._keepalive)
             nursery.start_soon(self._reads.run)
-            while True:
+            with self._accepting:
+                await self._accept(listener, nursery)
+
+    async def drain(self, reason: str = "server restarting: reconnect shortly") -> None:
+        """Stop accepting; close every WebSocket with 1012 after its room has answered what
+        its client sent (the Close goes out in the room's output order); return once all
+        are closed. Bound it with a timeout: clients that never answer keep it waiting."""
+        self._draining = True
+        self._accepting.cancel()
+        log.info("draining: closing %d WebSockets with 1012", len(self._websockets))
+        for ws, peer in list(self._websockets.items()):
+            if not ws.told_host:
+                ws.told_host = True
+                self.host.disconnected(peer, 1012, reason, send_close=True)
+        if self._websockets:
+            self._all_closed = trio.Event()
+            await self._all_closed.wait()
+
+    async def _accept(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            try:
                 await trio.lowlevel.wait_readable(listener)
-                for _ in range(128):
-                    try:
-                        sock, addr = listener.accept()
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            log.error("cannot accept connections: %s (raise `ulimit -n`)", exc)
-                            await trio.sleep(0.1)
-                        break
-                    sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    nursery.start_soon(self._connection, sock, addr)
+            except trio.ClosedResourceError:
+                return  # the server closed its listener: it is draining
+            for _ in range(128):
+                try:
+                    sock, addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("cannot accept connections: %s (raise `ulimit -n`)", exc)
+                        await trio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(self._connection, sock, addr)
 
     async def _keepalive(self) -> None:
         """One task for every WebSocket: ping the silent ones, close the unanswering ones.
@@ -600,6 +627,10 @@ class Edge:
     async def _websocket(self, sock: socket.socket, upgrade: _Upgrade) -> None:
         async with trio.open_nursery() as nursery:
             ws = WebSocket(sock, self.settings, self.metrics, nursery)
+            if self._draining:
+                await send_all(sock, _raw_response(503, "server restarting: retry shortly"))
+                await lingering_close(sock, 1.0)
+                return
             peer = self.host.attach(upgrade.room_class, upgrade.room_id, ws, upgrade.request)
             if peer is None:
                 await send_all(sock, _raw_response(503, "room is full"))
@@ -613,11 +644,13 @@ class Edge:
                 raise
             self.metrics.websocket_upgrades_total += 1
             self.metrics.websockets_open += 1
-            self._websockets.add(ws)
+            self._websockets[ws] = peer
             try:
                 await self._websocket_session(ws, peer, upgrade.data)
             finally:
-                self._websockets.discard(ws)
+                del self._websockets[ws]
+                if self._all_closed is not None and not self._websockets:
+                    self._all_closed.set()
                 self.metrics.websockets_open -= 1
                 nursery.cancel_scope.cancel()
 
@@ -626,7 +659,6 @@ class Edge:
         sock = ws.sock
         parser = FrameParser(max_message_size=self.settings.max_message_bytes)
         code, reason = 1006, ""
-        told_host = False
         await host.connected(peer)
         self._reads.register(sock)
         try:
@@ -650,15 +682,17 @@ class Edge:
             log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
             # The room answers what the client sent before the violation, then the Close
             # goes out; a room too busy to get there in time does not keep the socket open.
-            host.disconnected(peer, exc.code, exc.reason, send_close=True)
-            told_host = True
+            if not ws.told_host:
+                ws.told_host = True
+                host.disconnected(peer, exc.code, exc.reason, send_close=True)
             if not await ws.wait_close_sent(self.settings.close_timeout):
                 ws.close(exc.code, exc.reason)
         except ConnectionBroken:
             pass
         finally:
             self._reads.unregister(sock)
-            if not told_host:
+            if not ws.told_host:
+                ws.told_host = True
                 host.disconnected(peer, code, reason)
             if not ws.closed:
                 # Not shielded: a server that is being stopped does not wait on its clients.

@@ -39,6 +39,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _close(listener: socket.socket) -> None:
+    if listener.fileno() != -1:
+        trio.lowlevel.notify_closing(listener)
+        listener.close()
+
+
 def tune_process() -> None:
     """Allow many open sockets, and collect garbage less often: a server with thousands of
     long-lived connection objects otherwise spends a large share of its time in the GC."""
@@ -53,10 +59,15 @@ async def serve(
     settings: Settings,
     listener: socket.socket | None = None,
     *,
+    shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until cancelled; ``task_status.started`` gets the port listened on.
+    """Serve ``app`` until cancelled, or until ``shutdown`` is set and the server has
+    drained; ``task_status.started`` gets the port listened on.
 
+    Draining (a graceful restart): the listener closes, every WebSocket is closed with 1012
+    after its room has answered what its client sent, and running events and storage
+    commits finish, all within ``settings.drain_timeout``; then everything left is cancelled.
     ``listener`` is a bound, listening socket; by default one is opened on the settings'
     host and port."""
     if listener is None:
@@ -69,10 +80,26 @@ async def serve(
             edge = Edge(app, settings, host, metrics)
             port: int = listener.getsockname()[1]
             log.info("serving on http://%s:%d (data: %s)", settings.host, port, backend.path)
+            rooms_nursery.start_soon(edge.serve, listener)
             task_status.started(port)
-            await edge.serve(listener)
+            if shutdown is None:
+                await trio.sleep_forever()
+            await shutdown.wait()
+            _close(listener)
+            with trio.move_on_after(settings.drain_timeout) as drain:
+                await edge.drain()
+                for _ in range(int(settings.drain_timeout * 100) + 1):  # running events
+                    if host.idle():
+                        break
+                    await trio.sleep(0.01)
+            if drain.cancelled_caught:
+                log.warning(
+                    "drain_timeout (%g s) reached with %d WebSockets still open; stopping",
+                    settings.drain_timeout,
+                    metrics.websockets_open,
+                )
+            rooms_nursery.cancel_scope.cancel()
     finally:
-        trio.lowlevel.notify_closing(listener)
-        listener.close()
+        _close(listener)
         with trio.CancelScope(shield=True):
             await backend.aclose()

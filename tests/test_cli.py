@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from runtime.cli import main
 from runtime.config import ConfigError, Settings, load_settings
@@ -276,7 +278,7 @@ async def test_serve_and_connect_as_real_processes(tmp_path: Path) -> None:
         assert client.stdout.decode().splitlines() == ["hello"]
         assert "closed: 1000" in client.stderr.decode()
         assert await stop(server, signal.SIGTERM) == 0, server_log(log)
-    assert "SIGTERM: stopping" in server_log(log)
+    assert "SIGTERM: draining" in server_log(log)
     assert (tmp_path / "rooms.sqlite3").is_file()
 
 
@@ -317,3 +319,58 @@ async def test_a_busy_port_is_one_clear_line(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert err.startswith(f"rooms serve: cannot listen on 127.0.0.1:{port}: "), err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------
+# graceful restart
+
+
+async def test_sigterm_closes_websockets_with_1012_and_exits_0(tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "server.log"
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, "examples.chat.app:app", port, tmp_path, log)
+        url = f"ws://127.0.0.1:{port}/api/room/restart/websocket"
+        async with open_websocket_url(url) as alice, open_websocket_url(url) as bob:
+            await alice.send_message(json.dumps({"name": "alice"}))
+            await bob.send_message(json.dumps({"name": "bob"}))
+            await alice.send_message(json.dumps({"message": "before the restart"}))
+            server.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                for ws in (alice, bob):
+                    seen = []
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            seen.append(json.loads(await ws.get_message()))
+                    # the room answered everything first: the acknowledgement is there
+                    assert any(m.get("message") == "before the restart" for m in seen), seen
+                    reason = closed.value.reason
+                    assert reason is not None
+                    assert (reason.code, reason.reason) == (
+                        1012,
+                        "server restarting: reconnect shortly",
+                    )
+                assert await server.wait() == 0
+    assert "SIGTERM: draining" in server_log(log)
+
+
+async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    """A client that never answers the Close would hold the drain for close_timeout (5 s):
+    the second SIGTERM does not wait for it."""
+    port, log = free_port(), tmp_path / "server.log"
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, "examples.echo.app:app", port, tmp_path, log)
+        stuck = await trio.open_tcp_stream("127.0.0.1", port)
+        await stuck.send_all(
+            b"GET /echo/stuck HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert b" 101 " in await stuck.receive_some(4096)
+        server.send_signal(signal.SIGTERM)
+        await trio.sleep(0.5)
+        assert server.poll() is None  # still draining: the client has not answered
+        started = trio.current_time()
+        assert await stop(server, signal.SIGTERM) == 0
+        assert trio.current_time() - started < 2
+        await stuck.aclose()
+    assert "SIGTERM again: stopping now" in server_log(log)
