@@ -35,7 +35,9 @@ class Request:
     """An HTTP request: plain, or the upgrade request of a WebSocket connection.
 
     ``headers`` keep their order and repeats; ``header(name)`` looks one up, case-insensitively.
-    ``client`` is the socket peer address (host, port).
+    ``client`` is the client's address (host, port): the socket peer, or the client a
+    trusted proxy names. ``identity`` is what the room class's ``on_before_connect``
+    returned for an upgrade (None otherwise).
     """
 
     method: str
@@ -45,6 +47,7 @@ class Request:
     body: bytes = b""
     client: tuple[str, int] = ("127.0.0.1", 0)
     path_params: dict[str, str] = attrs.field(factory=dict)
+    identity: Any = None
     _stub_factory: StubFactory | None = attrs.field(default=None, repr=False)
 
     def header(self, name: str, default: str | None = None) -> str | None:

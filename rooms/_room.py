@@ -107,6 +107,9 @@ class Room:
         namespace: the storage namespace of this class (default: the class name). Set it
             explicitly to rename a class without losing its data.
         max_name_length: longest room name ``resolve`` accepts (default 64).
+        allowed_origins: the ``Origin`` values a browser may connect from, e.g.
+            ``("https://example.com",)``; others get 403 at the upgrade. None (default):
+            any. A request without ``Origin`` (not a browser) is not checked.
         auto_reply: a pair ``(request, reply)`` of text messages, e.g. ``("ping", "pong")``:
             a message equal to ``request`` is answered with ``reply`` by the server itself,
             without reaching ``on_message`` (a heartbeat for ``/_rooms/client.js``, which
@@ -116,6 +119,7 @@ class Room:
     namespace: ClassVar[str] = ""
     max_name_length: ClassVar[int] = 64
     auto_reply: ClassVar[tuple[str, str] | None] = None
+    allowed_origins: ClassVar[tuple[str, ...] | None] = None
 
     _ctx: RoomContext
 
@@ -125,6 +129,14 @@ class Room:
             cls.namespace = cls.__name__
 
     # -- hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    async def on_before_connect(cls, request: Request) -> Any:
+        """Runs at the edge before a WebSocket upgrade to a room of this class, without
+        waking the room (as PartyKit's onBeforeConnect). Raise ``HTTPError(401, "...")`` (or
+        403...) to refuse the upgrade with that status and body; the value returned becomes
+        ``request.identity`` (``conn.request.identity`` in the room). Default: None."""
+        return None
 
     async def on_start(self) -> None:
         """Runs after every activation, before the event that caused it."""

@@ -171,13 +171,16 @@ class RoomsHarness:
         headers: list[tuple[str, str]] | None = None,
         client: tuple[str, int] = ("127.0.0.1", 50000),
     ) -> FakeClient:
-        """Open a WebSocket to ``path`` through the app's routes; HandshakeRejected if the
-        app answers with an HTTP response instead."""
+        """Open a WebSocket to ``path`` through the app's routes and upgrade-time rules
+        (``allowed_origins``, ``on_before_connect``); HandshakeRejected if the app answers
+        with an HTTP response instead."""
         target, _, query = path.partition("?")
         request = Request(
             "GET", target, query, list(headers or []), b"", client, stub_factory=self._host.stub
         )
         answer = await self._edge.route(request, upgrade=True)
+        if not isinstance(answer, Response):  # the upgrade-time rules, as at a real edge
+            answer = await self._edge.admission.admit(request, answer[0]) or answer
         if isinstance(answer, Response):
             raise HandshakeRejected(answer)
         fake = FakeClient(self)

@@ -37,6 +37,14 @@ class Settings:
     """Open TCP connections in total; past it upgrades get 503."""
     max_connections_per_room: int = 10_000
     """WebSocket connections per room; past it upgrades get 503."""
+    max_connections_per_ip: int = 0
+    """WebSockets one client address may hold open; past it upgrades get 429 (0: no limit,
+    the default, since many users can share one address behind a NAT)."""
+    upgrades_per_second_per_ip: float = 0.0
+    """Sustained WebSocket upgrades per second from one address (a token bucket holding
+    ``upgrade_burst_per_ip``); past it 429 with Retry-After (0: no limit, the default)."""
+    upgrade_burst_per_ip: int = 20
+    """Upgrades one address may make at once before ``upgrades_per_second_per_ip`` applies."""
     max_header_bytes: int = 16 * KiB
     """Request line plus headers; larger requests get 431."""
     max_body_bytes: int = 1 * MiB

@@ -32,6 +32,7 @@ import trio
 from rooms import HTTPError, Request, Response, Room, RoomId
 from rooms._app import App, FunctionRoute, RoomRoute
 
+from .admission import Admission
 from .config import Settings
 from .frames import (
     OP_PING,
@@ -330,6 +331,7 @@ class Edge:
         self.host = host
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+        self.admission = Admission(settings, metrics)
         self._websockets: dict[WebSocket, Peer] = {}
         self._reads = ReadPoller()
         self._accepting = trio.CancelScope()
@@ -437,7 +439,9 @@ class Edge:
             event, request = received
             answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
             if not isinstance(answer, Response):
-                problem = _handshake_problem(event, request)
+                problem = _handshake_problem(event, request) or await self.admission.admit(
+                    request, answer[0]
+                )
                 if problem is None:
                     return _Upgrade(request, *answer, _switch(h, request), h.trailing_data[0])
                 answer = problem
@@ -645,9 +649,12 @@ class Edge:
             self.metrics.websocket_upgrades_total += 1
             self.metrics.websockets_open += 1
             self._websockets[ws] = peer
+            address = upgrade.request.client[0]
+            self.admission.opened(address)
             try:
                 await self._websocket_session(ws, peer, upgrade.data)
             finally:
+                self.admission.closed(address)
                 del self._websockets[ws]
                 if self._all_closed is not None and not self._websockets:
                     self._all_closed.set()

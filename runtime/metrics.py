@@ -32,6 +32,10 @@ class Metrics:
         "limit_handshake_timeout_total": "connections closed: no request head in handshake_timeout",
         "protocol_errors_total": "WebSocket connections closed for a protocol error",
         "keepalive_timeouts_total": "connections closed 1011: no answer to a keepalive ping",
+        "limit_origin_total": "upgrades refused 403: Origin not in allowed_origins",
+        "limit_auth_total": "upgrades refused by a room class's on_before_connect",
+        "limit_ip_rate_total": "upgrades refused 429: upgrades_per_second_per_ip",
+        "limit_ip_connections_total": "upgrades refused 429: max_connections_per_ip",
         "auto_replies_total": "messages answered by a room class's auto_reply, room not woken",
     }
 
@@ -61,6 +65,10 @@ class Metrics:
     limit_handshake_timeout_total: int
     protocol_errors_total: int
     auto_replies_total: int
+    limit_origin_total: int
+    limit_auth_total: int
+    limit_ip_rate_total: int
+    limit_ip_connections_total: int
     keepalive_timeouts_total: int
 
     def snapshot(self) -> dict[str, int]:

@@ -342,3 +342,91 @@ async def test_a_client_that_answers_pings_stays_connected(
             await trio.sleep(1.5)  # many ping intervals; trio-websocket answers each ping
             await ws.send_message("still here")
             assert await ws.get_message() == "still here"
+
+
+# -- upgrade-time rules ---------------------------------------------------------------------
+
+
+def guarded_app() -> Any:
+    from rooms import App, Connection, HTTPError, Request, Room
+
+    class Guarded(Room):
+        allowed_origins = ("https://ok.example",)
+
+        @classmethod
+        async def on_before_connect(cls, request: Request) -> Any:
+            token = request.query_param("token")
+            if token == "boom":
+                raise RuntimeError("a bug in the hook")
+            if token != "secret":
+                raise HTTPError(401, "a valid ?token= is required")
+            return {"user": "ada"}
+
+        async def on_connect(self, conn: Connection, request: Request) -> None:
+            conn.send(repr(request.identity))
+
+    class Open(Room):
+        async def on_connect(self, conn: Connection, request: Request) -> None:
+            conn.send("welcome")
+
+    app = App()
+    app.room("/guarded/{name}", Guarded)
+    app.room("/open/{name}", Open)
+    return app
+
+
+def status_line(response: bytes) -> str:
+    return response.split(b"\r\n", 1)[0].decode()
+
+
+async def test_origins_and_the_before_connect_hook(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, guarded_app(), settings)
+    ok = "Origin: https://ok.example\r\n"
+    cases = [
+        ("/guarded/a?token=secret", ok, "HTTP/1.1 101 Switching Protocols"),
+        ("/guarded/a?token=secret", "", "HTTP/1.1 101 Switching Protocols"),  # not a browser
+        ("/guarded/a?token=secret", "Origin: https://evil.example\r\n", "HTTP/1.1 403 Forbidden"),
+        ("/guarded/a", ok, "HTTP/1.1 401 Unauthorized"),
+        ("/guarded/a?token=boom", ok, "HTTP/1.1 500 Internal Server Error"),
+    ]
+    for path, origin, expected in cases:
+        response = await raw_request(port, upgrade(path, extra=origin), read_timeout=1)
+        assert status_line(response) == expected, (path, origin, response)
+    refused = await raw_request(port, upgrade("/guarded/a", extra=ok), read_timeout=1)
+    assert refused.endswith(b"a valid ?token= is required")
+    with trio.fail_after(5):
+        url = f"ws://127.0.0.1:{port}/guarded/a?token=secret"
+        async with open_websocket_url(url) as ws:
+            assert await ws.get_message() == "{'user': 'ada'}"  # the room sees the identity
+
+
+async def test_connections_per_address(nursery: trio.Nursery, settings: Settings) -> None:
+    port = await start_server(nursery, guarded_app(), settings.replace(max_connections_per_ip=2))
+    url = f"ws://127.0.0.1:{port}/open/a"
+    with trio.fail_after(5):
+        async with open_websocket_url(url) as first, open_websocket_url(url):
+            third = await raw_request(port, upgrade("/open/a"), read_timeout=1)
+            assert status_line(third) == "HTTP/1.1 429 Too Many Requests"
+            assert b"retry-after: 5" in third and b"at most 2 connections per address" in third
+            await first.aclose()
+            await trio.sleep(0.1)
+            async with open_websocket_url(url) as again:  # a place was freed
+                assert await again.get_message() == "welcome"
+
+
+async def test_upgrade_rate_per_address(nursery: trio.Nursery, settings: Settings) -> None:
+    limited = settings.replace(upgrades_per_second_per_ip=0.5, upgrade_burst_per_ip=2)
+    port = await start_server(nursery, guarded_app(), limited)
+    answers = [await raw_request(port, upgrade("/open/a"), read_timeout=0.2) for _ in range(3)]
+    assert [status_line(a) for a in answers] == [
+        "HTTP/1.1 101 Switching Protocols",
+        "HTTP/1.1 101 Switching Protocols",
+        "HTTP/1.1 429 Too Many Requests",
+    ]
+    assert b"retry-after: 1\r\n" in answers[2] or b"retry-after: 2\r\n" in answers[2]
+    await trio.sleep(2.1)  # a token came back (one every 2 s)
+    assert status_line(await raw_request(port, upgrade("/open/a"), read_timeout=0.2)).endswith(
+        "101 Switching Protocols"
+    )

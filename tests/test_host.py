@@ -496,3 +496,17 @@ async def test_batched_and_gated_outputs_keep_their_order() -> None:
         await h.settle()
         assert a.received[-2:] == ["x", "last words"]
         assert (a.close_code, a.close_reason) == (4000, "bye")
+
+
+async def test_the_harness_applies_the_upgrade_time_rules() -> None:
+    from .test_edge import guarded_app
+
+    async with RoomsHarness(guarded_app()) as h:
+        with pytest.raises(HandshakeRejected) as refused:
+            await h.connect("/guarded/a")
+        assert refused.value.response.status == 401
+        with pytest.raises(HandshakeRejected) as refused:
+            await h.connect("/guarded/a?token=secret", headers=[("Origin", "https://x.example")])
+        assert refused.value.response.status == 403
+        ada = await h.connect("/guarded/a?token=secret")
+        assert await ada.receive() == "{'user': 'ada'}"
