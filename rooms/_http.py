@@ -48,6 +48,8 @@ class Request:
     client: tuple[str, int] = ("127.0.0.1", 0)
     path_params: dict[str, str] = attrs.field(factory=dict)
     identity: Any = None
+    route: str = ""
+    """The pattern of the route that matched, e.g. ``/room/{name}``."""
     _stub_factory: StubFactory | None = attrs.field(default=None, repr=False)
 
     def header(self, name: str, default: str | None = None) -> str | None:

@@ -73,7 +73,7 @@ class FakeClient:
 
     # -- Transport: called by the engine -------------------------------------------------
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes, messages: int = 1) -> None:
         if self.closed:
             return
         for item in self._parser.feed(frame):

@@ -70,6 +70,9 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     """Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-For``
     names the real client; from anyone else the header is ignored (it is trivially forged)."""
+    usage_log: str = ""
+    """A file to append one JSON line to per closed WebSocket (see README, Accounting);
+    empty: none (the totals at /_rooms/usage are kept either way)."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
     log_level: str = "INFO"

@@ -20,10 +20,12 @@ import logging
 import mimetypes
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import attrs
 import h11
@@ -48,6 +50,7 @@ from .frames import (
 )
 from .host import Host, Peer
 from .metrics import Metrics
+from .usage import Usage
 
 log = logging.getLogger("rooms.edge")
 
@@ -172,10 +175,17 @@ class WebSocket:
         "_close_sent",
         "_flushed",
         "_nursery",
+        "bytes_in",
+        "bytes_out",
+        "close_code",
+        "close_reason",
         "closed",
+        "closed_by",
         "closing",
         "heard",
         "label",
+        "messages_in",
+        "messages_out",
         "metrics",
         "pending",
         "pending_bytes",
@@ -184,6 +194,7 @@ class WebSocket:
         "settings",
         "silent_since",
         "sock",
+        "started",
         "told_host",
         "writing",
     )
@@ -207,16 +218,23 @@ class WebSocket:
         self.silent_since = 0.0
         self.pinged_at: float | None = None
         self.told_host = False  # the room has been told this connection ended
+        # Accounting (runtime/usage.py): wall-clock start, counts both ways, how it ended.
+        self.started = time.time()
+        self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
+        self.closed_by = "network"  # or "client" / "server": who sent the first Close
+        self.close_code, self.close_reason = 1006, ""
         self.label = "connection"
         self._flushed: trio.Event | None = None
         self._close_sent: trio.Event | None = None
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes, messages: int = 1) -> None:
         if self.closing or self.closed:
             return
+        self.messages_out += messages
         self._write(frame)
 
     def _write(self, frame: bytes) -> None:
+        self.bytes_out += len(frame)
         if self.pending:
             if self.pending_bytes + len(frame) > self.settings.max_outbox_bytes:
                 self._overflow()
@@ -292,6 +310,7 @@ class WebSocket:
             return
         self._write(encode_close(code, reason))
         self.closing = True
+        self.closed_by, self.close_code, self.close_reason = "server", code, reason
         self.read_scope.deadline = min(
             self.read_scope.deadline, trio.current_time() + self.settings.close_timeout
         )
@@ -332,6 +351,7 @@ class Edge:
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
         self.admission = Admission(settings, metrics)
+        self.usage = Usage(settings)
         self._websockets: dict[WebSocket, Peer] = {}
         self._reads = ReadPoller()
         self._accepting = trio.CancelScope()
@@ -345,6 +365,24 @@ class Edge:
             nursery.start_soon(self._reads.run)
             with self._accepting:
                 await self._accept(listener, nursery)
+
+    @staticmethod
+    def _usage_record(ws: WebSocket, peer: Peer, request: Request, stop: float) -> dict[str, Any]:
+        return {
+            "start": ws.started,
+            "stop": stop,
+            "route": request.route,
+            "room": peer.activation.label,
+            "connection": peer.conn.id,
+            "client_ip": request.client[0],
+            "close_code": ws.close_code,
+            "close_reason": ws.close_reason,
+            "closed_by": ws.closed_by,
+            "bytes_in": ws.bytes_in,
+            "bytes_out": ws.bytes_out,
+            "messages_in": ws.messages_in,
+            "messages_out": ws.messages_out,
+        }
 
     async def drain(self, reason: str = "server restarting: reconnect shortly") -> None:
         """Stop accepting; close every WebSocket with 1012 after its room has answered what
@@ -574,14 +612,15 @@ class Edge:
     async def route(self, request: Request, upgrade: bool) -> Response | tuple[type[Room], RoomId]:
         """The response to a request, or for a WebSocket upgrade the room it joins."""
         try:
-            if request.path == "/_rooms/metrics":
-                return self._metrics(request)
+            if request.path in ("/_rooms/metrics", "/_rooms/usage"):
+                return self._admin(request)
             if request.path == "/_rooms/client.js":
                 return _client_js(request)
             matched = self.app.match(request.path)
             if matched is None:
                 return await self._static(request)
             route, request.path_params = matched
+            request.route = route.pattern
             if isinstance(route, RoomRoute):
                 room_id = route.room_class.resolve(request.path_params["name"])
                 if upgrade:
@@ -615,13 +654,20 @@ class Edge:
             kind += "; charset=utf-8"
         return Response(200, body, {"content-type": kind, "cache-control": "no-cache"})
 
-    def _metrics(self, request: Request) -> Response:
+    def _admin(self, request: Request) -> Response:
+        """/_rooms/metrics (Prometheus text) and /_rooms/usage (JSON), for the operator."""
         token = self.settings.admin_token
         if token:
             if request.header("authorization") != f"Bearer {token}":
-                return _error(401, "metrics need 'Authorization: Bearer <admin_token>'")
+                return _error(401, f"{request.path} needs 'Authorization: Bearer <admin_token>'")
         elif request.client[0] not in ("127.0.0.1", "::1"):
-            return _error(403, "set admin_token to read metrics from another host")
+            return _error(403, f"set admin_token to read {request.path} from another host")
+        if request.path == "/_rooms/usage":
+            now = time.time()
+            live = [
+                self._usage_record(ws, p, p.conn.request, now) for ws, p in self._websockets.items()
+            ]
+            return Response.json(self.usage.report(live))
         return Response(
             200, self.metrics.prometheus().encode(), {"content-type": "text/plain; version=0.0.4"}
         )
@@ -656,6 +702,7 @@ class Edge:
             finally:
                 self.admission.closed(address)
                 del self._websockets[ws]
+                self.usage.closed(self._usage_record(ws, peer, upgrade.request, time.time()))
                 if self._all_closed is not None and not self._websockets:
                     self._all_closed.set()
                 self.metrics.websockets_open -= 1
@@ -680,6 +727,7 @@ class Edge:
                             raise parser.error
                     data = await recv(sock, len(data) < _RECV_SIZE, self._reads.wait_readable)
                     ws.heard = True
+                    ws.bytes_in += len(data)
                     if not data:
                         return  # TCP closed without a Close frame: 1006
         except ProtocolError as exc:
@@ -715,6 +763,7 @@ class Edge:
             if isinstance(item, (str, bytes)):
                 if ws.closing:
                     continue
+                ws.messages_in += 1
                 if auto is not None and item == auto[0]:
                     ws.write(encode_message(auto[1]))
                     self.metrics.auto_replies_total += 1
@@ -730,8 +779,10 @@ class Edge:
     def _close_received(ws: WebSocket, close: Close) -> tuple[int, str]:
         if not ws.closing:
             # Echo the client's code, as RFC 6455 section 5.5.1 asks.
-            ws.write(encode_close(close.code, ""))
+            ws.write(encode_close(close.code, ""), 0)
             ws.closing = True
+            ws.closed_by = "client"
+            ws.close_code, ws.close_reason = close.code or 1005, close.reason
         if close.code is None:
             return 1005, ""
         return close.code, close.reason

@@ -32,8 +32,9 @@ log = logging.getLogger("rooms.host")
 class Transport(Protocol):
     """A client connection as the host sees it (a socket in the edge, a fake in tests)."""
 
-    def write(self, frame: bytes) -> None:
-        """Queue one encoded frame; never blocks. Ignored once the connection is closing."""
+    def write(self, frame: bytes, messages: int = 1) -> None:
+        """Queue encoded frames (``messages`` of them); never blocks. Ignored once the
+        connection is closing."""
         ...
 
     def close(self, code: int, reason: str) -> None:
@@ -273,7 +274,10 @@ class Activation:
             frames = self._batch.pop(transport, None)
             batch = {transport: frames} if frames else {}
         for target, frames in batch.items():
-            target.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            if len(frames) == 1:
+                target.write(frames[0])
+            else:
+                target.write(b"".join(frames), len(frames))
 
     def connections(self, tag: str | None) -> list[Connection]:
         return [p.conn for p in self._tagged(tag)]

@@ -430,3 +430,52 @@ async def test_upgrade_rate_per_address(nursery: trio.Nursery, settings: Setting
     assert status_line(await raw_request(port, upgrade("/open/a"), read_timeout=0.2)).endswith(
         "101 Switching Protocols"
     )
+
+
+# -- accounting -----------------------------------------------------------------------------
+
+
+async def test_each_closed_websocket_is_accounted_for(
+    nursery: trio.Nursery, settings: Settings, tmp_path: Any
+) -> None:
+    import json
+
+    log = tmp_path / "usage.jsonl"
+    config = settings.replace(usage_log=str(log), max_message_bytes=1000, close_timeout=0.5)
+    port = await start_server(nursery, echo_app, config)
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/room/acct") as stays:
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/room/acct") as ws:
+                for text in ("hello", "world"):
+                    await ws.send_message(text)
+                    assert await ws.get_message() == text
+                await ws.aclose(1000, "bye")
+            big = await trio.open_tcp_stream("127.0.0.1", port)  # closed by the server: 1009
+            await big.send_all(upgrade("/echo/big"))
+            await big.receive_some(4096)
+            await big.send_all(bytes([0x82, 0xFE, 0x07, 0xD0]) + b"mask" + b"x" * 2000)
+            with trio.move_on_after(2):
+                while await big.receive_some(4096):
+                    pass
+            await big.aclose()
+            for _ in range(100):
+                if len(log.read_text().splitlines()) == 2:
+                    break
+                await trio.sleep(0.05)
+            usage = await raw_request(
+                port, b"GET /_rooms/usage HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert stays is not None
+    by_room = {r["route"]: r for r in map(json.loads, log.read_text().splitlines())}
+    client_closed, server_closed = by_room["/room/{name}"], by_room["/echo/{name}"]
+    assert client_closed["closed_by"] == "client"
+    assert (client_closed["close_code"], client_closed["close_reason"]) == (1000, "bye")
+    assert client_closed["messages_in"] == 2 and client_closed["messages_out"] == 2
+    assert client_closed["bytes_in"] > 10 and client_closed["bytes_out"] > 10
+    assert client_closed["start"].endswith("Z") and client_closed["duration_s"] >= 0
+    assert "BroadcastRoom" in client_closed["room"] and client_closed["client_ip"] == "127.0.0.1"
+    assert (server_closed["closed_by"], server_closed["close_code"]) == ("server", 1009)
+    report = json.loads(usage.partition(b"\r\n\r\n")[2])
+    assert report["total"]["websockets"] == 3
+    assert (report["total"]["open"], report["total"]["closed"]) == (1, 2)
+    assert report["routes"]["/room/{name}"]["messages_in"] == 2

@@ -441,9 +441,9 @@ def counting_writes(client: Any) -> list[bytes]:
     calls: list[bytes] = []
     write = client.write
 
-    def counted(data: bytes) -> None:
+    def counted(data: bytes, messages: int = 1) -> None:
         calls.append(data)
-        write(data)
+        write(data, messages)
 
     client.write = counted
     return calls
