@@ -31,7 +31,12 @@ typecheck: $(VENV)/.dev
 $(WSTEST): tests/autobahn/install.sh tests/autobahn/requirements-py27.txt
 	tests/autobahn/install.sh .autobahn || echo "make: no Autobahn|Testsuite; its test will be skipped"
 
-unit: $(VENV)/.dev $(WSTEST)
+# wscat (npm) for tests/test_wscat.py, skipped with the reason if npm is missing.
+WSCAT := tests/wscat/node_modules/.bin/wscat
+$(WSCAT): tests/wscat/package.json tests/wscat/package-lock.json
+	cd tests/wscat && npm ci --no-audit --no-fund --silent || echo "make: no wscat; its test will be skipped"
+
+unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit  ## lint, strict type check, every test
@@ -55,4 +60,4 @@ bench-quick: $(BIN)/rooms bench/.ready  ## under 3 minutes
 	bench/.venv/bin/python bench/run.py --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .autobahn bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .autobahn tests/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache
