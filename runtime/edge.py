@@ -456,6 +456,9 @@ class Edge:
                 await self._websocket(sock, upgrade)
         except ConnectionBroken:
             pass
+        except Exception:
+            # A bug must cost this connection only, never the server and everyone on it.
+            log.exception("connection from %s:%d failed unexpectedly; closed", *addr[:2])
         finally:
             metrics.connections_open -= 1
             trio.lowlevel.notify_closing(sock)
@@ -714,8 +717,8 @@ class Edge:
         parser = FrameParser(max_message_size=self.settings.max_message_bytes)
         code, reason = 1006, ""
         await host.connected(peer)
-        self._reads.register(sock)
         try:
+            self._reads.register(sock)
             with ws.read_scope:
                 while True:
                     if data:

@@ -479,3 +479,24 @@ async def test_each_closed_websocket_is_accounted_for(
     assert report["total"]["websockets"] == 3
     assert (report["total"]["open"], report["total"]["closed"]) == (1, 2)
     assert report["routes"]["/room/{name}"]["messages_in"] == 2
+
+
+async def test_a_bug_in_one_connection_does_not_take_the_server_down(
+    nursery: trio.Nursery, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runtime.edge
+
+    real = runtime.edge._handshake_problem
+
+    def buggy(event: Any, request: Any) -> Any:
+        if request.path == "/echo/bug":
+            raise RuntimeError("a bug in the edge")
+        return real(event, request)
+
+    monkeypatch.setattr(runtime.edge, "_handshake_problem", buggy)
+    port = await start_server(nursery, echo_app, settings)
+    assert await raw_request(port, upgrade("/echo/bug"), read_timeout=1) == b""  # just closed
+    with trio.fail_after(5):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/fine") as ws:
+            await ws.send_message("still serving")
+            assert await ws.get_message() == "still serving"
