@@ -371,6 +371,6 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
         assert server.poll() is None  # still draining: the client has not answered
         started = trio.current_time()
         assert await stop(server, signal.SIGTERM) == 0
-        assert trio.current_time() - started < 2
+        assert trio.current_time() - started < 4  # not the 5 s close_timeout of a drain
         await stuck.aclose()
     assert "SIGTERM again: stopping now" in server_log(log)
