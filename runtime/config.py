@@ -60,6 +60,9 @@ class Settings:
     ping_timeout: float = 20.0
     """Seconds to wait for any answer to that ping; then the connection is closed with 1011
     ("keepalive timeout"), so a client that vanished without closing does not linger."""
+    idle_timeout: float = 0.0
+    """Seconds a WebSocket may go without a message from its client before it is closed
+    with 1001 "idle timeout" (0: never, the default; pings and pongs do not count)."""
     drain_timeout: float = 10.0
     """Seconds a stopping server (SIGTERM, SIGINT) waits for its WebSockets to close (1012)
     and its running events and commits to finish; a second signal stops it at once."""

@@ -59,6 +59,9 @@ _RECV_SIZE = 65536
 _WRITE_CHUNK = 256 * 1024
 
 
+_KEEPALIVE_PING = encode_frame(OP_PING, b"keepalive")
+
+
 class ConnectionBroken(Exception):
     pass
 
@@ -183,6 +186,8 @@ class WebSocket:
         "closed_by",
         "closing",
         "heard",
+        "idle_mark",
+        "idle_since",
         "label",
         "messages_in",
         "messages_out",
@@ -217,6 +222,7 @@ class WebSocket:
         self.heard = True
         self.silent_since = 0.0
         self.pinged_at: float | None = None
+        self.idle_mark, self.idle_since = 0, trio.current_time()  # messages_in at last change
         self.told_host = False  # the room has been told this connection ended
         # Accounting (runtime/usage.py): wall-clock start, counts both ways, how it ended.
         self.started = time.time()
@@ -360,8 +366,8 @@ class Edge:
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
-            if self.settings.ping_interval > 0:
-                nursery.start_soon(self._keepalive)
+            if self.settings.ping_interval > 0 or self.settings.idle_timeout > 0:
+                nursery.start_soon(self._watch)
             nursery.start_soon(self._reads.run)
             with self._accepting:
                 await self._accept(listener, nursery)
@@ -419,26 +425,43 @@ class Edge:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 nursery.start_soon(self._connection, sock, addr)
 
-    async def _keepalive(self) -> None:
-        """One task for every WebSocket: ping the silent ones, close the unanswering ones.
-        A pass over all connections a few times per interval costs far less than a timer
-        per connection."""
-        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
-        ping = encode_frame(OP_PING, b"keepalive")
+    async def _watch(self) -> None:
+        """One task for every WebSocket's timers (keepalive pings, idle timeout): a pass
+        over all connections a few times per period costs far less than a timer each."""
+        settings = self.settings
+        periods = [settings.ping_interval, settings.ping_timeout, settings.idle_timeout]
+        tick = max(0.05, min(p for p in periods if p > 0) / 4)
         while True:
-            await trio.sleep(max(0.05, min(interval, timeout or interval) / 4))
+            await trio.sleep(tick)
             now = trio.current_time()
             for ws in self._websockets:
-                if ws.heard:
-                    ws.heard, ws.silent_since, ws.pinged_at = False, now, None
-                elif ws.pinged_at is None:
-                    if now - ws.silent_since >= interval:
-                        ws.write(ping)
-                        ws.pinged_at = now
-                elif timeout and now - ws.pinged_at >= timeout and not ws.closing:
-                    self.metrics.keepalive_timeouts_total += 1
-                    log.info("%s: no answer to a ping in %g s; closing (1011)", ws.label, timeout)
-                    ws.close(1011, "keepalive timeout")
+                if ws.closing:
+                    continue
+                if settings.ping_interval:
+                    self._keepalive(ws, now)
+                if settings.idle_timeout:
+                    self._idle(ws, now)
+
+    def _keepalive(self, ws: WebSocket, now: float) -> None:
+        """Ping a connection silent for ping_interval; close it if the ping goes unanswered."""
+        if ws.heard:
+            ws.heard, ws.silent_since, ws.pinged_at = False, now, None
+        elif ws.pinged_at is None:
+            if now - ws.silent_since >= self.settings.ping_interval:
+                ws.write(_KEEPALIVE_PING, 0)
+                ws.pinged_at = now
+        elif self.settings.ping_timeout and now - ws.pinged_at >= self.settings.ping_timeout:
+            self.metrics.keepalive_timeouts_total += 1
+            log.info("%s: no answer to a ping; closing (1011)", ws.label)
+            ws.close(1011, "keepalive timeout")
+
+    def _idle(self, ws: WebSocket, now: float) -> None:
+        """Close a connection whose client sent no message for idle_timeout (1001)."""
+        if ws.messages_in != ws.idle_mark:
+            ws.idle_mark, ws.idle_since = ws.messages_in, now
+        elif now - ws.idle_since >= self.settings.idle_timeout:
+            self.metrics.idle_timeouts_total += 1
+            ws.close(1001, "idle timeout")
 
     async def _connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         metrics = self.metrics
@@ -773,7 +796,7 @@ class Edge:
                     continue
                 await self.host.received(peer, item)
             elif isinstance(item, Ping):
-                ws.write(encode_frame(OP_PONG, item.payload))
+                ws.write(encode_frame(OP_PONG, item.payload), 0)
             elif isinstance(item, Close):
                 return self._close_received(ws, item)
         return None

@@ -36,6 +36,7 @@ class Metrics:
         "limit_auth_total": "upgrades refused by a room class's on_before_connect",
         "limit_ip_rate_total": "upgrades refused 429: upgrades_per_second_per_ip",
         "limit_ip_connections_total": "upgrades refused 429: max_connections_per_ip",
+        "idle_timeouts_total": "connections closed 1001: no message in idle_timeout",
         "auto_replies_total": "messages answered by a room class's auto_reply, room not woken",
     }
 
@@ -70,6 +71,7 @@ class Metrics:
     limit_ip_rate_total: int
     limit_ip_connections_total: int
     keepalive_timeouts_total: int
+    idle_timeouts_total: int
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.HELP}

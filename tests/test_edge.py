@@ -500,3 +500,25 @@ async def test_a_bug_in_one_connection_does_not_take_the_server_down(
         async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/fine") as ws:
             await ws.send_message("still serving")
             assert await ws.get_message() == "still serving"
+
+
+async def test_idle_timeout_closes_a_silent_client_1001(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    quick = settings.replace(idle_timeout=0.4, ping_interval=0.1, ping_timeout=5.0)
+    port = await start_server(nursery, echo_app, quick)
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/talks") as talker:
+            for _ in range(10):  # a message every 0.15 s: never idle for 0.4 s
+                await talker.send_message("still here")
+                assert await talker.get_message() == "still here"
+                await trio.sleep(0.15)
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/quiet") as quiet:
+                # answering pings (trio-websocket does) is not activity
+                with pytest.raises(ConnectionClosed) as closed:
+                    await quiet.get_message()
+                assert closed.value.reason is not None
+                assert (closed.value.reason.code, closed.value.reason.reason) == (
+                    1001,
+                    "idle timeout",
+                )
