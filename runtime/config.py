@@ -29,6 +29,14 @@ class Settings:
 
     max_message_bytes: int = 1 * MiB
     """Largest WebSocket message a client may send; larger ones close with 1009."""
+    messages_per_second_per_connection: float = 0.0
+    """Sustained messages per second one WebSocket may send (a token bucket holding
+    ``message_burst_per_connection``); 0: no limit (the default)."""
+    message_burst_per_connection: int = 50
+    """Messages one WebSocket may send at once before the rate above applies."""
+    message_rate_action: str = "close"
+    """Past the rate: "close" (1008 "message rate limit exceeded") or "drop" (the message
+    is dropped and the client gets the text frame {"error": "too many messages: ..."})."""
     max_outbox_bytes: int = 4 * MiB
     """Bytes queued for one client that is not reading; past it the client is closed (1008)."""
     mailbox_size: int = 1024
@@ -133,6 +141,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
 
 _CHOICES = {
+    "message_rate_action": ("CLOSE", "DROP"),
     "synchronous": ("NORMAL", "FULL", "OFF"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }

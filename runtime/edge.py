@@ -60,6 +60,11 @@ _WRITE_CHUNK = 256 * 1024
 
 
 _KEEPALIVE_PING = encode_frame(OP_PING, b"keepalive")
+_RATE_ERROR = encode_message('{"error": "too many messages: this one was dropped"}')
+
+
+class _RateLimited(ProtocolError):
+    """The client sent past messages_per_second_per_connection (message_rate_action close)."""
 
 
 class ConnectionBroken(Exception):
@@ -200,6 +205,8 @@ class WebSocket:
         "silent_since",
         "sock",
         "started",
+        "tokens",
+        "tokens_at",
         "told_host",
         "writing",
     )
@@ -223,6 +230,9 @@ class WebSocket:
         self.silent_since = 0.0
         self.pinged_at: float | None = None
         self.idle_mark, self.idle_since = 0, trio.current_time()  # messages_in at last change
+        # The message rate bucket (used when messages_per_second_per_connection is set).
+        self.tokens = float(settings.message_burst_per_connection)
+        self.tokens_at = self.idle_since
         self.told_host = False  # the room has been told this connection ended
         # Accounting (runtime/usage.py): wall-clock start, counts both ways, how it ended.
         self.started = time.time()
@@ -356,6 +366,7 @@ class Edge:
         self.host = host
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+        self._rate = settings.messages_per_second_per_connection
         self.admission = Admission(settings, metrics)
         self.usage = Usage(settings)
         self._websockets: dict[WebSocket, Peer] = {}
@@ -757,7 +768,8 @@ class Edge:
                     if not data:
                         return  # TCP closed without a Close frame: 1006
         except ProtocolError as exc:
-            self.metrics.protocol_errors_total += 1
+            if not isinstance(exc, _RateLimited):
+                self.metrics.protocol_errors_total += 1
             if exc.code == 1009:
                 self.metrics.limit_message_too_big_total += 1
             log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
@@ -790,6 +802,8 @@ class Edge:
                 if ws.closing:
                     continue
                 ws.messages_in += 1
+                if self._rate and not self._within_rate(ws):
+                    continue
                 if auto is not None and item == auto[0]:
                     ws.write(encode_message(auto[1]))
                     self.metrics.auto_replies_total += 1
@@ -800,6 +814,23 @@ class Edge:
             elif isinstance(item, Close):
                 return self._close_received(ws, item)
         return None
+
+    def _within_rate(self, ws: WebSocket) -> bool:
+        """Spend one of ``ws``'s message tokens; past the rate, apply the action."""
+        now = trio.current_time()
+        burst = float(self.settings.message_burst_per_connection)
+        tokens = min(burst, ws.tokens + (now - ws.tokens_at) * self._rate)
+        ws.tokens_at = now
+        if tokens >= 1:
+            ws.tokens = tokens - 1
+            return True
+        ws.tokens = tokens
+        self.metrics.limit_message_rate_total += 1
+        if self.settings.message_rate_action.lower() == "drop":
+            ws.write(_RATE_ERROR)  # at once, not in the room's output order
+            return False
+        # Closed like a protocol error: after the room's answers to the earlier messages.
+        raise _RateLimited(1008, "message rate limit exceeded")
 
     @staticmethod
     def _close_received(ws: WebSocket, close: Close) -> tuple[int, str]:

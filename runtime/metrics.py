@@ -37,6 +37,7 @@ class Metrics:
         "limit_ip_rate_total": "upgrades refused 429: upgrades_per_second_per_ip",
         "limit_ip_connections_total": "upgrades refused 429: max_connections_per_ip",
         "idle_timeouts_total": "connections closed 1001: no message in idle_timeout",
+        "limit_message_rate_total": "messages over messages_per_second_per_connection",
         "auto_replies_total": "messages answered by a room class's auto_reply, room not woken",
     }
 
@@ -72,6 +73,7 @@ class Metrics:
     limit_ip_connections_total: int
     keepalive_timeouts_total: int
     idle_timeouts_total: int
+    limit_message_rate_total: int
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.HELP}

@@ -522,3 +522,35 @@ async def test_idle_timeout_closes_a_silent_client_1001(
                     1001,
                     "idle timeout",
                 )
+
+
+@pytest.mark.parametrize("action", ["drop", "close"])
+async def test_message_rate_per_connection(
+    nursery: trio.Nursery, settings: Settings, action: str
+) -> None:
+    limited = settings.replace(
+        messages_per_second_per_connection=1.0,
+        message_burst_per_connection=3,
+        message_rate_action=action,
+        close_timeout=0.5,
+    )
+    port = await start_server(nursery, echo_app, limited)
+    with trio.fail_after(5):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/rate") as ws:
+            for i in range(5):  # a burst of 3 is allowed, then about one per second
+                await ws.send_message(f"m{i}")
+            if action == "drop":
+                got = [await ws.get_message() for _ in range(5)]
+                error = '{"error": "too many messages: this one was dropped"}'
+                # the errors are sent at once, the room's echoes in their own order
+                assert [m for m in got if m != error] == ["m0", "m1", "m2"]
+                assert got.count(error) == 2
+                await trio.sleep(1.1)  # a token came back: the connection carries on
+                await ws.send_message("later")
+                assert await ws.get_message() == "later"
+            else:  # the room answers what came within the limit, then the Close
+                assert [await ws.get_message() for _ in range(3)] == ["m0", "m1", "m2"]
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason is not None
+                assert closed.value.reason.code == 1008
