@@ -229,10 +229,10 @@ class WebSocket:
         self.heard = True
         self.silent_since = 0.0
         self.pinged_at: float | None = None
-        self.idle_mark, self.idle_since = 0, trio.current_time()  # messages_in at last change
+        now = trio.current_time()
+        self.idle_mark, self.idle_since = 0, now  # messages_in when it last changed
         # The message rate bucket (used when messages_per_second_per_connection is set).
-        self.tokens = float(settings.message_burst_per_connection)
-        self.tokens_at = self.idle_since
+        self.tokens, self.tokens_at = float(settings.message_burst_per_connection), now
         self.told_host = False  # the room has been told this connection ended
         # Accounting (runtime/usage.py): wall-clock start, counts both ways, how it ended.
         self.started = time.time()
@@ -384,7 +384,8 @@ class Edge:
                 await self._accept(listener, nursery)
 
     @staticmethod
-    def _usage_record(ws: WebSocket, peer: Peer, request: Request, stop: float) -> dict[str, Any]:
+    def _usage_record(ws: WebSocket, peer: Peer, stop: float) -> dict[str, Any]:
+        request = peer.conn.request
         return {
             "start": ws.started,
             "stop": stop,
@@ -409,9 +410,7 @@ class Edge:
         self._accepting.cancel()
         log.info("draining: closing %d WebSockets with 1012", len(self._websockets))
         for ws, peer in list(self._websockets.items()):
-            if not ws.told_host:
-                ws.told_host = True
-                self.host.disconnected(peer, 1012, reason, send_close=True)
+            self._tell_room(ws, peer, 1012, reason, send_close=True)
         if self._websockets:
             self._all_closed = trio.Event()
             await self._all_closed.wait()
@@ -701,9 +700,7 @@ class Edge:
             return _error(403, f"set admin_token to read {request.path} from another host")
         if request.path == "/_rooms/usage":
             now = time.time()
-            live = [
-                self._usage_record(ws, p, p.conn.request, now) for ws, p in self._websockets.items()
-            ]
+            live = [self._usage_record(ws, p, now) for ws, p in self._websockets.items()]
             return Response.json(self.usage.report(live))
         return Response(
             200, self.metrics.prometheus().encode(), {"content-type": "text/plain; version=0.0.4"}
@@ -739,7 +736,7 @@ class Edge:
             finally:
                 self.admission.closed(address)
                 del self._websockets[ws]
-                self.usage.closed(self._usage_record(ws, peer, upgrade.request, time.time()))
+                self.usage.closed(self._usage_record(ws, peer, time.time()))
                 if self._all_closed is not None and not self._websockets:
                     self._all_closed.set()
                 self.metrics.websockets_open -= 1
@@ -775,22 +772,26 @@ class Edge:
             log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
             # The room answers what the client sent before the violation, then the Close
             # goes out; a room too busy to get there in time does not keep the socket open.
-            if not ws.told_host:
-                ws.told_host = True
-                host.disconnected(peer, exc.code, exc.reason, send_close=True)
+            self._tell_room(ws, peer, exc.code, exc.reason, send_close=True)
             if not await ws.wait_close_sent(self.settings.close_timeout):
                 ws.close(exc.code, exc.reason)
         except ConnectionBroken:
             pass
         finally:
             self._reads.unregister(sock)
-            if not ws.told_host:
-                ws.told_host = True
-                host.disconnected(peer, code, reason)
+            self._tell_room(ws, peer, code, reason)
             if not ws.closed:
                 # Not shielded: a server that is being stopped does not wait on its clients.
                 await ws.flush(self.settings.close_timeout)
                 await lingering_close(sock, self.settings.close_timeout)
+
+    def _tell_room(
+        self, ws: WebSocket, peer: Peer, code: int, reason: str, send_close: bool = False
+    ) -> None:
+        """Tell the room, once, that this connection ended (see ``Host.disconnected``)."""
+        if not ws.told_host:
+            ws.told_host = True
+            self.host.disconnected(peer, code, reason, send_close)
 
     async def _deliver(
         self, ws: WebSocket, peer: Peer, events: list[Event]

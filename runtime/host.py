@@ -82,7 +82,7 @@ class Peer:
         self.activation.host.metrics.messages_out_total += 1
 
     def _write(self, frame: bytes) -> None:
-        self.activation.write(self.transport, frame)
+        self.activation.write((self.transport,), frame)
 
     def close(self, code: int, reason: str) -> None:
         self.activation.emit(self._close_now, (code, reason))
@@ -232,36 +232,27 @@ class Activation:
 
     def broadcast(self, message: str | bytes, exclude: Collection[str], tag: str | None) -> None:
         frame = encode_message(message)
-        targets = [p.transport for p in self._tagged(tag) if p.conn.id not in exclude]
-        self.host.metrics.messages_out_total += len(targets)
-        if not self._gate_open:
+        peers = [p for p in self._tagged(tag) if p.conn.id not in exclude]
+        self.host.metrics.messages_out_total += len(peers)
+        if self._gate_open:
+            self.write([p.transport for p in peers], frame)
+        else:
             horizon = self._horizon
-            self._held.extend((horizon, self._write_to(t), frame) for t in targets)
-        elif self._batch is None:
-            for transport in targets:
-                transport.write(frame)
-        else:
-            batch = self._batch
-            for transport in targets:
-                frames = batch.get(transport)
-                if frames is None:
-                    batch[transport] = [frame]
-                else:
-                    frames.append(frame)
+            self._held.extend((horizon, p._write, frame) for p in peers)
 
-    def write(self, transport: Transport, frame: bytes) -> None:
-        """Write now, or into the burst's batch."""
-        if self._batch is None:
-            transport.write(frame)
-        else:
-            frames = self._batch.get(transport)
+    def write(self, transports: Collection[Transport], frame: bytes) -> None:
+        """Write ``frame`` to each of ``transports`` now, or into the burst's batch."""
+        batch = self._batch
+        if batch is None:
+            for transport in transports:
+                transport.write(frame)
+            return
+        for transport in transports:
+            frames = batch.get(transport)
             if frames is None:
-                self._batch[transport] = [frame]
+                batch[transport] = [frame]
             else:
                 frames.append(frame)
-
-    def _write_to(self, transport: Transport) -> Callable[[bytes], None]:
-        return lambda frame: self.write(transport, frame)
 
     def flush(self, transport: Transport | None = None) -> None:
         """Send what the current burst batched, one write per connection; with
@@ -414,12 +405,11 @@ class Activation:
                         await _finish(handling, trap)
                     self._busy = False
                     burst += 1
-                    if not mailbox or burst >= _MAX_BURST:
+                    too_many_commits = self._submitted - self._durable >= self._max_inflight
+                    if not mailbox or burst >= _MAX_BURST or too_many_commits:
                         self.flush()
                         burst = 0
-                    if self._submitted - self._durable >= self._max_inflight:
-                        self.flush()
-                        burst = 0
+                    if too_many_commits:
                         self._drained = trio.Event()
                         await self._drained.wait()
                     continue
