@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,3 +91,17 @@ def wait_for_port_sync(port: int, proc: subprocess.Popen[bytes]) -> None:
 def kill_9(proc: subprocess.Popen[bytes]) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
+
+
+async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection; everything the server sends until it closes (or
+    ``read_timeout`` passes: a keep-alive or upgraded connection is then closed by us)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = bytearray()
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)  # (the server may answer and close before reading all)
+        with trio.move_on_after(read_timeout), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return bytes(received)

@@ -17,8 +17,6 @@ import argparse
 import base64
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ import trio
 
 from runtime.frames import OP_TEXT, FrameParser, encode_frame
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import REPO, server, wait_for_port_sync
 
 
 class Totals:
@@ -157,37 +155,19 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> bool:
     return all(checks.values())
 
 
-def wait_for_server(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server did not start (exit status {proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit("the server did not listen within 15 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--rooms", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--interval", type=float, default=2.0)
-    parser.add_argument("--port", type=int, default=8931)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as data:
-        command = [sys.executable, "-m", "runtime.cli", "serve", "examples.echo.app:app"]
-        command += ["--port", str(args.port), "--data-dir", data, "--log-level", "WARNING"]
-        proc = subprocess.Popen(command, cwd=REPO)
-        try:
-            wait_for_server(args.port, proc)
-            ok = trio.run(soak, args.port, proc.pid, args)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with (
+        tempfile.TemporaryDirectory() as data,
+        server("examples.echo.app:app", REPO, Path(data)) as (proc, port),
+    ):
+        wait_for_port_sync(port, proc)
+        ok = trio.run(soak, port, proc.pid, args)
     sys.exit(0 if ok else 1)
 
 

@@ -14,21 +14,9 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
 
-from .conftest import start_server
+from .conftest import raw_request, start_server
 
 KEY = base64.b64encode(os.urandom(16)).decode()
-
-
-async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
-    """Send raw bytes, return everything the server sends until it closes (or the timeout)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = b""
-    async with stream:
-        await stream.send_all(data)
-        with trio.move_on_after(read_timeout):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-    return received
 
 
 def upgrade(path: str, key: str = KEY, version: str = "13", extra: str = "") -> bytes:

@@ -9,7 +9,6 @@ could make it grow (floods, mass connects): a second round must not grow it furt
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +30,7 @@ from runtime.frames import (
     encode_frame,
 )
 
-from .conftest import server, wait_for_port_sync
+from .conftest import raw_request, server, wait_for_port_sync
 
 APP = """
 from pathlib import Path
@@ -104,7 +103,7 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 @pytest.fixture
 async def srv(hostile_server: Server) -> AsyncIterator[Server]:
     """The shared server; after the test its descriptors must return to the baseline."""
-    await http(hostile_server.port, HELLO)  # warm up
+    await raw_request(hostile_server.port, HELLO)  # warm up
     baseline = hostile_server.fds()
     yield hostile_server
     await fds_back_to(hostile_server, baseline)
@@ -120,23 +119,6 @@ async def fds_back_to(srv: Server, baseline: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # raw clients
-
-
-async def http(port: int, data: bytes, timeout: float = 5) -> bytes:
-    """Send ``data`` on a new connection; everything the server sends until it closes (or
-    ``timeout`` passes; a keep-alive connection is then closed by us)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = bytearray()
-    async with stream:
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.send_all(data)  # (the server may answer and close before reading all)
-        with trio.move_on_after(timeout):
-            try:
-                while chunk := await stream.receive_some(65536):
-                    received += chunk
-            except trio.BrokenResourceError:
-                pass
-    return bytes(received)
 
 
 def status(response: bytes) -> int:
@@ -248,14 +230,14 @@ BAD_HEADS = {
 @pytest.mark.parametrize("case", list(BAD_HEADS))
 async def test_malformed_requests_get_a_clear_status(srv: Server, case: str) -> None:
     data, expected = BAD_HEADS[case]
-    response = await http(srv.port, data)
+    response = await raw_request(srv.port, data)
     assert status(response) == expected, response[:300]
     assert b"connection: close" in response.lower()
 
 
 async def test_pipelined_garbage_after_a_good_request(srv: Server) -> None:
     good = b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n"
-    response = await http(srv.port, good + good + b"\x00\xff\xfe garbage \r\n\r\n")
+    response = await raw_request(srv.port, good + good + b"\x00\xff\xfe garbage \r\n\r\n")
     assert response.count(b"HTTP/1.1 200 ") == 2
     assert response.count(b"HTTP/1.1 400 ") == 1
     assert response.index(b"HTTP/1.1 400 ") > response.rindex(b"HTTP/1.1 200 ")
@@ -289,7 +271,7 @@ async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
             nursery.start_soon(trickle)
         await trio.sleep(0.3)
         with trio.fail_after(2):
-            assert status(await http(srv.port, HELLO)) == 200
+            assert status(await raw_request(srv.port, HELLO)) == 200
     assert len(answers) == 50
     assert all(status(a) == 408 for a in answers), answers
 
@@ -307,7 +289,7 @@ async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
 async def test_bad_websocket_handshakes(
     srv: Server, headers: dict[str, bytes], expected: int
 ) -> None:
-    response = await http(srv.port, upgrade("/echo/x", **headers), timeout=2)
+    response = await raw_request(srv.port, upgrade("/echo/x", **headers), read_timeout=2)
     assert status(response) == expected, response
     if expected == 426:
         assert b"sec-websocket-version: 13" in response.lower()
@@ -315,9 +297,9 @@ async def test_bad_websocket_handshakes(
 
 async def test_an_upgrade_that_is_not_get_or_lacks_connection_upgrade(srv: Server) -> None:
     post = upgrade("/echo/x").replace(b"GET ", b"POST ", 1)
-    assert status(await http(srv.port, post, timeout=2)) == 400
+    assert status(await raw_request(srv.port, post, read_timeout=2)) == 400
     no_connection = upgrade("/echo/x").replace(b"connection: Upgrade", b"connection: keep-alive")
-    assert status(await http(srv.port, no_connection, timeout=2)) == 400
+    assert status(await raw_request(srv.port, no_connection, read_timeout=2)) == 400
 
 
 TRAVERSALS = [
@@ -340,13 +322,13 @@ TRAVERSALS = [
 
 @pytest.mark.parametrize("path", TRAVERSALS)
 async def test_static_paths_never_leave_the_folder(srv: Server, path: str) -> None:
-    response = await http(srv.port, get(path))
+    response = await raw_request(srv.port, get(path))
     assert status(response) in (400, 404), response[:300]
     assert SECRET.encode() not in response and b"root:" not in response
 
 
 async def test_the_static_folder_itself_is_served(srv: Server) -> None:
-    response = await http(srv.port, get("/files/"))
+    response = await raw_request(srv.port, get("/files/"))
     assert status(response) == 200 and response.endswith(b"public page")
 
 
@@ -360,7 +342,7 @@ async def test_the_static_folder_itself_is_served(srv: Server) -> None:
     ],
 )
 async def test_bad_room_names(srv: Server, path: str, expected: int) -> None:
-    assert status(await http(srv.port, upgrade(path), timeout=2)) == expected
+    assert status(await raw_request(srv.port, upgrade(path), read_timeout=2)) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +460,7 @@ async def test_thousands_of_connections_opened_and_dropped_at_once(srv: Server) 
 
 
 async def open_websockets(port: int) -> int:
-    response = await http(port, get("/_rooms/metrics"))
+    response = await raw_request(port, get("/_rooms/metrics"))
     for line in response.decode().splitlines():
         if line.startswith("rooms_websockets_open "):
             return int(float(line.split()[1]))
