@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
 import logging
@@ -71,6 +72,36 @@ async def _serve_until_signal(app: App, settings: Settings, listener: socket.soc
                 shutdown.set()
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, and the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(settings: Settings) -> None:
+    """The server's log: to ``log_file`` (appended) or standard error, as text or JSON."""
+    handler: logging.Handler
+    if settings.log_file:
+        handler = logging.FileHandler(settings.log_file)
+    else:
+        handler = logging.StreamHandler()
+    if settings.log_format.lower() == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         "host": args.host,
@@ -78,6 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
         "synchronous": args.synchronous,
         "log_level": args.log_level,
+        "certfile": args.certfile,
+        "keyfile": args.keyfile,
     }
     try:
         settings = load_settings(args.config, **overrides)
@@ -88,10 +121,14 @@ def _serve(args: argparse.Namespace) -> int:
         for key, value in attrs.asdict(settings).items():
             print(f"{key} = {json.dumps(value)}")  # JSON scalars and arrays are valid TOML
         return 0
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        configure_logging(settings)
+    except OSError as exc:
+        print(
+            f"rooms serve: setting 'log_file': cannot open {exc.filename!r}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     app = load_app(args.app)
     tune_process()
     try:
@@ -116,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--config", help="a TOML file of settings (see the README)")
     serve_parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], help="SQLite durability")
     serve_parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve_parser.add_argument("--certfile", help="PEM certificate chain: serve https and wss")
+    serve_parser.add_argument("--keyfile", help="PEM private key of --certfile")
     serve_parser.add_argument(
         "--print-config", action="store_true", help="print the effective settings and exit"
     )

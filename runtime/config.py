@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ class Settings:
     port: int = 8000
     data_dir: str = "data"
     """Folder of the SQLite database (``rooms.sqlite3``); ":memory:" keeps nothing."""
+    certfile: str = ""
+    """PEM certificate chain: with it the server speaks https and wss only."""
+    keyfile: str = ""
+    """PEM private key of ``certfile`` (empty: the key is in ``certfile``)."""
     synchronous: str = "NORMAL"
     """SQLite durability: NORMAL survives a killed process, FULL also a power loss."""
 
@@ -84,9 +89,16 @@ class Settings:
     usage_log: str = ""
     """A file to append one JSON line to per closed WebSocket (see README, Accounting);
     empty: none (the totals at /_rooms/usage are kept either way)."""
+    upstream_timeout: float = 10.0
+    """Seconds to connect to a proxied route's upstream and finish its WebSocket handshake;
+    then the client gets 504 (an unreachable upstream gets 502 at once)."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
     log_level: str = "INFO"
+    log_file: str = ""
+    """A file to append the server's log to; empty: standard error."""
+    log_format: str = "text"
+    """"text" (one readable line per event) or "json" (one JSON object per line)."""
 
     def replace(self, **changes: Any) -> Settings:
         return attrs.evolve(self, **changes)
@@ -137,11 +149,37 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             ) from None
     if values.get("port", 0) > 65535:
         raise ConfigError(f"setting 'port' must be at most 65535, got {values['port']}")
-    return Settings(**values)
+    settings = Settings(**values)
+    tls_context(settings)  # a missing or wrong certificate is reported now, naming the key
+    return settings
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without ``certfile``."""
+    if not settings.certfile:
+        if settings.keyfile:
+            raise ConfigError("setting 'keyfile' needs 'certfile' too")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["http/1.1"])
+    for key in ("certfile", "keyfile"):
+        path = getattr(settings, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"setting {key!r}: no such file {path!r}")
+    try:
+        context.load_cert_chain(settings.certfile, settings.keyfile or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"settings 'certfile'/'keyfile': cannot load the certificate and key: {exc}"
+        ) from None
+    return context
 
 
 _CHOICES = {
     "message_rate_action": ("CLOSE", "DROP"),
     "synchronous": ("NORMAL", "FULL", "OFF"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    "log_format": ("TEXT", "JSON"),
 }

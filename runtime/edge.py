@@ -22,7 +22,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from rooms import HTTPError, Request, Response, Room, RoomId
 from rooms._app import App, FunctionRoute, RoomRoute
 
 from .admission import Admission
-from .config import Settings
+from .config import Settings, tls_context
 from .frames import (
     OP_PING,
     OP_PONG,
@@ -50,12 +50,12 @@ from .frames import (
 )
 from .host import Host, Peer
 from .metrics import Metrics
+from .stream import RECV_SIZE, ConnectionBroken, Stream
 from .usage import Usage
 
 log = logging.getLogger("rooms.edge")
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_RECV_SIZE = 65536
 _WRITE_CHUNK = 256 * 1024
 
 
@@ -65,34 +65,6 @@ _RATE_ERROR = encode_message('{"error": "too many messages: this one was dropped
 
 class _RateLimited(ProtocolError):
     """The client sent past messages_per_second_per_connection (message_rate_action close)."""
-
-
-class ConnectionBroken(Exception):
-    pass
-
-
-async def recv(
-    sock: socket.socket,
-    wait_first: bool = False,
-    wait_readable: Callable[[socket.socket], Awaitable[None]] = trio.lowlevel.wait_readable,
-) -> bytes:
-    """Bytes from the socket (b"" at EOF), waiting until some arrive.
-
-    ``wait_first`` skips the first attempt: after a short read the socket is most likely
-    empty, and a recv() that fails costs a syscall and an exception."""
-    if wait_first:
-        await wait_readable(sock)
-    while True:
-        try:
-            data = sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            await wait_readable(sock)
-            continue
-        except OSError as exc:
-            raise ConnectionBroken(str(exc)) from None
-        if not wait_first:
-            await trio.lowlevel.checkpoint()
-        return data
 
 
 class ReadPoller:
@@ -146,32 +118,6 @@ class ReadPoller:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-        except OSError as exc:
-            raise ConnectionBroken(str(exc)) from None
-
-
-async def lingering_close(sock: socket.socket, timeout: float) -> None:
-    """Half-close, then read until the peer closes too (bounded), so that what we sent last
-    (a Close frame, an error response) is not destroyed by a TCP reset."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        return
-    with trio.move_on_after(timeout):
-        try:
-            while await recv(sock):
-                pass
-        except ConnectionBroken:
-            pass
-
-
 def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode()
 
@@ -205,6 +151,7 @@ class WebSocket:
         "silent_since",
         "sock",
         "started",
+        "stream",
         "tokens",
         "tokens_at",
         "told_host",
@@ -212,9 +159,10 @@ class WebSocket:
     )
 
     def __init__(
-        self, sock: socket.socket, settings: Settings, metrics: Metrics, nursery: trio.Nursery
+        self, stream: Stream, settings: Settings, metrics: Metrics, nursery: trio.Nursery
     ) -> None:
-        self.sock = sock
+        self.stream = stream
+        self.sock = stream.sock
         self.settings = settings
         self.metrics = metrics
         self._nursery = nursery
@@ -251,12 +199,13 @@ class WebSocket:
 
     def _write(self, frame: bytes) -> None:
         self.bytes_out += len(frame)
+        if self.stream.tls is not None:
+            frame = self.stream.encrypt(frame)
         if self.pending:
-            if self.pending_bytes + len(frame) > self.settings.max_outbox_bytes:
-                self._overflow()
-                return
             self.pending.append(frame)
             self.pending_bytes += len(frame)
+            if self.pending_bytes > self.settings.max_outbox_bytes and not self.closing:
+                self._overflow()
             return
         try:
             sent = self.sock.send(frame)
@@ -317,15 +266,17 @@ class WebSocket:
             self.label,
             self.settings.max_outbox_bytes,
         )
-        while len(self.pending) > 1:  # keep the head: it may be a frame already half sent
+        # Keep the head: it may be a frame already half sent. Under TLS keep everything: a
+        # record dropped from the middle would break the stream, and the Close after it.
+        while len(self.pending) > 1 and self.stream.tls is None:
             self.pending_bytes -= len(self.pending.pop())
         self.close(1008, "outbox overflow: the client is not reading fast enough")
 
     def close(self, code: int, reason: str) -> None:
         if self.closing or self.closed:
             return
-        self._write(encode_close(code, reason))
         self.closing = True
+        self._write(encode_close(code, reason))
         self.closed_by, self.close_code, self.close_reason = "server", code, reason
         self.read_scope.deadline = min(
             self.read_scope.deadline, trio.current_time() + self.settings.close_timeout
@@ -369,6 +320,7 @@ class Edge:
         self._rate = settings.messages_per_second_per_connection
         self.admission = Admission(settings, metrics)
         self.usage = Usage(settings)
+        self._tls = tls_context(settings)
         self._websockets: dict[WebSocket, Peer] = {}
         self._reads = ReadPoller()
         self._accepting = trio.CancelScope()
@@ -476,17 +428,20 @@ class Edge:
     async def _connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         metrics = self.metrics
         metrics.connections_open += 1
+        stream = Stream(sock, self._tls)
         try:
             if metrics.connections_open > self.settings.max_connections:
                 metrics.limit_connections_total += 1
-                await send_all(sock, _raw_response(503, "server is at its connection limit"))
-                await lingering_close(sock, 1.0)
+                await stream.handshake(self.settings.handshake_timeout)
+                await stream.send_all(_raw_response(503, "server is at its connection limit"))
+                await stream.lingering_close(1.0)
                 return
-            upgrade = await self._http(sock, (addr[0], addr[1]))
+            await self._tls_handshake(stream, addr)
+            upgrade = await self._http(stream, (addr[0], addr[1]))
             if upgrade is not None:
                 # The HTTP phase's state (h11, the request head) is gone by now: an idle
                 # WebSocket holds only what the data path needs.
-                await self._websocket(sock, upgrade)
+                await self._websocket(stream, upgrade)
         except ConnectionBroken:
             pass
         except Exception:
@@ -497,18 +452,27 @@ class Edge:
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
+    async def _tls_handshake(self, stream: Stream, addr: tuple[str, int]) -> None:
+        try:
+            await stream.handshake(self.settings.handshake_timeout)
+        except ConnectionBroken as exc:
+            # Usually a scanner or a client that does not trust the certificate: debug only.
+            self.metrics.tls_handshake_failures_total += 1
+            log.debug("TLS with %s:%d: %s", addr[0], addr[1], exc)
+            raise
+
     # -- HTTP ----------------------------------------------------------------------------
 
-    async def _http(self, sock: socket.socket, client: tuple[str, int]) -> _Upgrade | None:
+    async def _http(self, stream: Stream, client: tuple[str, int]) -> _Upgrade | None:
         """Serve HTTP requests until the connection closes (None) or upgrades."""
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes)
         timeout = self.settings.handshake_timeout
         while True:
-            received = await self._receive_request(h, sock, client, timeout)
+            received = await self._receive_request(h, stream, client, timeout)
             if received is None:
                 return None
             if isinstance(received, Response):
-                await self._send_response(h, sock, received)
+                await self._send_response(h, stream, received)
                 break
             event, request = received
             answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
@@ -519,7 +483,7 @@ class Edge:
                 if problem is None:
                     return _Upgrade(request, *answer, _switch(h, request), h.trailing_data[0])
                 answer = problem
-            await self._send_response(h, sock, answer, head_only=request.method == "HEAD")
+            await self._send_response(h, stream, answer, head_only=request.method == "HEAD")
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 break
             try:
@@ -527,17 +491,17 @@ class Edge:
             except h11.LocalProtocolError:
                 break
             timeout = self.settings.keepalive_timeout
-        await lingering_close(sock, 1.0)
+        await stream.lingering_close(1.0)
         return None
 
     async def _receive_request(
-        self, h: h11.Connection, sock: socket.socket, client: tuple[str, int], timeout: float
+        self, h: h11.Connection, stream: Stream, client: tuple[str, int], timeout: float
     ) -> tuple[h11.Request, Request] | Response | None:
         """The next request; or the error response to end the connection with; or None when
         the client closed, or an idle keep-alive connection timed out."""
         settings, metrics = self.settings, self.metrics
         try:
-            event = await self._next_event(h, sock, timeout)
+            event = await self._next_event(h, stream, timeout)
             if event is None:  # timed out waiting for a request head
                 if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
                     return None
@@ -549,7 +513,7 @@ class Edge:
                 # h11 only bounds a head that is still incomplete; bound complete ones too.
                 metrics.limit_header_too_big_total += 1
                 return _error(431, "request head too large")
-            return event, await self._read_request(h, sock, event, client)
+            return event, await self._read_request(h, stream, event, client)
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
                 metrics.limit_header_too_big_total += 1
@@ -562,18 +526,18 @@ class Edge:
             return _error(exc.status, exc.reason)
 
     async def _next_event(
-        self, h: h11.Connection, sock: socket.socket, timeout: float
+        self, h: h11.Connection, stream: Stream, timeout: float
     ) -> h11.Event | None:
         with trio.move_on_after(timeout):
             while True:
                 event = h.next_event()
                 if event is not h11.NEED_DATA:
                     return event  # type: ignore[return-value]
-                h.receive_data(await recv(sock))
+                h.receive_data(await stream.recv())
         return None
 
     async def _read_request(
-        self, h: h11.Connection, sock: socket.socket, event: h11.Request, client: tuple[str, int]
+        self, h: h11.Connection, stream: Stream, event: h11.Request, client: tuple[str, int]
     ) -> Request:
         limit = self.settings.max_body_bytes
         names = {name for name, _ in event.headers}
@@ -587,7 +551,7 @@ class Edge:
             raise HTTPError(413, f"request body over {limit} bytes")
         body = bytearray()
         while True:
-            part = await self._next_event(h, sock, self.settings.handshake_timeout)
+            part = await self._next_event(h, stream, self.settings.handshake_timeout)
             if part is None:
                 raise HTTPError(408, "request body not received in time")
             if isinstance(part, h11.Data):
@@ -629,7 +593,7 @@ class Edge:
         return peer
 
     async def _send_response(
-        self, h: h11.Connection, sock: socket.socket, response: Response, head_only: bool = False
+        self, h: h11.Connection, stream: Stream, response: Response, head_only: bool = False
     ) -> None:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
         headers.append((b"content-length", str(len(response.body)).encode()))
@@ -642,7 +606,7 @@ class Edge:
         if response.body and not head_only:
             data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""
-        await send_all(sock, data)
+        await stream.send_all(data)
         self.metrics.http_requests_total += 1
 
     async def route(self, request: Request, upgrade: bool) -> Response | tuple[type[Room], RoomId]:
@@ -708,21 +672,21 @@ class Edge:
 
     # -- WebSocket -----------------------------------------------------------------------
 
-    async def _websocket(self, sock: socket.socket, upgrade: _Upgrade) -> None:
+    async def _websocket(self, stream: Stream, upgrade: _Upgrade) -> None:
         async with trio.open_nursery() as nursery:
-            ws = WebSocket(sock, self.settings, self.metrics, nursery)
+            ws = WebSocket(stream, self.settings, self.metrics, nursery)
             if self._draining:
-                await send_all(sock, _raw_response(503, "server restarting: retry shortly"))
-                await lingering_close(sock, 1.0)
+                await stream.send_all(_raw_response(503, "server restarting: retry shortly"))
+                await stream.lingering_close(1.0)
                 return
             peer = self.host.attach(upgrade.room_class, upgrade.room_id, ws, upgrade.request)
             if peer is None:
-                await send_all(sock, _raw_response(503, "room is full"))
-                await lingering_close(sock, 1.0)
+                await stream.send_all(_raw_response(503, "room is full"))
+                await stream.lingering_close(1.0)
                 return
             ws.label = f"connection {peer.conn.id} in room {peer.activation.label}"
             try:
-                await send_all(sock, upgrade.switch)
+                await stream.send_all(upgrade.switch)
             except ConnectionBroken:
                 self.host.disconnected(peer, 1006, "")
                 raise
@@ -744,7 +708,7 @@ class Edge:
 
     async def _websocket_session(self, ws: WebSocket, peer: Peer, data: bytes) -> None:
         host = self.host
-        sock = ws.sock
+        stream, sock = ws.stream, ws.stream.sock
         parser = FrameParser(max_message_size=self.settings.max_message_bytes)
         code, reason = 1006, ""
         await host.connected(peer)
@@ -759,7 +723,7 @@ class Edge:
                             return
                         if parser.error is not None:  # after the valid messages before it
                             raise parser.error
-                    data = await recv(sock, len(data) < _RECV_SIZE, self._reads.wait_readable)
+                    data = await stream.recv(len(data) < RECV_SIZE, self._reads.wait_readable)
                     ws.heard = True
                     ws.bytes_in += len(data)
                     if not data:
@@ -783,7 +747,7 @@ class Edge:
             if not ws.closed:
                 # Not shielded: a server that is being stopped does not wait on its clients.
                 await ws.flush(self.settings.close_timeout)
-                await lingering_close(sock, self.settings.close_timeout)
+                await stream.lingering_close(self.settings.close_timeout)
 
     def _tell_room(
         self, ws: WebSocket, peer: Peer, code: int, reason: str, send_close: bool = False

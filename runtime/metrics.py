@@ -39,6 +39,10 @@ class Metrics:
         "idle_timeouts_total": "connections closed 1001: no message in idle_timeout",
         "limit_message_rate_total": "messages over messages_per_second_per_connection",
         "auto_replies_total": "messages answered by a room class's auto_reply, room not woken",
+        "tls_handshake_failures_total": "connections closed: TLS handshake failed or timed out",
+        "proxied_websockets_total": "WebSockets relayed to an upstream (app.proxy routes)",
+        "upstream_failures_total": "proxied upgrades answered 502/504: upstream unreachable",
+        "upstream_refusals_total": "proxied upgrades the upstream refused (status passed on)",
     }
 
     def __init__(self) -> None:
@@ -74,6 +78,10 @@ class Metrics:
     keepalive_timeouts_total: int
     idle_timeouts_total: int
     limit_message_rate_total: int
+    tls_handshake_failures_total: int
+    proxied_websockets_total: int
+    upstream_failures_total: int
+    upstream_refusals_total: int
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.HELP}

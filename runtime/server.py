@@ -79,7 +79,8 @@ async def serve(
             host = Host(backend, settings, metrics, rooms_nursery)
             edge = Edge(app, settings, host, metrics)
             port: int = listener.getsockname()[1]
-            log.info("serving on http://%s:%d (data: %s)", settings.host, port, backend.path)
+            scheme = "https" if settings.certfile else "http"
+            log.info("serving on %s://%s:%d (data: %s)", scheme, settings.host, port, backend.path)
             rooms_nursery.start_soon(edge.serve, listener)
             task_status.started(port)
             if shutdown is None:

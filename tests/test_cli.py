@@ -221,10 +221,11 @@ async def _kill(process: trio.Process) -> None:
 
 
 async def start_server(
-    nursery: trio.Nursery, target: str, port: int, data_dir: Path, log: Path
+    nursery: trio.Nursery, target: str, port: int, data_dir: Path, log: Path, *options: str
 ) -> trio.Process:
     """Start ``rooms serve`` as a process and wait until its port accepts connections."""
     command = [*ROOMS, "serve", target, "--port", str(port), "--data-dir", str(data_dir)]
+    command += options
     with log.open("ab") as stderr:
         server: trio.Process = await nursery.start(
             partial(
@@ -280,6 +281,32 @@ async def test_serve_and_connect_as_real_processes(tmp_path: Path) -> None:
         assert await stop(server, signal.SIGTERM) == 0, server_log(log)
     assert "SIGTERM: draining" in server_log(log)
     assert (tmp_path / "rooms.sqlite3").is_file()
+
+
+async def test_the_log_goes_to_log_file_as_json_lines(tmp_path: Path) -> None:
+    port, stderr, log_file = free_port(), tmp_path / "stderr.log", tmp_path / "rooms.log"
+    config = write_config(tmp_path, f'log_file = "{log_file}"\nlog_format = "json"\n')
+    async with trio.open_nursery() as nursery:
+        server = await start_server(
+            nursery, "examples.echo.app:app", port, tmp_path, stderr, "--config", str(config)
+        )
+        client = await connect(f"ws://127.0.0.1:{port}/echo/x", "-x", "hello", "-w", "0")
+        assert client.returncode == 0, client.stderr
+        assert await stop(server, signal.SIGTERM) == 0, server_log(stderr)
+    assert server_log(stderr) == ""  # everything went to the file
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith(f"serving on http://127.0.0.1:{port}") for m in messages), messages
+    assert any(m.startswith("SIGTERM: draining") for m in messages), messages
+
+
+def test_a_log_file_that_cannot_be_opened_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, f'log_file = "{tmp_path}/missing/rooms.log"\n')
+    assert main(["serve", "examples.echo.app:app", "--config", str(config)]) == 2
+    assert "setting 'log_file': cannot open" in capsys.readouterr().err
 
 
 async def test_a_signal_stops_the_server_with_its_writes_durable(tmp_path: Path) -> None:
