@@ -1,4 +1,4 @@
-"""TLS: with ``certfile``/``keyfile`` the server speaks https and wss (certificates from trustme)."""
+"""TLS: with ``certfile``/``keyfile`` the server speaks https and wss (certificates: trustme)."""
 
 from __future__ import annotations
 
