@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import unquote
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 
-from ._http import HTTPError, RouteHandler
+from ._http import HTTPError, Request, RouteHandler
 from ._room import Room
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -52,7 +54,29 @@ class StaticRoute:
     directory: Path
 
 
-Route = RoomRoute | FunctionRoute
+@attrs.frozen
+class ProxyRoute:
+    """WebSocket upgrades relayed to an upstream WebSocket server (see ``App.proxy``)."""
+
+    pattern: str
+    upstream: str
+    forward_headers: frozenset[str]
+    allowed_origins: frozenset[str] | None
+    on_before_connect: Callable[[Request], Awaitable[Any]] | None
+    ssl_context: ssl.SSLContext | None
+    regex: re.Pattern[str]
+
+    def upstream_url(self, params: dict[str, str], query_string: str) -> str:
+        """The upstream URL for one request: its path parameters put in, its query kept."""
+        url = self.upstream.format_map({k: quote(v, safe="") for k, v in params.items()})
+        if query_string:
+            url += ("&" if "?" in url else "?") + query_string
+        return url
+
+
+Route = RoomRoute | FunctionRoute | ProxyRoute
+
+DEFAULT_FORWARDED_HEADERS = ("authorization", "cookie", "origin", "user-agent")
 
 
 class App:
@@ -93,6 +117,50 @@ class App:
             return handler
 
         return register
+
+    def proxy(
+        self,
+        pattern: str,
+        upstream: str,
+        *,
+        forward_headers: tuple[str, ...] | list[str] = DEFAULT_FORWARDED_HEADERS,
+        allowed_origins: tuple[str, ...] | list[str] | None = None,
+        on_before_connect: Callable[[Request], Awaitable[Any]] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Relay WebSockets on ``pattern`` to the ``ws://`` or ``wss://`` URL ``upstream``.
+
+        >>> app.proxy("/feed/{topic}", "ws://127.0.0.1:9000/feed/{topic}")  # doctest: +SKIP
+
+        ``upstream`` may use the pattern's parameters; the request's query string is added.
+        The upgrade passes the same rules as a room's: ``allowed_origins`` (403),
+        ``on_before_connect(request)`` (raise HTTPError to refuse; a ``str`` it returns is sent
+        upstream as ``X-Rooms-Identity``), and the per-address limits of the settings. The
+        client's ``Sec-WebSocket-Protocol`` offer and the ``forward_headers`` it sent go
+        upstream, with ``X-Forwarded-For`` and ``X-Forwarded-Proto``; the upstream's choice
+        of subprotocol comes back. An unreachable upstream is a 502 (504 after
+        ``upstream_timeout``); an upstream that refuses (status 400 or more) has its status
+        and body passed on. ``ssl_context`` verifies a ``wss://`` upstream (default: the
+        system's trusted CAs)."""
+        if urlsplit(upstream).scheme not in ("ws", "wss"):
+            raise ValueError(f"proxy upstream {upstream!r} must be a ws:// or wss:// URL")
+        names = set(_PARAM.findall(pattern))
+        unknown = set(_PARAM.findall(upstream)) - names
+        if unknown:
+            raise ValueError(
+                f"proxy upstream {upstream!r} uses {sorted(unknown)}, not in {pattern!r}"
+            )
+        self.routes.append(
+            ProxyRoute(
+                pattern,
+                upstream,
+                frozenset(h.lower() for h in forward_headers),
+                None if allowed_origins is None else frozenset(allowed_origins),
+                on_before_connect,
+                ssl_context,
+                _compile(pattern),
+            )
+        )
 
     def static(self, prefix: str, directory: str | Path) -> None:
         """Serve the files of ``directory`` below ``prefix`` (``index.html`` for folders)."""

@@ -33,7 +33,7 @@ from runtime.metrics import Metrics
 from runtime.server import database_path
 from runtime.storage import SqliteBackend
 
-from ._app import App
+from ._app import App, ProxyRoute
 from ._http import Request, Response
 from ._ids import RoomId
 from ._room import Room, Stub
@@ -179,6 +179,8 @@ class RoomsHarness:
             "GET", target, query, list(headers or []), b"", client, stub_factory=self._host.stub
         )
         answer = await self._edge.route(request, upgrade=True)
+        if isinstance(answer, ProxyRoute):
+            raise TypeError(f"{path} is a proxied route: test it against a real server")
         if not isinstance(answer, Response):  # the upgrade-time rules, as at a real edge
             answer = await self._edge.admission.admit(request, answer[0]) or answer
         if isinstance(answer, Response):

@@ -1,7 +1,8 @@
-"""Upgrade-time rules: what the edge checks before a WebSocket joins a room.
+"""Upgrade-time rules: what the edge checks before a WebSocket joins a room (or a proxied
+route's upstream).
 
-In order: the room class's ``allowed_origins`` (403), the client address's upgrade rate (429
-with Retry-After), its open WebSockets (429), then the class's ``on_before_connect`` hook,
+In order: the room class's (or route's) ``allowed_origins`` (403), the client address's upgrade
+rate (429 with Retry-After), its open WebSockets (429), then the ``on_before_connect`` hook,
 which may refuse (its HTTPError) or name the client (``request.identity``). Like a WAF, these
 see only the upgrade; the room is not woken for a refused client.
 """
@@ -14,6 +15,7 @@ import math
 import trio
 
 from rooms import HTTPError, Request, Response, Room
+from rooms._app import ProxyRoute
 
 from .config import Settings
 from .metrics import Metrics
@@ -32,14 +34,15 @@ class Admission:
         self._open: dict[str, int] = {}  # address -> open WebSockets
         self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, time)
 
-    async def admit(self, request: Request, room_class: type[Room]) -> Response | None:
-        """None to let the upgrade through (``request.identity`` set), or the refusal."""
+    async def admit(self, request: Request, target: type[Room] | ProxyRoute) -> Response | None:
+        """None to let the upgrade to a room class or proxied route through (with
+        ``request.identity`` set), or the refusal."""
         address = request.client[0]
-        allowed = room_class.allowed_origins
+        allowed = target.allowed_origins
         origin = request.header("origin")
         if allowed is not None and origin is not None and origin not in allowed:
             self.metrics.limit_origin_total += 1
-            return _refuse(403, f"origin {origin!r} may not connect to this room")
+            return _refuse(403, f"origin {origin!r} may not connect here")
         wait = self._take_token(address)
         if wait > 0:
             self.metrics.limit_ip_rate_total += 1
@@ -49,15 +52,17 @@ class Admission:
         if cap and self._open.get(address, 0) >= cap:
             self.metrics.limit_ip_connections_total += 1
             return _refuse(429, f"at most {cap} connections per address", "5")
+        hook = target.on_before_connect
+        if hook is None:
+            return None
         try:
-            request.identity = await room_class.on_before_connect(request)
+            request.identity = await hook(request)
         except HTTPError as exc:
             self.metrics.limit_auth_total += 1
             return Response.text(exc.reason, exc.status, exc.headers)
         except Exception:
-            log.exception(
-                "%s.on_before_connect raised on %s; answered 500", room_class.__name__, request.path
-            )
+            owner = target.pattern if isinstance(target, ProxyRoute) else target.__name__
+            log.exception("%s: on_before_connect raised on %s; answered 500", owner, request.path)
             return _refuse(500, "internal server error")
         return None
 

@@ -17,12 +17,13 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import math
 import mimetypes
 import select
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import h11
 import trio
 
 from rooms import HTTPError, Request, Response, Room, RoomId
-from rooms._app import App, FunctionRoute, RoomRoute
+from rooms._app import App, FunctionRoute, ProxyRoute, RoomRoute
 
 from .admission import Admission
 from .config import Settings, tls_context
@@ -44,22 +45,25 @@ from .frames import (
     FrameParser,
     Ping,
     ProtocolError,
+    accept_key,
     encode_close,
     encode_frame,
     encode_message,
 )
 from .host import Host, Peer
 from .metrics import Metrics
+from .proxy import Upstream
+from .proxy import connect as connect_upstream
 from .stream import RECV_SIZE, ConnectionBroken, Stream
 from .usage import Usage
 
 log = logging.getLogger("rooms.edge")
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _WRITE_CHUNK = 256 * 1024
 
 
 _KEEPALIVE_PING = encode_frame(OP_PING, b"keepalive")
+_RELAY_BACKLOG = 256 * 1024  # bytes queued for a proxied client before the upstream waits
 _RATE_ERROR = encode_message('{"error": "too many messages: this one was dropped"}')
 
 
@@ -116,10 +120,6 @@ class ReadPoller:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-
-
-def accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode()
 
 
 class WebSocket:
@@ -272,12 +272,13 @@ class WebSocket:
             self.pending_bytes -= len(self.pending.pop())
         self.close(1008, "outbox overflow: the client is not reading fast enough")
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int | None, reason: str) -> None:
+        """Send a Close frame (an empty one for ``code`` None) and stop reading soon."""
         if self.closing or self.closed:
             return
         self.closing = True
         self._write(encode_close(code, reason))
-        self.closed_by, self.close_code, self.close_reason = "server", code, reason
+        self.closed_by, self.close_code, self.close_reason = "server", code or 1005, reason
         self.read_scope.deadline = min(
             self.read_scope.deadline, trio.current_time() + self.settings.close_timeout
         )
@@ -321,7 +322,7 @@ class Edge:
         self.admission = Admission(settings, metrics)
         self.usage = Usage(settings)
         self._tls = tls_context(settings)
-        self._websockets: dict[WebSocket, Peer] = {}
+        self._websockets: dict[WebSocket, Peer | Upstream] = {}
         self._reads = ReadPoller()
         self._accepting = trio.CancelScope()
         self._draining = False
@@ -336,14 +337,17 @@ class Edge:
                 await self._accept(listener, nursery)
 
     @staticmethod
-    def _usage_record(ws: WebSocket, peer: Peer, stop: float) -> dict[str, Any]:
-        request = peer.conn.request
-        return {
+    def _usage_record(ws: WebSocket, target: Peer | Upstream, stop: float) -> dict[str, Any]:
+        if isinstance(target, Upstream):
+            request, room, connection = target.request, None, target.id
+        else:
+            request, room, connection = target.conn.request, target.activation.label, target.conn.id
+        record = {
             "start": ws.started,
             "stop": stop,
             "route": request.route,
-            "room": peer.activation.label,
-            "connection": peer.conn.id,
+            "room": room,
+            "connection": connection,
             "client_ip": request.client[0],
             "close_code": ws.close_code,
             "close_reason": ws.close_reason,
@@ -353,6 +357,9 @@ class Edge:
             "messages_in": ws.messages_in,
             "messages_out": ws.messages_out,
         }
+        if isinstance(target, Upstream):
+            record["upstream"] = target.url
+        return record
 
     async def drain(self, reason: str = "server restarting: reconnect shortly") -> None:
         """Stop accepting; close every WebSocket with 1012 after its room has answered what
@@ -361,8 +368,11 @@ class Edge:
         self._draining = True
         self._accepting.cancel()
         log.info("draining: closing %d WebSockets with 1012", len(self._websockets))
-        for ws, peer in list(self._websockets.items()):
-            self._tell_room(ws, peer, 1012, reason, send_close=True)
+        for ws, target in list(self._websockets.items()):
+            if isinstance(target, Upstream):
+                ws.close(1012, reason)  # the client's answer is passed upstream
+            else:
+                self._tell_room(ws, target, 1012, reason, send_close=True)
         if self._websockets:
             self._all_closed = trio.Event()
             await self._all_closed.wait()
@@ -477,12 +487,10 @@ class Edge:
             event, request = received
             answer = await self.route(request, upgrade=_is_websocket_upgrade(request))
             if not isinstance(answer, Response):
-                problem = _handshake_problem(event, request) or await self.admission.admit(
-                    request, answer[0]
-                )
-                if problem is None:
-                    return _Upgrade(request, *answer, _switch(h, request), h.trailing_data[0])
-                answer = problem
+                upgrade = await self._upgrade(stream, event, request, answer)
+                if not isinstance(upgrade, Response):
+                    return attrs.evolve(upgrade, data=h.trailing_data[0])
+                answer = upgrade
             await self._send_response(h, stream, answer, head_only=request.method == "HEAD")
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 break
@@ -493,6 +501,38 @@ class Edge:
             timeout = self.settings.keepalive_timeout
         await stream.lingering_close(1.0)
         return None
+
+    async def _upgrade(
+        self,
+        stream: Stream,
+        event: h11.Request,
+        request: Request,
+        target: tuple[type[Room], RoomId] | ProxyRoute,
+    ) -> _Upgrade | Response:
+        """Check the handshake and the upgrade-time rules; for a proxied route, open the
+        upstream WebSocket. The upgrade to answer 101, or the response refusing it."""
+        rules = target if isinstance(target, ProxyRoute) else target[0]
+        problem = _handshake_problem(event, request) or await self.admission.admit(request, rules)
+        if problem is not None:
+            return problem
+        if not isinstance(target, ProxyRoute):
+            return _Upgrade(request, target, _switch(request))
+        settings = self.settings
+        upstream = await connect_upstream(
+            target,
+            request,
+            secure=stream.tls is not None,
+            timeout=settings.upstream_timeout,
+            max_message_size=settings.max_message_bytes,
+        )
+        if isinstance(upstream, Response):
+            if "x-upstream-status" in upstream.headers:
+                self.metrics.upstream_refusals_total += 1
+            else:
+                self.metrics.upstream_failures_total += 1
+                log.warning("%s %s: %s", request.method, request.path, upstream.body.decode())
+            return upstream
+        return _Upgrade(request, upstream, _switch(request, upstream.subprotocol))
 
     async def _receive_request(
         self, h: h11.Connection, stream: Stream, client: tuple[str, int], timeout: float
@@ -609,8 +649,11 @@ class Edge:
         await stream.send_all(data)
         self.metrics.http_requests_total += 1
 
-    async def route(self, request: Request, upgrade: bool) -> Response | tuple[type[Room], RoomId]:
-        """The response to a request, or for a WebSocket upgrade the room it joins."""
+    async def route(
+        self, request: Request, upgrade: bool
+    ) -> Response | tuple[type[Room], RoomId] | ProxyRoute:
+        """The response to a request, or for a WebSocket upgrade the room it joins or the
+        proxied route that relays it."""
         try:
             if request.path in ("/_rooms/metrics", "/_rooms/usage"):
                 return self._admin(request)
@@ -626,6 +669,12 @@ class Edge:
                 if upgrade:
                     return route.room_class, room_id
                 return await self.host.request(route.room_class, room_id, request)
+            if isinstance(route, ProxyRoute):
+                if upgrade:
+                    return route
+                return Response.text(
+                    "this URL takes WebSocket connections only\n", 426, {"upgrade": "websocket"}
+                )
             return await self._function(route, request)
         except HTTPError as exc:
             return Response.text(exc.reason, exc.status, exc.headers)
@@ -673,67 +722,68 @@ class Edge:
     # -- WebSocket -----------------------------------------------------------------------
 
     async def _websocket(self, stream: Stream, upgrade: _Upgrade) -> None:
-        async with trio.open_nursery() as nursery:
-            ws = WebSocket(stream, self.settings, self.metrics, nursery)
-            if self._draining:
-                await stream.send_all(_raw_response(503, "server restarting: retry shortly"))
-                await stream.lingering_close(1.0)
-                return
-            peer = self.host.attach(upgrade.room_class, upgrade.room_id, ws, upgrade.request)
-            if peer is None:
-                await stream.send_all(_raw_response(503, "room is full"))
-                await stream.lingering_close(1.0)
-                return
-            ws.label = f"connection {peer.conn.id} in room {peer.activation.label}"
-            try:
-                await stream.send_all(upgrade.switch)
-            except ConnectionBroken:
-                self.host.disconnected(peer, 1006, "")
-                raise
-            self.metrics.websocket_upgrades_total += 1
-            self.metrics.websockets_open += 1
-            self._websockets[ws] = peer
-            address = upgrade.request.client[0]
-            self.admission.opened(address)
-            try:
-                await self._websocket_session(ws, peer, upgrade.data)
-            finally:
-                self.admission.closed(address)
-                del self._websockets[ws]
-                self.usage.closed(self._usage_record(ws, peer, time.time()))
-                if self._all_closed is not None and not self._websockets:
-                    self._all_closed.set()
-                self.metrics.websockets_open -= 1
-                nursery.cancel_scope.cancel()
-
-    async def _websocket_session(self, ws: WebSocket, peer: Peer, data: bytes) -> None:
-        host = self.host
-        stream, sock = ws.stream, ws.stream.sock
-        parser = FrameParser(max_message_size=self.settings.max_message_bytes)
-        code, reason = 1006, ""
-        await host.connected(peer)
+        target = upgrade.target
         try:
-            self._reads.register(sock)
-            with ws.read_scope:
-                while True:
-                    if data:
-                        closed = await self._deliver(ws, peer, parser.feed(data))
-                        if closed is not None:
-                            code, reason = closed
-                            return
-                        if parser.error is not None:  # after the valid messages before it
-                            raise parser.error
-                    data = await stream.recv(len(data) < RECV_SIZE, self._reads.wait_readable)
-                    ws.heard = True
-                    ws.bytes_in += len(data)
-                    if not data:
-                        return  # TCP closed without a Close frame: 1006
+            async with trio.open_nursery() as nursery:
+                ws = WebSocket(stream, self.settings, self.metrics, nursery)
+                attached = await self._attach(ws, upgrade)
+                if attached is None:
+                    await stream.lingering_close(1.0)
+                    return
+                self.metrics.websocket_upgrades_total += 1
+                self.metrics.websockets_open += 1
+                self._websockets[ws] = attached
+                address = upgrade.request.client[0]
+                self.admission.opened(address)
+                try:
+                    if isinstance(attached, Upstream):
+                        await self._relay(ws, attached, upgrade.data)
+                    else:
+                        await self._room_session(ws, attached, upgrade.data)
+                finally:
+                    self.admission.closed(address)
+                    del self._websockets[ws]
+                    self.usage.closed(self._usage_record(ws, attached, time.time()))
+                    if self._all_closed is not None and not self._websockets:
+                        self._all_closed.set()
+                    self.metrics.websockets_open -= 1
+                    nursery.cancel_scope.cancel()
+        finally:
+            if isinstance(target, Upstream):
+                await target.aclose()
+
+    async def _attach(self, ws: WebSocket, upgrade: _Upgrade) -> Peer | Upstream | None:
+        """Join the room (or take the upstream) and send the 101; None if refused (503)."""
+        target = upgrade.target
+        if self._draining:
+            await ws.stream.send_all(_raw_response(503, "server restarting: retry shortly"))
+            return None
+        if isinstance(target, Upstream):
+            ws.label = f"proxied connection {target.id} to {target.url}"
+            self.metrics.proxied_websockets_total += 1
+            await ws.stream.send_all(upgrade.switch)
+            return target
+        peer = self.host.attach(*target, ws, upgrade.request)
+        if peer is None:
+            await ws.stream.send_all(_raw_response(503, "room is full"))
+            return None
+        ws.label = f"connection {peer.conn.id} in room {peer.activation.label}"
+        try:
+            await ws.stream.send_all(upgrade.switch)
+        except ConnectionBroken:
+            self.host.disconnected(peer, 1006, "")
+            raise
+        return peer
+
+    async def _room_session(self, ws: WebSocket, peer: Peer, data: bytes) -> None:
+        code, reason = 1006, ""
+        await self.host.connected(peer)
+        try:
+            received = functools.partial(self.host.received, peer)
+            auto = peer.activation.room_class.auto_reply
+            code, reason = await self._read_client(ws, data, received, auto)
         except ProtocolError as exc:
-            if not isinstance(exc, _RateLimited):
-                self.metrics.protocol_errors_total += 1
-            if exc.code == 1009:
-                self.metrics.limit_message_too_big_total += 1
-            log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
+            self._protocol_error(ws, exc)
             # The room answers what the client sent before the violation, then the Close
             # goes out; a room too busy to get there in time does not keep the socket open.
             self._tell_room(ws, peer, exc.code, exc.reason, send_close=True)
@@ -742,12 +792,106 @@ class Edge:
         except ConnectionBroken:
             pass
         finally:
-            self._reads.unregister(sock)
             self._tell_room(ws, peer, code, reason)
-            if not ws.closed:
-                # Not shielded: a server that is being stopped does not wait on its clients.
-                await ws.flush(self.settings.close_timeout)
-                await stream.lingering_close(self.settings.close_timeout)
+            await self._finish(ws, answered=code != 1006)
+
+    async def _relay(self, ws: WebSocket, upstream: Upstream, data: bytes) -> None:
+        """A proxied connection: client messages go upstream, the upstream's come back."""
+        code: int | None = 1006
+        reason = ""
+        async with trio.open_nursery() as nursery:
+            upstream_done = trio.Event()
+            nursery.start_soon(self._from_upstream, ws, upstream, upstream_done)
+            try:
+                code, reason = await self._read_client(ws, data, upstream.send, None)
+            except ProtocolError as exc:
+                self._protocol_error(ws, exc)
+                ws.close(exc.code, exc.reason)
+            except ConnectionBroken:
+                pass
+            answered = code != 1006
+            # The client's side has ended: tell the upstream how, and wait (bounded) for
+            # its answer. 1005 and 1006 cannot be sent: no code, or "going away".
+            if code == 1005:
+                code = None
+            elif code == 1006:
+                code, reason = 1001, "the client went away"
+            await upstream.close(code, reason)
+            with trio.move_on_after(self.settings.close_timeout):
+                await upstream_done.wait()
+            nursery.cancel_scope.cancel()
+        await self._finish(ws, answered)
+
+    async def _from_upstream(self, ws: WebSocket, upstream: Upstream, done: trio.Event) -> None:
+        """Relay the upstream's messages to the client, until the upstream closes."""
+        try:
+            while True:
+                for item in await upstream.receive():
+                    if isinstance(item, (str, bytes)):
+                        ws.write(encode_message(item))
+                    elif isinstance(item, Ping):
+                        await upstream.pong(item.payload)
+                    elif isinstance(item, Close):
+                        await upstream.close(item.code, item.reason)  # the reply, if ours
+                        ws.close(item.code, item.reason)
+                        return
+                if ws.pending_bytes > _RELAY_BACKLOG:
+                    await ws.flush(math.inf)  # a slow client slows the upstream down
+        except ProtocolError as exc:
+            await upstream.close(exc.code, exc.reason)
+            ws.close(1011, f"the upstream broke the protocol: {exc.reason}")
+        except ConnectionBroken:
+            # 1011, not 1014 ("bad gateway"): some clients (wsproto) refuse 1014.
+            ws.close(1011, "the upstream connection was lost")
+        finally:
+            done.set()
+
+    async def _read_client(
+        self,
+        ws: WebSocket,
+        data: bytes,
+        received: Callable[[str | bytes], Awaitable[None]],
+        auto: tuple[str, str] | None,
+    ) -> tuple[int, str]:
+        """Read the client's frames until it closes: the code and reason of its Close, or
+        1006. Messages go to ``received``; raises ProtocolError on a violation."""
+        stream, sock = ws.stream, ws.sock
+        parser = FrameParser(max_message_size=self.settings.max_message_bytes)
+        self._reads.register(sock)
+        try:
+            with ws.read_scope:
+                while True:
+                    if data:
+                        closed = await self._deliver(ws, parser.feed(data), received, auto)
+                        if closed is not None:
+                            return closed
+                        if parser.error is not None:  # after the valid messages before it
+                            raise parser.error
+                    data = await stream.recv(len(data) < RECV_SIZE, self._reads.wait_readable)
+                    ws.heard = True
+                    ws.bytes_in += len(data)
+                    if not data:
+                        break  # TCP closed without a Close frame
+        finally:
+            self._reads.unregister(sock)
+        return 1006, ""
+
+    def _protocol_error(self, ws: WebSocket, exc: ProtocolError) -> None:
+        if not isinstance(exc, _RateLimited):
+            self.metrics.protocol_errors_total += 1
+        if exc.code == 1009:
+            self.metrics.limit_message_too_big_total += 1
+        log.info("%s: closed with %d: %s", ws.label, exc.code, exc.reason)
+
+    async def _finish(self, ws: WebSocket, answered: bool) -> None:
+        """Let what is queued reach the client before the socket closes. Unless the client
+        ``answered`` with its Close (the handshake is complete), also wait (bounded) for it
+        to close first, so that a TCP reset does not destroy what was sent last. Not
+        shielded: a server being stopped does not wait on its clients."""
+        if not ws.closed:
+            await ws.flush(self.settings.close_timeout)
+            if not answered:
+                await ws.stream.lingering_close(self.settings.close_timeout)
 
     def _tell_room(
         self, ws: WebSocket, peer: Peer, code: int, reason: str, send_close: bool = False
@@ -758,10 +902,13 @@ class Edge:
             self.host.disconnected(peer, code, reason, send_close)
 
     async def _deliver(
-        self, ws: WebSocket, peer: Peer, events: list[Event]
+        self,
+        ws: WebSocket,
+        events: list[Event],
+        received: Callable[[str | bytes], Awaitable[None]],
+        auto: tuple[str, str] | None,
     ) -> tuple[int, str] | None:
-        """Hand messages to the room and answer pings; the code and reason of a Close."""
-        auto = peer.activation.room_class.auto_reply
+        """Hand messages on and answer pings; the code and reason of a Close."""
         for item in events:
             if isinstance(item, (str, bytes)):
                 if ws.closing:
@@ -773,7 +920,7 @@ class Edge:
                     ws.write(encode_message(auto[1]))
                     self.metrics.auto_replies_total += 1
                     continue
-                await self.host.received(peer, item)
+                await received(item)
             elif isinstance(item, Ping):
                 ws.write(encode_frame(OP_PONG, item.payload), 0)
             elif isinstance(item, Close):
@@ -815,24 +962,18 @@ class _Upgrade:
     """A valid WebSocket handshake, ready to be answered with ``switch`` (the 101)."""
 
     request: Request
-    room_class: type[Room]
-    room_id: RoomId
+    target: tuple[type[Room], RoomId] | Upstream
     switch: bytes
-    data: bytes  # what the client sent after its request head
+    data: bytes = b""  # what the client sent after its request head
 
 
-def _switch(h: h11.Connection, request: Request) -> bytes:
+def _switch(request: Request, subprotocol: str | None = None) -> bytes:
     key = request.header("sec-websocket-key") or ""
-    accept = h11.InformationalResponse(
-        status_code=101,
-        reason=b"Switching Protocols",
-        headers=[
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", accept_key(key).encode()),
-        ],
-    )
-    return h.send(accept) or b""
+    protocol = f"sec-websocket-protocol: {subprotocol}\r\n" if subprotocol else ""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        f"sec-websocket-accept: {accept_key(key)}\r\n{protocol}\r\n"
+    ).encode()
 
 
 def _is_websocket_upgrade(request: Request) -> bool:

@@ -11,7 +11,9 @@ XOR, and a fast path for the common case of a complete, small, unfragmented mask
 
 from __future__ import annotations
 
+import base64
 import codecs
+import hashlib
 import struct
 from typing import Final
 
@@ -30,6 +32,7 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolError",
+    "accept_key",
     "encode_close",
     "encode_frame",
     "encode_message",
@@ -45,6 +48,7 @@ OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
 _MAX_CONTROL_PAYLOAD: Final = 125
+_WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class ProtocolError(Exception):
@@ -178,6 +182,11 @@ def encode_close(code: int | None = 1000, reason: str = "") -> bytes:
             data = data[:i]
     payload = _U16.pack(code) + data
     return bytes((0x88, len(payload))) + payload
+
+
+def accept_key(key: str) -> str:
+    """The Sec-WebSocket-Accept answer to a handshake's Sec-WebSocket-Key."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode()
 
 
 def is_valid_close_code(code: int) -> bool:

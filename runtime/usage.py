@@ -38,11 +38,12 @@ class Usage:
     def closed(self, record: dict[str, Any]) -> None:
         """Account for one closed WebSocket (``record`` as built by the edge)."""
         self._add(self._routes.setdefault(record["route"], _zero()), record)
-        room = self._rooms.pop(record["room"], None) or _zero()
-        self._add(room, record)
-        self._rooms[record["room"]] = room
-        if len(self._rooms) > _MAX_ROOMS:
-            self._rooms.popitem(last=False)
+        if record["room"] is not None:  # None: a proxied connection
+            room = self._rooms.pop(record["room"], None) or _zero()
+            self._add(room, record)
+            self._rooms[record["room"]] = room
+            if len(self._rooms) > _MAX_ROOMS:
+                self._rooms.popitem(last=False)
         if self._log is not None:
             line = {
                 **record,
@@ -61,7 +62,8 @@ class Usage:
         rooms = {k: dict(v) for k, v in self._rooms.items()}
         for record in live:
             self._add(routes.setdefault(record["route"], _zero()), record, open_=True)
-            self._add(rooms.setdefault(record["room"], _zero()), record, open_=True)
+            if record["room"] is not None:
+                self._add(rooms.setdefault(record["room"], _zero()), record, open_=True)
         total = _zero()
         for counts in routes.values():
             for key, value in counts.items():

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
+import pytest
+import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+import examples.proxy.app
 from examples.counter.app import app
+from examples.echo.app import app as echo_app
 from rooms.testing import RoomsHarness
+from runtime.config import Settings
+
+from .conftest import start_server
 
 
 async def test_counter() -> None:
@@ -25,3 +35,20 @@ async def test_counter_survives_a_restart(tmp_path: Path) -> None:
             assert await bob.receive() == expected
             await bob.send("+1")
             assert await bob.receive() == str(int(expected) + 1)
+
+
+async def test_proxy(
+    nursery: trio.Nursery, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream_port = await start_server(nursery, echo_app, settings)
+    monkeypatch.setenv("UPSTREAM", f"ws://127.0.0.1:{upstream_port}/echo/{{topic}}")
+    proxy = importlib.reload(examples.proxy.app)
+    port = await start_server(nursery, proxy.app, settings.replace(data_dir=":memory:"))
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/feed/news?token=demo") as ws:
+            await ws.send_message("via the proxy")
+            assert await ws.get_message() == "via the proxy"
+        with pytest.raises(ConnectionRejected) as refused:
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/feed/news"):
+                pass
+        assert refused.value.status_code == 401
