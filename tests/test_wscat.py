@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from .conftest import REPO, server, wait_for_port
 
@@ -28,10 +29,21 @@ def wscat() -> Path:
     pytest.skip(reason)
 
 
-async def test_wscat_talks_to_a_room(wscat: Path, tmp_path: Path) -> None:
-    with server("examples.echo.app:app", REPO, tmp_path / "data") as (proc, port):
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_wscat_talks_to_a_room(wscat: Path, tmp_path: Path, tls: bool) -> None:
+    options: list[str] = []
+    scheme, ca_options = "ws", []
+    if tls:
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+            str(tmp_path / "server.pem")
+        )
+        options = ["--certfile", str(tmp_path / "server.pem")]  # key and chain in one file
+        scheme, ca_options = "wss", ["--ca", str(tmp_path / "ca.pem")]
+    with server("examples.echo.app:app", REPO, tmp_path / "data", *options) as (proc, port):
         await wait_for_port(port, proc)
-        command = [str(wscat), "-c", f"ws://127.0.0.1:{port}/room/wscat"]
+        command = [str(wscat), *ca_options, "-c", f"{scheme}://localhost:{port}/room/wscat"]
         client = await trio.lowlevel.open_process(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
