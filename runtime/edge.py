@@ -23,7 +23,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -738,8 +738,9 @@ class Edge:
                 try:
                     if isinstance(attached, Upstream):
                         await self._relay(ws, attached, upgrade.data)
-                    else:
-                        await self._room_session(ws, attached, upgrade.data)
+                    else:  # (no helper coroutine here: each frame is memory per connection)
+                        code, _ = await self._session(ws, upgrade.data, attached)
+                        await self._finish(ws, answered=code != 1006)
                 finally:
                     self.admission.closed(address)
                     del self._websockets[ws]
@@ -773,54 +774,35 @@ class Edge:
         except ConnectionBroken:
             self.host.disconnected(peer, 1006, "")
             raise
+        await self.host.connected(peer)
         return peer
 
-    async def _room_session(self, ws: WebSocket, peer: Peer, data: bytes) -> None:
-        code, reason = 1006, ""
-        await self.host.connected(peer)
-        try:
-            received = functools.partial(self.host.received, peer)
-            auto = peer.activation.room_class.auto_reply
-            code, reason = await self._read_client(ws, data, received, auto)
-        except ProtocolError as exc:
-            self._protocol_error(ws, exc)
-            # The room answers what the client sent before the violation, then the Close
-            # goes out; a room too busy to get there in time does not keep the socket open.
-            self._tell_room(ws, peer, exc.code, exc.reason, send_close=True)
-            if not await ws.wait_close_sent(self.settings.close_timeout):
-                ws.close(exc.code, exc.reason)
-        except ConnectionBroken:
-            pass
-        finally:
-            self._tell_room(ws, peer, code, reason)
-            await self._finish(ws, answered=code != 1006)
+    async def _refuse_in_order(self, ws: WebSocket, peer: Peer, exc: ProtocolError) -> None:
+        """Close a room's client for a protocol error: the room answers what the client sent
+        before the violation, then the Close goes out; a room too busy to get there in time
+        does not keep the socket open."""
+        self._tell_room(ws, peer, exc.code, exc.reason, send_close=True)
+        if not await ws.wait_close_sent(self.settings.close_timeout):
+            ws.close(exc.code, exc.reason)
 
     async def _relay(self, ws: WebSocket, upstream: Upstream, data: bytes) -> None:
         """A proxied connection: client messages go upstream, the upstream's come back."""
-        code: int | None = 1006
-        reason = ""
         async with trio.open_nursery() as nursery:
             upstream_done = trio.Event()
             nursery.start_soon(self._from_upstream, ws, upstream, upstream_done)
-            try:
-                code, reason = await self._read_client(ws, data, upstream.send, None)
-            except ProtocolError as exc:
-                self._protocol_error(ws, exc)
-                ws.close(exc.code, exc.reason)
-            except ConnectionBroken:
-                pass
-            answered = code != 1006
+            code, reason = await self._session(ws, data, upstream)
             # The client's side has ended: tell the upstream how, and wait (bounded) for
             # its answer. 1005 and 1006 cannot be sent: no code, or "going away".
             if code == 1005:
-                code = None
+                await upstream.close(None)
             elif code == 1006:
-                code, reason = 1001, "the client went away"
-            await upstream.close(code, reason)
+                await upstream.close(1001, "the client went away")
+            else:
+                await upstream.close(code, reason)
             with trio.move_on_after(self.settings.close_timeout):
                 await upstream_done.wait()
             nursery.cancel_scope.cancel()
-        await self._finish(ws, answered)
+        await self._finish(ws, answered=code != 1006)
 
     async def _from_upstream(self, ws: WebSocket, upstream: Upstream, done: trio.Event) -> None:
         """Relay the upstream's messages to the client, until the upstream closes."""
@@ -846,35 +828,45 @@ class Edge:
         finally:
             done.set()
 
-    async def _read_client(
-        self,
-        ws: WebSocket,
-        data: bytes,
-        received: Callable[[str | bytes], Awaitable[None]],
-        auto: tuple[str, str] | None,
+    async def _session(
+        self, ws: WebSocket, data: bytes, target: Peer | Upstream
     ) -> tuple[int, str]:
-        """Read the client's frames until it closes: the code and reason of its Close, or
-        1006. Messages go to ``received``; raises ProtocolError on a violation."""
+        """Read the client's frames until it closes, handing its messages to the room or the
+        upstream; the code and reason of the client's Close, or 1006. A protocol violation
+        closes the client (for a room, in the room's output order)."""
         stream, sock = ws.stream, ws.sock
+        receive, wait_readable = stream.receiver(), self._reads.wait_readable
         parser = FrameParser(max_message_size=self.settings.max_message_bytes)
+        code, reason = 1006, ""
         self._reads.register(sock)
         try:
             with ws.read_scope:
                 while True:
                     if data:
-                        closed = await self._deliver(ws, parser.feed(data), received, auto)
+                        closed = await self._deliver(ws, parser.feed(data), target)
                         if closed is not None:
-                            return closed
+                            code, reason = closed
+                            break
                         if parser.error is not None:  # after the valid messages before it
                             raise parser.error
-                    data = await stream.recv(len(data) < RECV_SIZE, self._reads.wait_readable)
+                    data = await receive(len(data) < RECV_SIZE, wait_readable)
                     ws.heard = True
                     ws.bytes_in += len(data)
                     if not data:
                         break  # TCP closed without a Close frame
+        except ProtocolError as exc:
+            self._protocol_error(ws, exc)
+            if isinstance(target, Upstream):
+                ws.close(exc.code, exc.reason)
+            else:
+                await self._refuse_in_order(ws, target, exc)
+        except ConnectionBroken:
+            pass
         finally:
             self._reads.unregister(sock)
-        return 1006, ""
+            if not isinstance(target, Upstream):
+                self._tell_room(ws, target, code, reason)
+        return code, reason
 
     def _protocol_error(self, ws: WebSocket, exc: ProtocolError) -> None:
         if not isinstance(exc, _RateLimited):
@@ -902,13 +894,11 @@ class Edge:
             self.host.disconnected(peer, code, reason, send_close)
 
     async def _deliver(
-        self,
-        ws: WebSocket,
-        events: list[Event],
-        received: Callable[[str | bytes], Awaitable[None]],
-        auto: tuple[str, str] | None,
+        self, ws: WebSocket, events: list[Event], target: Peer | Upstream
     ) -> tuple[int, str] | None:
-        """Hand messages on and answer pings; the code and reason of a Close."""
+        """Hand messages to the room (or upstream) and answer pings; the code and reason of
+        a Close."""
+        auto = target.activation.room_class.auto_reply if isinstance(target, Peer) else None
         for item in events:
             if isinstance(item, (str, bytes)):
                 if ws.closing:
@@ -920,7 +910,10 @@ class Edge:
                     ws.write(encode_message(auto[1]))
                     self.metrics.auto_replies_total += 1
                     continue
-                await received(item)
+                if isinstance(target, Peer):
+                    await self.host.received(target, item)
+                else:
+                    await target.send(item)
             elif isinstance(item, Ping):
                 ws.write(encode_frame(OP_PONG, item.payload), 0)
             elif isinstance(item, Close):

@@ -11,6 +11,7 @@ where an edge-triggered poller would never report it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 RECV_SIZE = 65536
+_WaitReadable = Callable[[socket.socket], Awaitable[None]]
 
 
 class ConnectionBroken(Exception):
@@ -27,7 +29,7 @@ class ConnectionBroken(Exception):
 async def _recv(
     sock: socket.socket,
     wait_first: bool,
-    wait_readable: Callable[[socket.socket], Awaitable[None]],
+    wait_readable: _WaitReadable = trio.lowlevel.wait_readable,
 ) -> bytes:
     if wait_first:
         await wait_readable(sock)
@@ -97,7 +99,7 @@ class Stream:
     async def recv(
         self,
         wait_first: bool = False,
-        wait_readable: Callable[[socket.socket], Awaitable[None]] = trio.lowlevel.wait_readable,
+        wait_readable: _WaitReadable = trio.lowlevel.wait_readable,
     ) -> bytes:
         """Bytes from the client (b"" at the end), waiting until some arrive.
 
@@ -118,6 +120,15 @@ class Stream:
             if data := self._decrypt():
                 return data
         return b""
+
+    def receiver(
+        self,
+    ) -> Callable[[bool, _WaitReadable], Awaitable[bytes]]:
+        """``recv`` for a loop that reads until the end. Without TLS it is the socket read
+        itself: one coroutine frame less per idle connection."""
+        if self.tls is None:
+            return functools.partial(_recv, self.sock)
+        return self.recv
 
     def _decrypt(self) -> bytes:
         assert self.tls is not None
