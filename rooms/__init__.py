@@ -5,7 +5,7 @@ with ``rooms serve MODULE:APP``. See the README for the guarantees the engine gi
 """
 
 from ._app import App
-from ._engine import Storage
+from ._engine import Storage, Timer
 from ._http import HTTPError, Request, Response
 from ._ids import RoomId, is_room_id
 from ._room import CallCycleError, Connection, Room, RoomCallError, Stub
@@ -22,5 +22,6 @@ __all__ = [
     "RoomId",
     "Storage",
     "Stub",
+    "Timer",
     "is_room_id",
 ]

@@ -169,6 +169,10 @@ class App:
             raise ValueError(f"static directory {str(path)!r} does not exist")
         self.statics.append(StaticRoute(prefix.rstrip("/") + "/", path))
 
+    def room_classes(self) -> list[type[Room]]:
+        """The room classes of the room routes, each once."""
+        return list(dict.fromkeys(r.room_class for r in self.routes if isinstance(r, RoomRoute)))
+
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
         """The first route matching ``path``, with its decoded parameters.
 

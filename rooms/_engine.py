@@ -7,7 +7,7 @@ methods, so the engine can change freely behind them.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -59,8 +59,29 @@ class Storage(Protocol):
         ...
 
     def delete_all(self) -> None:
-        """Remove every key of this room."""
+        """Remove every key of this room (not its alarm)."""
         ...
+
+    async def get_alarm(self) -> float | None:
+        """The time (seconds since the epoch) of this room's alarm, or None."""
+        ...
+
+    def set_alarm(self, at: float) -> None:
+        """Set this room's one alarm, committed with the event's other writes."""
+        ...
+
+    def delete_alarm(self) -> None: ...
+
+
+class Timer(Protocol):
+    """A running timer of a room (``Room.every`` / ``Room.after``)."""
+
+    @property
+    def active(self) -> bool:
+        """Still scheduled (not cancelled, not a one-shot that fired, instance alive)."""
+        ...
+
+    def cancel(self) -> None: ...
 
 
 class ConnectionLink(Protocol):
@@ -94,3 +115,9 @@ class RoomContext(Protocol):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any: ...
+
+    def start_timer(
+        self, delay: float, interval: float | None, callback: Callable[[], Any]
+    ) -> Timer: ...
+
+    def now(self) -> float: ...

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, ClassVar
 
 from ._codec import encode
-from ._engine import ConnectionLink, RoomContext, Storage
+from ._engine import ConnectionLink, RoomContext, Storage, Timer
 from ._http import HTTPError, Request, Response
 from ._ids import RoomId, is_room_id
 
@@ -110,12 +111,17 @@ class Room:
         allowed_origins: the ``Origin`` values a browser may connect from, e.g.
             ``("https://example.com",)``; others get 403 at the upgrade. None (default):
             any. A request without ``Origin`` (not a browser) is not checked.
+        hibernate_after: seconds without events after which a room that still has
+            connections hibernates: its instance leaves memory, its connections stay open
+            with their ``state`` and ``tags``, and the next event starts it again
+            (``on_start``, then the event). Not while timers run. None: never. Default 10.
         auto_reply: a pair ``(request, reply)`` of text messages, e.g. ``("ping", "pong")``:
             a message equal to ``request`` is answered with ``reply`` by the server itself,
             without reaching ``on_message`` (a heartbeat for ``/_rooms/client.js``, which
             costs the room nothing). Default None: every message reaches the room.
     """
 
+    hibernate_after: ClassVar[float | None] = 10.0
     namespace: ClassVar[str] = ""
     max_name_length: ClassVar[int] = 64
     auto_reply: ClassVar[tuple[str, str] | None] = None
@@ -149,6 +155,12 @@ class Room:
 
     async def on_close(self, conn: Connection, code: int, reason: str) -> None:
         """A client left. ``code`` is 1006 when the TCP connection dropped without a Close."""
+
+    async def on_alarm(self, retry_count: int) -> None:
+        """This room's alarm (``set_alarm``) is due. Runs at least once per alarm, even if
+        the room was hibernated, unloaded or the server restarted (an alarm missed while the
+        server was down fires at start). If it raises, it is retried after 1, 2, 4... seconds
+        with ``retry_count`` 1, 2, 3..., six times, then the alarm is deleted and logged."""
 
     async def on_request(self, request: Request) -> Response:
         """A plain HTTP request routed to this room. The default answers 426 (the route
@@ -214,6 +226,39 @@ class Room:
     def connections(self, tag: str | None = None) -> list[Connection]:
         """The open connections of this room, or those carrying ``tag``."""
         return self._ctx.connections(tag)
+
+    def now(self) -> float:
+        """Seconds since the epoch (virtual under a test's mock clock): for alarm times."""
+        return self._ctx.now()
+
+    def every(self, interval: float, callback: Callable[[], Any]) -> Timer:
+        """Call ``callback()`` (a function or coroutine function) every ``interval`` seconds,
+        as an event of this room, serial with its messages: a game loop. A late tick is not
+        made up for. It runs as long as this instance: a room with running timers does not
+        hibernate; a restart ends them (start them again in ``on_start``)."""
+        if interval <= 0:
+            raise ValueError(f"timer interval must be positive, got {interval}")
+        return self._ctx.start_timer(interval, interval, callback)
+
+    def after(self, delay: float, callback: Callable[[], Any]) -> Timer:
+        """Call ``callback()`` once, ``delay`` seconds from now, as an event of this room. In
+        memory only: for a time that must survive restarts, use ``set_alarm``."""
+        return self._ctx.start_timer(max(0.0, delay), None, callback)
+
+    def set_alarm(self, when: float | datetime.datetime) -> None:
+        """Set this room's one alarm (replacing any other) to ``when``: seconds since the
+        epoch (``self.now() + 60``) or an aware datetime. Stored durably with the event's
+        writes; ``on_alarm`` runs when it is due (see there)."""
+        at = when.timestamp() if isinstance(when, datetime.datetime) else float(when)
+        self._ctx.storage.set_alarm(at)
+
+    async def get_alarm(self) -> float | None:
+        """When this room's alarm is due (seconds since the epoch), or None."""
+        return await self._ctx.storage.get_alarm()
+
+    def delete_alarm(self) -> None:
+        """Cancel this room's alarm, if any."""
+        self._ctx.storage.delete_alarm()
 
     def stub(self, room_class: type[Room], room: str | RoomId) -> Stub:
         """A stub to call public methods of another room, by name or id.

@@ -10,7 +10,17 @@
             response = await rooms.request("GET", "/api/stats")
 
 No sockets are opened. Storage is SQLite in memory, or in ``data_dir`` to test restarts
-(open a second harness on the same folder). Everything the engine guarantees over real
+(open a second harness on the same folder, or call ``simulate_restart()``).
+
+Time: alarms, timers, hibernation and unloading follow trio's clock, so a test run with a
+virtual clock (``virtual_clock()``, or pytest-trio's ``mock_clock`` fixture with an
+``autojump_threshold``) sees an hour pass in an instant::
+
+    async def test_abandoned_game_closes(mock_clock):
+        mock_clock.autojump_threshold = 0.01
+        async with RoomsHarness(app) as rooms:
+            ...
+            await trio.sleep(3600)  # instant Everything the engine guarantees over real
 sockets holds here too: the same host runs the rooms and the same router answers requests.
 This module drives the engine through its public entry points; it is the one part of the
 SDK that imports ``runtime``.
@@ -148,9 +158,24 @@ class RoomsHarness:
         self._backend = SqliteBackend(database_path(self.settings), self.settings.synchronous)
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
-        self._host = Host(self._backend, self.settings, self.metrics, self._nursery)
-        self._edge = Edge(self.app, self.settings, self._host, self.metrics)
+        self._clients: list[FakeClient] = []
+        await self._start_host()
         return self
+
+    async def _start_host(self) -> None:
+        """A host and router over the harness's storage, as a server process has."""
+        self._host_scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[Host]) -> None:
+            with self._host_scope:
+                async with trio.open_nursery() as nursery:
+                    host = Host(self._backend, self.settings, self.metrics, nursery)
+                    host.register(self.app.room_classes())
+                    nursery.start_soon(host.alarms.run)
+                    task_status.started(host)
+
+        self._host: Host = await self._nursery.start(run)
+        self._edge = Edge(self.app, self.settings, self._host, self.metrics)
 
     async def __aexit__(
         self,
@@ -186,6 +211,7 @@ class RoomsHarness:
         if isinstance(answer, Response):
             raise HandshakeRejected(answer)
         fake = FakeClient(self)
+        self._clients.append(fake)
         peer = self._host.attach(answer[0], answer[1], fake, request)
         if peer is None:
             raise HandshakeRejected(Response.text("room is full", 503))
@@ -215,9 +241,49 @@ class RoomsHarness:
         return self._host.stub(room_class, room)
 
     def is_active(self, room_class: type[Room], room: str | RoomId) -> bool:
-        """Whether that room is in memory now."""
-        room_id = room if isinstance(room, RoomId) else RoomId.from_name(room)
-        return self._host.is_active(room_class, room_id)
+        """Whether that room is in memory now (not hibernated, not unloaded)."""
+        return self._host.is_active(room_class, _room_id(room))
+
+    async def force_hibernate(self, room_class: type[Room], room: str | RoomId) -> None:
+        """Take that room out of memory now, as if it had been idle for ``hibernate_after``:
+        its connections stay open with their state and tags; its next event starts it again
+        (``on_start`` first). Its queued events are handled first."""
+        await self._leave_memory(room_class, room, hibernate=True)
+
+    async def force_evict(self, room_class: type[Room], room: str | RoomId) -> None:
+        """Take that room out of memory now, as the bound on rooms in memory would (with
+        connections it hibernates; without, it is unloaded)."""
+        await self._leave_memory(room_class, room, hibernate=False)
+
+    async def _leave_memory(
+        self, room_class: type[Room], room: str | RoomId, hibernate: bool
+    ) -> None:
+        await self.settle()
+        act = self._host.live_activation(room_class, _room_id(room))
+        if act is None or not act.running:
+            return
+        if hibernate and not act.peers:
+            raise ValueError(f"room {act.label} has no connections: use force_evict")
+        act.evict()
+        with trio.fail_after(5):
+            while act.running:  # noqa: ASYNC110 - the host has no event for this
+                await trio.sleep(0.001)
+
+    async def simulate_restart(self) -> None:
+        """Restart the server over the same storage: every room leaves memory, every
+        connection drops (clients see 1006), and the rooms start again on demand; alarms
+        are loaded again and one that came due meanwhile fires. Events already handled are
+        durable first (``settle``)."""
+        await self.settle()
+        for client in self._clients:
+            if not client.closed:
+                client.closed = True
+                client.close_code, client.close_reason = 1006, ""
+                client._arrived.set()
+        self._clients.clear()
+        self._host_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+        await self._start_host()
 
     async def settle_events(self) -> None:
         """Wait until every task is blocked (events handled as far as they can go), without
@@ -234,4 +300,15 @@ class RoomsHarness:
                 await trio.sleep(0.001)
 
 
-__all__ = ["ConnectionClosed", "FakeClient", "HandshakeRejected", "RoomsHarness"]
+def virtual_clock() -> trio.testing.MockClock:
+    """A clock for ``trio.run(..., clock=virtual_clock())``: time jumps ahead whenever every
+    task has waited 10 ms of real time, so alarms, timers and hibernation come at once.
+    (The threshold lets storage, which runs in a thread, answer before time jumps.)"""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+def _room_id(room: str | RoomId) -> RoomId:
+    return room if isinstance(room, RoomId) else RoomId.from_name(room)
+
+
+__all__ = ["ConnectionClosed", "FakeClient", "HandshakeRejected", "RoomsHarness", "virtual_clock"]

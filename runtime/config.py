@@ -81,6 +81,9 @@ class Settings:
     and its running events and commits to finish; a second signal stops it at once."""
     room_idle_timeout: float = 30.0
     """Seconds a room with no connections and no events stays in memory."""
+    max_rooms_in_memory: int = 10_000
+    """Room instances kept in memory; past it the least recently used idle ones leave
+    (hibernated if they have connections, unloaded otherwise)."""
     max_inflight_commits: int = 64
     """Commits one room may have in flight before it waits for the disk."""
     trusted_proxies: tuple[str, ...] = ()

@@ -8,11 +8,15 @@ or holds it until the storage writes made before it are durable.
 
 from __future__ import annotations
 
+import heapq
+import inspect
 import logging
+import math
 import secrets
+import time
 import types
-from collections import deque
-from collections.abc import Callable, Collection, Coroutine, Generator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Coroutine, Generator, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -137,7 +141,21 @@ class _Call:
         self.reply = reply
 
 
-Event = _Connect | _Message | _Closed | _Http | _Call
+class _Tick:
+    __slots__ = ("timer",)
+
+    def __init__(self, timer: Timer) -> None:
+        self.timer = timer
+
+
+class _Alarm:
+    __slots__ = ("retry",)
+
+    def __init__(self, retry: int) -> None:
+        self.retry = retry
+
+
+Event = _Connect | _Message | _Closed | _Http | _Call | _Tick | _Alarm
 
 _HOOK: dict[type, str] = {
     _Connect: "on_connect",
@@ -145,7 +163,41 @@ _HOOK: dict[type, str] = {
     _Closed: "on_close",
     _Http: "on_request",
     _Call: "the called method",
+    _Tick: "a timer callback",
+    _Alarm: "on_alarm",
 }
+
+ALARM_RETRIES = 6
+"""Times a failing on_alarm is retried (after 1, 2, 4... seconds) before it is given up."""
+
+
+class Timer:
+    """A room's timer (``Room.every`` / ``Room.after``): each tick is an event of the room.
+    It lives as long as the room's instance: a restart or hibernation ends it."""
+
+    __slots__ = ("_activation", "callback", "deadline", "interval", "queued")
+
+    def __init__(
+        self,
+        activation: Activation,
+        delay: float,
+        interval: float | None,
+        callback: Callable[[], Any],
+    ) -> None:
+        self._activation = activation
+        self.callback = callback
+        self.deadline = trio.current_time() + delay
+        self.interval = interval
+        self.queued = False  # a tick is in the mailbox
+
+    @property
+    def active(self) -> bool:
+        return self in self._activation.timers
+
+    def cancel(self) -> None:
+        """Stop the timer (a tick already queued is dropped)."""
+        if self.active:
+            self._activation.timers.remove(self)
 
 
 def _pack(value: Any, what: str) -> bytes:
@@ -200,9 +252,8 @@ class Activation:
         self.peers: dict[str, Peer] = {}
         self.attached = 0  # peers attached, including those whose connect is still queued
         self.waiting_on: set[Activation] = set()  # rooms whose calls this room awaits
-        self._storage = RoomStorage(
-            host.backend, f"{room_class.namespace}/{room_id.hex}", self._first_write
-        )
+        self.key = f"{room_class.namespace}/{room_id.hex}"
+        self._storage = RoomStorage(host.backend, self.key, self._first_write, room_id.name)
         self._mailbox: deque[Event] = deque()
         self._mailbox_size = host.settings.mailbox_size
         self._space = trio.lowlevel.ParkingLot()
@@ -219,6 +270,13 @@ class Activation:
         # connection: sent as one write each when the burst ends (one syscall per
         # connection per burst instead of one per frame).
         self._batch: dict[Transport, list[bytes]] | None = None
+        # Lifecycle: the room's task runs while it has work or a reason to stay in memory;
+        # without one it hibernates (instance dropped, connections kept) or unloads.
+        self.running = False
+        self.timers: list[Timer] = []
+        self.last_used = trio.current_time()
+        self.evict_requested = False  # by the host's bound on rooms in memory, or a test
+        self.hibernating = False
 
     # -- RoomContext (what the SDK calls) ------------------------------------------------
 
@@ -287,6 +345,16 @@ class Activation:
     ) -> Any:
         return await self.host.call(room_class, room, method, args, kwargs, caller=self)
 
+    def start_timer(
+        self, delay: float, interval: float | None, callback: Callable[[], Any]
+    ) -> Timer:
+        timer = Timer(self, delay, interval, callback)
+        self.timers.append(timer)
+        return timer
+
+    def now(self) -> float:
+        return self.host.now()
+
     # -- the output gate -----------------------------------------------------------------
 
     def emit(self, deliver: Callable[[Any], None], item: Any) -> None:
@@ -343,8 +411,7 @@ class Activation:
             reply = getattr(deliver, "__self__", None)
             if isinstance(reply, Reply):  # a held answer: its waiter must not hang
                 reply.fail(error)
-        self._storage.rollback()
-        self.instance = None
+        self._drop_instance()
         for peer in list(self.peers.values()):
             peer.transport.close(1011, "storage failure: reconnect to resync")
 
@@ -357,13 +424,22 @@ class Activation:
             await self._space.park()
         self._mailbox.append(event)
         self._wake()
+        self._ensure_running()
 
     def post_always(self, event: Event) -> None:
         """Queue an event past the mailbox bound: for closes, which must never wait (they
         are bounded by the number of connections, and a reader that is shutting down cannot
-        wait for room in the mailbox)."""
+        wait for room in the mailbox), and alarms."""
         self._mailbox.append(event)
         self._wake()
+        self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        """Start the room's task if it is not running (a hibernated room wakes up)."""
+        if not self.running:
+            self.running = True
+            self.host.woke(self)
+            self.host.nursery.start_soon(self.run, name=f"room {self.label}")
 
     def _wake(self) -> None:
         task = self._sleeper
@@ -382,12 +458,15 @@ class Activation:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def run(self) -> None:
-        """The room's task: one event at a time until the room is idle long enough."""
-        host = self.host
+        """The room's task: one event at a time, timer ticks among them, until the room has
+        been idle long enough to hibernate (connections kept) or unload (none left)."""
         mailbox = self._mailbox
         burst = 0
+        unload = True
         try:
             while True:
+                if self.timers:
+                    self._queue_ticks()
                 if mailbox:
                     if burst == 0 and len(mailbox) > 1 and self._batch is None:
                         self._batch = {}  # a burst: batch its writes
@@ -413,16 +492,67 @@ class Activation:
                         self._drained = trio.Event()
                         await self._drained.wait()
                     continue
-                if self.attached or self._durable < self._submitted:
+                self.last_used = trio.current_time()
+                self.host.touch(self)
+                if self._durable < self._submitted:
+                    await self._sleep()  # commits on their way: woken when they land
+                    continue
+                with trio.move_on_at(self._next_deadline()):
                     await self._sleep()
-                else:
-                    with trio.move_on_after(host.settings.room_idle_timeout):
-                        await self._sleep()
-                    if not (mailbox or self.attached or self._durable < self._submitted):
-                        return
+                if mailbox or self._queue_ticks():
+                    continue
+                if self.evict_requested or trio.current_time() >= self._idle_deadline():
+                    unload = not self.attached
+                    return
         finally:
             self.flush()
-            host.forget(self)
+            self.evict_requested = False
+            self._drop_instance()
+            self.running = False
+            if unload or not self.peers:
+                self.host.forget(self)
+            else:
+                self.host.hibernated(self)
+
+    def _idle_deadline(self) -> float:
+        """When this room, idle since ``last_used``, leaves memory (inf: not while timers
+        run or hibernation is off)."""
+        if not self.attached:
+            return self.last_used + self.host.settings.room_idle_timeout
+        after = self.room_class.hibernate_after
+        if after is None or self.timers:
+            return math.inf
+        return self.last_used + after
+
+    def _next_deadline(self) -> float:
+        deadline = self._idle_deadline()
+        for timer in self.timers:
+            deadline = min(deadline, timer.deadline)
+        return deadline
+
+    def _queue_ticks(self) -> bool:
+        """Queue a tick for each timer that is due; whether any was."""
+        now = trio.current_time()
+        queued = False
+        for timer in self.timers:
+            if timer.deadline <= now and not timer.queued:
+                timer.queued = queued = True
+                self._mailbox.append(_Tick(timer))
+        return queued
+
+    def _drop_instance(self) -> None:
+        """The room's instance (and its timers) leave memory; storage stays on disk."""
+        if self.instance is not None:
+            self.instance = None
+            self.host.stopped(self)
+        self.timers.clear()
+        self._storage.rollback()
+
+    def evict(self) -> None:
+        """Ask an idle room to leave memory: hibernate if it has connections, else unload."""
+        if self.running:
+            self.evict_requested = True
+            self._wake()
 
     # -- handling one event --------------------------------------------------------------
 
@@ -444,6 +574,11 @@ class Activation:
                 return  # its connection failed to join, or already left
         elif type(event) is _Connect:
             self.peers[event.peer.conn.id] = event.peer
+        elif type(event) is _Tick:
+            event.timer.queued = False
+            if not event.timer.active:
+                return  # cancelled, or its instance is gone
+            self._next_tick(event.timer)
         try:
             if self.instance is None:
                 await self._start()
@@ -451,21 +586,40 @@ class Activation:
         except Exception as exc:
             self._recover(event, exc)
             return
-        if self._storage.has_writes:
-            self._submitted += 1
-            self.host.metrics.storage_commits_total += 1
-            self._storage.commit(self._committed)
-        self._horizon = self._submitted
+        self._commit()
         if isinstance(event, (_Http, _Call)):
             self.emit(event.reply.set, result)
+
+    def _next_tick(self, timer: Timer) -> None:
+        if timer.interval is None:
+            timer.cancel()  # one-shot
+        else:  # a late tick is not made up for: the next one is an interval from now
+            timer.deadline = max(timer.deadline + timer.interval, trio.current_time())
+
+    def _commit(self) -> None:
+        """Hand the event's writes (and alarm change) to storage, if it made any."""
+        storage = self._storage
+        if storage.has_writes:
+            change = storage.alarm_change
+            if change is not None:
+                self.host.alarms.changed(self, change[0])
+            self._submitted += 1
+            self.host.metrics.storage_commits_total += 1
+            storage.commit(self._committed)
+        self._horizon = self._submitted
 
     async def _start(self) -> None:
         instance = self.room_class.__new__(self.room_class)
         instance._ctx = self
         instance.__init__()  # type: ignore[misc]
         self.host.metrics.room_activations_total += 1
-        await instance.on_start()
+        try:
+            await instance.on_start()
+        except BaseException:
+            self.timers.clear()  # set by the failed start: they end with it
+            raise
         self.instance = instance
+        self.host.started(self)
 
     async def _dispatch(self, event: Event) -> Any:
         room = self.instance
@@ -486,8 +640,20 @@ class Activation:
             return response
         elif type(event) is _Call:
             args, kwargs = decode(event.payload)
-            result = await getattr(room, event.method)(*args, **kwargs)
+            result = getattr(room, event.method)(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
             return decode(_pack(result, f"the result of {event.method}()"))
+        elif type(event) is _Tick:
+            result = event.timer.callback()
+            if inspect.isawaitable(result):
+                await result
+        elif type(event) is _Alarm:
+            at = await self._storage.get_alarm()
+            if at is None or at > self.host.now():
+                return None  # deleted or moved later since it was scheduled
+            self._storage.delete_alarm()  # before the handler, which may set the next one
+            await room.on_alarm(event.retry)
         return None
 
     def _recover(self, event: Event, exc: Exception) -> None:
@@ -495,15 +661,17 @@ class Activation:
         outputs that depended on them, and restart the room from storage on its next event."""
         self.host.metrics.handler_errors_total += 1
         hook = "on_start" if self.instance is None else _HOOK[type(event)]
-        self._storage.rollback()
+        self._drop_instance()
         while self._held and self._held[-1][0] > self._submitted:
             self._held.pop()
         self._horizon = self._submitted
-        self.instance = None
         if isinstance(event, _Call):
             # The caller gets the exception itself; it is the caller's to handle or log.
             log.info("room %s: %s for call %s() raised %r", self.label, hook, event.method, exc)
             self.emit(event.reply.fail, exc)
+            return
+        if isinstance(event, _Alarm):
+            self._alarm_failed(event.retry, hook, exc)
             return
         log.error(
             "room %s: %s raised; %s. The room restarts from storage on its next event.",
@@ -512,13 +680,40 @@ class Activation:
             _REPORT[type(event)],
             exc_info=exc,
         )
+        problem = "the room failed to start" if hook == "on_start" else "internal error in the room"
         if isinstance(event, _Http):
-            self.emit(event.reply.set, Response.text("internal error in the room", 500))
+            self.emit(event.reply.set, Response.text(problem, 500))
         elif isinstance(event, _Connect):
             self.peers.pop(event.peer.conn.id, None)
-            event.peer.close(1011, "internal error in the room")
+            event.peer.close(1011, problem)
         elif isinstance(event, _Message):
-            event.peer.close(1011, "internal error in the room")
+            event.peer.close(1011, problem)
+
+    def _alarm_failed(self, retry: int, hook: str, exc: Exception) -> None:
+        if retry < ALARM_RETRIES:
+            delay = 2.0**retry
+            log.warning(
+                "room %s: %s raised %r; retry %d of %d in %g s",
+                self.label,
+                hook,
+                exc,
+                retry + 1,
+                ALARM_RETRIES,
+                delay,
+                exc_info=exc,
+            )
+            self.host.alarms.retry(self, delay, retry + 1)
+            return
+        log.error(
+            "room %s: %s raised %r on its last retry (%d); the alarm is deleted",
+            self.label,
+            hook,
+            exc,
+            retry,
+            exc_info=exc,
+        )
+        self._storage.delete_alarm()
+        self._commit()
 
 
 _REPORT: dict[type, str] = {
@@ -527,6 +722,8 @@ _REPORT: dict[type, str] = {
     _Closed: "the connection was already gone",
     _Http: "the request was answered with 500",
     _Call: "the caller got the exception",
+    _Tick: "the room's timers were stopped",
+    _Alarm: "",
 }
 
 
@@ -539,10 +736,30 @@ class Host:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        self._nursery = nursery
+        self.nursery = nursery
         self._activations: dict[tuple[str, str], Activation] = {}
         self._classes: dict[str, type[Room]] = {}
         self._to_flush: list[Activation] = []
+        self._in_memory: OrderedDict[Activation, None] = OrderedDict()  # least recent first
+        self.alarms = AlarmClock(self)
+
+    @staticmethod
+    def now() -> float:
+        """Seconds since the epoch, as rooms see them."""
+        return _wall_origin() + trio.current_time()
+
+    def register(self, room_classes: Iterable[type[Room]]) -> None:
+        """The room classes of the app, so that alarms can start rooms that are not live."""
+        for room_class in room_classes:
+            self._known_class(room_class)
+
+    def _known_class(self, room_class: type[Room]) -> None:
+        known = self._classes.setdefault(room_class.namespace, room_class)
+        if known is not room_class:
+            raise RuntimeError(
+                f"room classes {known.__qualname__} and {room_class.__qualname__} share the "
+                f"storage namespace {room_class.namespace!r}; give one a distinct `namespace`"
+            )
 
     def flush_soon(self, act: Activation) -> None:
         """Flush ``act``'s batch once the current run of storage callbacks is over."""
@@ -560,16 +777,14 @@ class Host:
         key = (room_class.namespace, room_id.hex)
         act = self._activations.get(key)
         if act is None:
-            known = self._classes.setdefault(room_class.namespace, room_class)
-            if known is not room_class:
-                raise RuntimeError(
-                    f"room classes {known.__qualname__} and {room_class.__qualname__} share the "
-                    f"storage namespace {room_class.namespace!r}; give one a distinct `namespace`"
-                )
+            self._known_class(room_class)
             act = self._activations[key] = Activation(self, room_class, room_id)
             self.metrics.rooms_active += 1
-            self._nursery.start_soon(act.run, name=f"room {act.label}")
+            act._ensure_running()
         return act
+
+    def room_class(self, namespace: str) -> type[Room] | None:
+        return self._classes.get(namespace)
 
     def forget(self, act: Activation) -> None:
         key = (act.room_class.namespace, act.room_id.hex)
@@ -577,12 +792,57 @@ class Host:
             del self._activations[key]
             self.metrics.rooms_active -= 1
 
+    # -- the lifecycle: rooms in memory, hibernated, unloaded ----------------------------
+
+    def started(self, act: Activation) -> None:
+        """``act``'s instance started: past ``max_rooms_in_memory``, the least recently
+        used idle rooms leave memory (hibernated if they have connections)."""
+        self._in_memory[act] = None
+        self.metrics.rooms_in_memory = len(self._in_memory)
+        excess = len(self._in_memory) - self.settings.max_rooms_in_memory
+        if excess <= 0:
+            return
+        for other in self._in_memory:
+            if excess <= 0:
+                break
+            if other is not act and other.idle and not other.evict_requested:
+                self.metrics.room_evictions_total += 1
+                other.evict()
+                excess -= 1
+
+    def touch(self, act: Activation) -> None:
+        if act in self._in_memory:
+            self._in_memory.move_to_end(act)
+
+    def stopped(self, act: Activation) -> None:
+        """``act``'s instance left memory."""
+        self._in_memory.pop(act, None)
+        self.metrics.rooms_in_memory = len(self._in_memory)
+
+    def hibernated(self, act: Activation) -> None:
+        """``act`` left memory but keeps its connections (and its place in the host)."""
+        act.hibernating = True
+        self.metrics.rooms_hibernated += 1
+        self.metrics.room_hibernations_total += 1
+        log.debug("room %s hibernated with %d connections", act.label, len(act.peers))
+
+    def woke(self, act: Activation) -> None:
+        if act.hibernating:
+            act.hibernating = False
+            self.metrics.rooms_hibernated -= 1
+
     def idle(self) -> bool:
         """Every room has handled its events and its commits are durable."""
         return all(act.idle for act in self._activations.values())
 
+    def live_activation(self, room_class: type[Room], room_id: RoomId) -> Activation | None:
+        """The activation of that room if it is live or hibernated (not unloaded)."""
+        return self._activations.get((room_class.namespace, room_id.hex))
+
     def is_active(self, room_class: type[Room], room_id: RoomId) -> bool:
-        return (room_class.namespace, room_id.hex) in self._activations
+        """Whether that room's task runs (it is in memory, not hibernated or unloaded)."""
+        act = self.live_activation(room_class, room_id)
+        return act is not None and act.running
 
     # -- entry points for the edge -------------------------------------------------------
 
@@ -657,6 +917,80 @@ class Host:
             return await self.call(room_class, room, method, args, kwargs)
 
         return Stub(call, f"{room_class.__name__}:{room}")
+
+
+_WALL_ORIGIN: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("rooms_wall_origin")
+
+
+def _wall_origin() -> float:
+    """The wall clock rooms see (alarm times are wall-clock times) follows trio's clock, so
+    that a test's virtual clock moves it too; fixed once per trio run, so that servers
+    started one after the other in one run (a restart in a test) agree."""
+    try:
+        return _WALL_ORIGIN.get()
+    except LookupError:
+        origin = time.time() - trio.current_time()
+        _WALL_ORIGIN.set(origin)
+        return origin
+
+
+class AlarmClock:
+    """Fires the rooms' alarms: each room's stored alarm time is scheduled here (loaded at
+    start, so an alarm missed while the server was down fires at once), and when it comes
+    the room gets an alarm event, started if it was not in memory. Storage stays the truth:
+    the room checks its stored alarm before running ``on_alarm``."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._due: dict[str, tuple[float, int, type[Room], RoomId]] = {}  # room key -> ...
+        self._heap: list[tuple[float, str]] = []
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        host = self.host
+        for key, at, name in await host.backend.alarms():
+            namespace, _, hex_id = key.partition("/")
+            room_class = host.room_class(namespace)
+            if room_class is None:
+                log.warning("an alarm of room %s: its class is not in this app; not fired", key)
+                continue
+            self._schedule(key, at, 0, room_class, RoomId(hex_id, name))
+        while True:
+            self._changed = trio.Event()
+            deadline = self._heap[0][0] - host.now() + trio.current_time() if self._heap else None
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._changed.wait()
+            self._fire_due()
+
+    def changed(self, act: Activation, at: float | None) -> None:
+        """``act`` set its alarm to ``at`` (None: deleted), in a commit on its way to disk."""
+        if at is None:
+            self._due.pop(act.key, None)
+        else:
+            self._schedule(act.key, at, 0, act.room_class, act.room_id)
+
+    def retry(self, act: Activation, delay: float, attempt: int) -> None:
+        self._schedule(act.key, self.host.now() + delay, attempt, act.room_class, act.room_id)
+
+    def _schedule(
+        self, key: str, at: float, attempt: int, room_class: type[Room], room_id: RoomId
+    ) -> None:
+        self._due[key] = (at, attempt, room_class, room_id)
+        heapq.heappush(self._heap, (at, key))
+        if self._heap[0][1] == key:
+            self._changed.set()
+
+    def _fire_due(self) -> None:
+        now = self.host.now()
+        while self._heap and self._heap[0][0] <= now:
+            at, key = heapq.heappop(self._heap)
+            entry = self._due.get(key)
+            if entry is None or entry[0] != at:
+                continue  # deleted or moved since
+            del self._due[key]
+            _, attempt, room_class, room_id = entry
+            self.host.metrics.alarms_fired_total += 1
+            self.host.activation(room_class, room_id).post_always(_Alarm(attempt))
 
 
 def _waits_for(start: Activation, goal: Activation) -> bool:

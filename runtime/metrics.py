@@ -13,7 +13,12 @@ class Metrics:
     HELP: ClassVar[dict[str, str]] = {
         "connections_open": "open TCP connections (gauge)",
         "websockets_open": "open WebSocket connections (gauge)",
-        "rooms_active": "rooms in memory (gauge)",
+        "rooms_active": "rooms live or hibernated (gauge)",
+        "rooms_in_memory": "rooms whose instance is in memory (gauge; max_rooms_in_memory)",
+        "rooms_hibernated": "rooms out of memory whose connections stay open (gauge)",
+        "room_hibernations_total": "times a room hibernated (idle for hibernate_after, or evicted)",
+        "room_evictions_total": "idle rooms asked to leave memory: max_rooms_in_memory",
+        "alarms_fired_total": "room alarms fired (retries included)",
         "http_requests_total": "plain HTTP requests answered",
         "websocket_upgrades_total": "WebSocket upgrades accepted",
         "messages_in_total": "WebSocket messages received from clients",
@@ -53,6 +58,11 @@ class Metrics:
     connections_open: int
     websockets_open: int
     rooms_active: int
+    rooms_in_memory: int
+    rooms_hibernated: int
+    room_hibernations_total: int
+    room_evictions_total: int
+    alarms_fired_total: int
     http_requests_total: int
     websocket_upgrades_total: int
     messages_in_total: int

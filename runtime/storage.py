@@ -26,6 +26,9 @@ log = logging.getLogger("rooms.storage")
 
 Done = Callable[[BaseException | None], None]
 ListResult = list[tuple[str, bytes]]
+AlarmChange = tuple[float | None, str | None]
+AlarmRows = list[tuple[str, float, str | None]]
+"""An event's change to its room's alarm: (time, room name) to set it, (None, None) to delete."""
 
 
 class StorageError(RuntimeError):
@@ -48,9 +51,20 @@ class Backend(Protocol):
     ) -> ListResult: ...
 
     def commit(
-        self, room: str, writes: Mapping[str, bytes | None], delete_all: bool, done: Done
+        self,
+        room: str,
+        writes: Mapping[str, bytes | None],
+        delete_all: bool,
+        done: Done,
+        alarm: AlarmChange | None = None,
     ) -> None:
         """Queue an atomic batch; ``done(error)`` is called on the trio thread once durable."""
+        ...
+
+    async def get_alarm(self, room: str) -> float | None: ...
+
+    async def alarms(self) -> AlarmRows:
+        """Every stored alarm: (room, time, room name)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -66,6 +80,11 @@ CREATE TABLE IF NOT EXISTS kv (
     key   TEXT NOT NULL,
     value BLOB NOT NULL,
     PRIMARY KEY (room, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alarms (
+    room  TEXT PRIMARY KEY,
+    at    REAL NOT NULL,
+    name  TEXT
 ) WITHOUT ROWID;
 """
 
@@ -267,7 +286,12 @@ class SqliteBackend:
         return result
 
     def commit(
-        self, room: str, writes: Mapping[str, bytes | None], delete_all: bool, done: Done
+        self,
+        room: str,
+        writes: Mapping[str, bytes | None],
+        delete_all: bool,
+        done: Done,
+        alarm: AlarmChange | None = None,
     ) -> None:
         puts = [(room, k, v) for k, v in writes.items() if v is not None]
         deletes = [(room, k) for k, v in writes.items() if v is None]
@@ -279,11 +303,32 @@ class SqliteBackend:
                 db.executemany("DELETE FROM kv WHERE room = ? AND key = ?", deletes)
             if puts:
                 db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", puts)
+            if alarm is not None:
+                at, name = alarm
+                if at is None:
+                    db.execute("DELETE FROM alarms WHERE room = ?", (room,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?, ?)", (room, at, name))
 
         def deliver(job: _Job) -> None:
             done(StorageError(f"commit failed: {job.error}") if job.error else None)
 
         self._submit(run, deliver)
+
+    async def get_alarm(self, room: str) -> float | None:
+        def run(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT at FROM alarms WHERE room = ?", (room,)).fetchone()
+            return None if row is None else float(row[0])
+
+        at: float | None = await self._call(run)
+        return at
+
+    async def alarms(self) -> AlarmRows:
+        def run(db: sqlite3.Connection) -> AlarmRows:
+            return list(db.execute("SELECT room, at, name FROM alarms"))
+
+        rows: AlarmRows = await self._call(run)
+        return rows
 
     async def aclose(self) -> None:
         """Finish every queued job, then stop the thread."""
@@ -318,13 +363,22 @@ class RoomStorage:
     """What ``Room.storage`` is: reads through a per-activation cache, writes buffered until
     the event ends (``take_writes``), then handed to the backend as one atomic commit."""
 
-    def __init__(self, backend: Backend, room: str, on_first_write: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        room: str,
+        on_first_write: Callable[[], None],
+        name: str | None = None,
+    ) -> None:
         self._backend = backend
         self._room = room
+        self._name = name  # the room's name, kept with its alarm to start it again
         self._on_first_write = on_first_write
         self._cache: dict[str, bytes | None] = {}
         self._dirty: dict[str, bytes | None] = {}
         self._deleted_all = False
+        self._alarm: float | _Unknown | None = _UNKNOWN  # as stored (durable or on its way)
+        self._alarm_change: AlarmChange | None = None  # this event's
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -403,41 +457,75 @@ class RoomStorage:
         self._write(key, None)
 
     def delete_all(self) -> None:
-        if not self._dirty and not self._deleted_all:
+        if not self.has_writes:
             self._on_first_write()
         self._dirty.clear()
         self._deleted_all = True
 
     def _write(self, key: str, raw: bytes | None) -> None:
-        if not self._dirty and not self._deleted_all:
+        if not self.has_writes:
             self._on_first_write()
         self._dirty[key] = raw
+
+    # -- the alarm ------------------------------------------------------------------------
+
+    async def get_alarm(self) -> float | None:
+        if self._alarm_change is not None:
+            return self._alarm_change[0]
+        if isinstance(self._alarm, _Unknown):
+            self._alarm = await self._backend.get_alarm(self._room)
+        return self._alarm
+
+    def set_alarm(self, at: float) -> None:
+        if not self.has_writes:
+            self._on_first_write()
+        self._alarm_change = (float(at), self._name)
+
+    def delete_alarm(self) -> None:
+        if not self.has_writes:
+            self._on_first_write()
+        self._alarm_change = (None, None)
+
+    @property
+    def alarm_change(self) -> AlarmChange | None:
+        """What this event did to the alarm (None: nothing), until it commits."""
+        return self._alarm_change
 
     # -- for the host ---------------------------------------------------------------------
 
     @property
     def has_writes(self) -> bool:
-        return bool(self._dirty) or self._deleted_all
+        return bool(self._dirty) or self._deleted_all or self._alarm_change is not None
 
     def commit(self, done: Done) -> None:
         """Hand this event's writes to the backend as one atomic batch."""
-        writes, deleted_all = self._dirty, self._deleted_all
-        self._dirty, self._deleted_all = {}, False
+        writes, deleted_all, alarm = self._dirty, self._deleted_all, self._alarm_change
+        self._dirty, self._deleted_all, self._alarm_change = {}, False, None
         if deleted_all:
             self._cache.clear()
         self._remember(writes)
-        self._backend.commit(self._room, writes, deleted_all, done)
+        if alarm is not None:
+            self._alarm = alarm[0]
+        self._backend.commit(self._room, writes, deleted_all, done, alarm)
 
     def rollback(self) -> None:
         """Forget this event's writes and everything cached (the room restarts)."""
         self._dirty.clear()
         self._deleted_all = False
         self._cache.clear()
+        self._alarm, self._alarm_change = _UNKNOWN, None
 
     def _remember(self, entries: Mapping[str, bytes | None]) -> None:
         if len(self._cache) + len(entries) > _CACHE_MAX:
             self._cache.clear()
         self._cache.update(entries)
+
+
+class _Unknown:
+    """Not read from the backend yet."""
+
+
+_UNKNOWN = _Unknown()
 
 
 def _check_key(key: str) -> None:

@@ -347,8 +347,10 @@ async def test_messages_wait_until_the_writes_before_them_are_durable() -> None:
         real_commit = backend.commit
         parked: list[Any] = []
 
-        def slow_commit(room: str, writes: Any, delete_all: bool, done: Any) -> None:
-            parked.append((room, writes, delete_all, done))
+        def slow_commit(
+            room: str, writes: Any, delete_all: bool, done: Any, alarm: Any = None
+        ) -> None:
+            parked.append((room, writes, delete_all, done, alarm))
 
         backend.commit = slow_commit  # type: ignore[method-assign]
         c = await h.connect("/count/g")
