@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat test lint typecheck unit soak bench bench-quick clean
+.PHONY: chat game test lint typecheck unit soak bench bench-quick bench-hibernation clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.dev: $(BIN)/rooms
 
 chat: $(BIN)/rooms  ## serve the example chat on http://127.0.0.1:8000
 	$(BIN)/rooms serve examples.chat.app:app --host 127.0.0.1 --port 8000 --data-dir data/chat
+
+game: $(BIN)/rooms  ## serve the example game on http://127.0.0.1:8001
+	$(BIN)/rooms serve examples.game.app:app --host 127.0.0.1 --port 8001 --data-dir data/game
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -58,6 +61,9 @@ bench: $(BIN)/rooms bench/.ready  ## about 8 minutes
 
 bench-quick: $(BIN)/rooms bench/.ready  ## under 3 minutes
 	bench/.venv/bin/python bench/run.py --quick $(BENCH_ARGS)
+
+bench-hibernation: $(VENV)/.dev  ## memory per connection while rooms hibernate
+	$(BIN)/python bench/hibernation.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .autobahn tests/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache

@@ -121,6 +121,13 @@ class FakeClient:
                 await self._arrived.wait()
         return self._inbox.popleft()
 
+    def drain(self) -> list[str | bytes]:
+        """Take every message that arrived and was not received yet (to wait for what
+        comes next, not what is queued)."""
+        queued = list(self._inbox)
+        self._inbox.clear()
+        return queued
+
     async def disconnect(self, code: int = 1000, reason: str = "") -> None:
         """Close from the client's side, as a Close frame would."""
         if self.closed:

@@ -3,7 +3,8 @@ Playwright, against ``rooms serve examples.chat.app:app`` run as a process.
 
 Two pages join one room, chat and see each other in the roster; a reload shows the history;
 the server is restarted and both pages reconnect on their own, and every page then shows every
-line exactly once, in order. A screenshot is kept in ``artifacts/chat.png``.
+line exactly once, in order. A screenshot is kept in ``artifacts/chat.png``. The example game:
+a player's key press moves its square on another page (``artifacts/game.png``).
 
 Without chromium the test is skipped with the reason, except under
 ``ROOMS_REQUIRE_BROWSER=1`` (set by ``.ci/run``, which installs it), where that is a failure.
@@ -251,3 +252,52 @@ def test_room_socket_rules(browser: Browser, chat_env: None, tmp_path: Path) -> 
     assert results["live"] == ["queued before open", "sent when open"]
     assert results["pongDispatched"] is False
     assert results["liveState"] == "open"
+
+
+# -- the example game --------------------------------------------------------------------------
+
+PLAYERS = "els => els.map(e => [e.dataset.name, Number(e.dataset.x), Number(e.dataset.y)])"
+
+
+def positions(page: Page) -> dict[str, tuple[int, int]]:
+    found: list[Any] = page.eval_on_selector_all("#players li", PLAYERS)
+    return {name: (x, y) for name, x, y in found}
+
+
+def test_the_game_moves_a_player_on_every_page(browser: Browser, tmp_path: Path) -> None:
+    with server("examples.game.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        pages = []
+        for _ in range(2):
+            page = browser.new_context(viewport={"width": 900, "height": 560}).new_page()
+            page.goto(f"http://127.0.0.1:{port}/#browser-test")
+            pages.append(page)
+        player, watcher = pages
+        player.fill("#name", "Ada <b>")
+        player.click("#join button")
+        watcher.wait_for_function(
+            "[...document.querySelectorAll('#players li')].some(e => e.dataset.name)",
+            timeout=20_000,
+        )
+        x0, y0 = positions(watcher)["Ada <b>"]
+        key = "ArrowLeft" if x0 > 16 else "ArrowRight"
+        player.locator("#board").click()  # focus the page, not the name field
+        player.keyboard.press(key)
+        target = x0 - 3 if key == "ArrowLeft" else x0 + 3
+        # 20 ticks a second, a step every 3: three steps take under a second.
+        moved = "<=" if key == "ArrowLeft" else ">="
+        watcher.wait_for_function(
+            f"""(() => {{
+                const me = [...document.querySelectorAll('#players li')]
+                    .find(e => e.dataset.name === 'Ada <b>');
+                return me && Number(me.dataset.x) {moved} {target};
+            }})()""",
+            timeout=20_000,
+        )
+        assert positions(watcher)["Ada <b>"][1] == y0  # moved along its row only
+        assert positions(player).keys() == positions(watcher).keys()
+        assert watcher.locator("#players b").count() == 0  # the name is text, not markup
+        ticks = int(watcher.eval_on_selector("#board", "e => e.dataset.tick"))
+        assert ticks > 0
+        ARTIFACTS.mkdir(exist_ok=True)
+        player.screenshot(path=str(ARTIFACTS / "game.png"))
