@@ -103,7 +103,7 @@ async def measure(hibernate_after: str, conns: int, rooms: int) -> dict[str, Any
                     if i < rooms:  # one client per room speaks again: the room must wake
                         await ws.send_message("again")
                     while True:
-                        if (await ws.get_message()).endswith("again"):
+                        if str(await ws.get_message()).endswith("again"):
                             answers[0] += 1
                             break
 

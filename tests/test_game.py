@@ -26,7 +26,7 @@ def virtual_time(mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyP
 
 async def frames(client: FakeClient, kind: str, count: int = 1) -> list[Any]:
     """The next ``count`` frames of ``kind`` (others are skipped)."""
-    found = []
+    found: list[Any] = []
     while len(found) < count:
         frame = json.loads(await client.receive())
         if kind in frame:
