@@ -178,7 +178,6 @@ class RoomsHarness:
                 async with trio.open_nursery() as nursery:
                     host = Host(self._backend, self.settings, self.metrics, nursery)
                     host.register(self.app.room_classes())
-                    nursery.start_soon(host.alarms.run)
                     task_status.started(host)
 
         self._host: Host = await self._nursery.start(run)

@@ -241,6 +241,35 @@ def _finish(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, N
 class Activation:
     """One live room: its instance, connections, mailbox, storage view and output gate."""
 
+    __slots__ = (
+        "_batch",
+        "_busy",
+        "_drained",
+        "_durable",
+        "_held",
+        "_horizon",
+        "_mailbox",
+        "_mailbox_size",
+        "_room_id",
+        "_sleeper",
+        "_space",
+        "_storage",
+        "_submitted",
+        "attached",
+        "evict_requested",
+        "hibernating",
+        "host",
+        "instance",
+        "key",
+        "label",
+        "last_used",
+        "peers",
+        "room_class",
+        "running",
+        "timers",
+        "waiting_on",
+    )
+
     def __init__(self, host: Host, room_class: type[Room], room_id: RoomId) -> None:
         self.host = host
         self.room_class = room_class
@@ -471,6 +500,7 @@ class Activation:
                     if burst == 0 and len(mailbox) > 1 and self._batch is None:
                         self._batch = {}  # a burst: batch its writes
                     event = mailbox.popleft()
+                    self.evict_requested = False  # it is in use: only an idle room leaves
                     if self._space:
                         self._space.unpark()
                     self._busy = True
@@ -497,11 +527,15 @@ class Activation:
                 if self._durable < self._submitted:
                     await self._sleep()  # commits on their way: woken when they land
                     continue
-                with trio.move_on_at(self._next_deadline()):
+                if self.timers:
+                    with trio.move_on_at(min(timer.deadline for timer in self.timers)):
+                        await self._sleep()
+                else:  # the host's sweeper wakes it when it has been idle too long
+                    self.host.idle_soon(self)
                     await self._sleep()
                 if mailbox or self._queue_ticks():
                     continue
-                if self.evict_requested or trio.current_time() >= self._idle_deadline():
+                if self.evict_requested:
                     unload = not self.attached
                     return
         finally:
@@ -514,21 +548,15 @@ class Activation:
             else:
                 self.host.hibernated(self)
 
-    def _idle_deadline(self) -> float:
+    def idle_deadline(self) -> float:
         """When this room, idle since ``last_used``, leaves memory (inf: not while timers
-        run or hibernation is off)."""
+        run, or with connections when hibernation is off)."""
+        if self.timers:
+            return math.inf
         if not self.attached:
             return self.last_used + self.host.settings.room_idle_timeout
         after = self.room_class.hibernate_after
-        if after is None or self.timers:
-            return math.inf
-        return self.last_used + after
-
-    def _next_deadline(self) -> float:
-        deadline = self._idle_deadline()
-        for timer in self.timers:
-            deadline = min(deadline, timer.deadline)
-        return deadline
+        return math.inf if after is None else self.last_used + after
 
     def _queue_ticks(self) -> bool:
         """Queue a tick for each timer that is due; whether any was."""
@@ -741,7 +769,11 @@ class Host:
         self._classes: dict[str, type[Room]] = {}
         self._to_flush: list[Activation] = []
         self._in_memory: OrderedDict[Activation, None] = OrderedDict()  # least recent first
+        self._sweep = trio.CancelScope()  # the sweeper's sleep until it looks for idle rooms
+        self._swept_at = -math.inf
         self.alarms = AlarmClock(self)
+        nursery.start_soon(self._sweeper, name="rooms: idle sweeper")
+        nursery.start_soon(self.alarms.run, name="rooms: alarms")
 
     @staticmethod
     def now() -> float:
@@ -809,6 +841,37 @@ class Host:
                 self.metrics.room_evictions_total += 1
                 other.evict()
                 excess -= 1
+
+    def idle_soon(self, act: Activation) -> None:
+        """``act`` went idle: make sure the sweeper looks at it by its idle deadline."""
+        at = act.idle_deadline()
+        if at < self._sweep.deadline:
+            self._sweep.deadline = max(at, self._swept_at + self._sweep_gap())
+
+    async def _sweeper(self) -> None:
+        """Rooms idle past their deadline leave memory (hibernated or unloaded). One task
+        for every room: a deadline on each room's own sleep would cost a cancel scope (about
+        8 us) per event. It looks when the earliest deadline comes, and at most every
+        ``_sweep_gap()``."""
+        while True:
+            with self._sweep:
+                await trio.sleep_forever()
+            now = self._swept_at = trio.current_time()
+            next_at = math.inf
+            for act in list(self._activations.values()):
+                if act.running and act.idle and not act.evict_requested:
+                    at = act.idle_deadline()
+                    if at <= now:
+                        act.evict()
+                    else:
+                        next_at = min(next_at, at)
+            self._sweep = trio.CancelScope(deadline=max(next_at, now + self._sweep_gap()))
+
+    def _sweep_gap(self) -> float:
+        """A tenth of the shortest idle period (0.05 to 1 s): the sweeps' lateness bound."""
+        periods = [self.settings.room_idle_timeout]
+        periods += [c.hibernate_after for c in self._classes.values() if c.hibernate_after]
+        return min(1.0, max(0.05, min(periods) / 10))
 
     def touch(self, act: Activation) -> None:
         if act in self._in_memory:

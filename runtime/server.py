@@ -78,7 +78,6 @@ async def serve(
         async with trio.open_nursery() as rooms_nursery:
             host = Host(backend, settings, metrics, rooms_nursery)
             host.register(app.room_classes())
-            rooms_nursery.start_soon(host.alarms.run)
             edge = Edge(app, settings, host, metrics)
             port: int = listener.getsockname()[1]
             scheme = "https" if settings.certfile else "http"

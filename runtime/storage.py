@@ -363,6 +363,18 @@ class RoomStorage:
     """What ``Room.storage`` is: reads through a per-activation cache, writes buffered until
     the event ends (``take_writes``), then handed to the backend as one atomic commit."""
 
+    __slots__ = (
+        "_alarm",
+        "_alarm_change",
+        "_backend",
+        "_cache",
+        "_deleted_all",
+        "_dirty",
+        "_name",
+        "_on_first_write",
+        "_room",
+    )
+
     def __init__(
         self,
         backend: Backend,
