@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from .conftest import REPO, kill_9, server, wait_for_port
+from .conftest import REPO, kill_9, raw_request, server, wait_for_port
 
 COUNTER_APP = """
 import json
@@ -217,3 +217,41 @@ async def test_chat_under_load_nothing_seen_is_lost_or_duplicated_after_kill_9(
             assert len(texts) == len(set(texts)), "a message was stored twice"
             stored = {e["seq"]: e for e in history}
             assert all(stored.get(seq) == entry for seq, entry in entries.items())
+
+
+async def test_an_alarm_survives_kill_9_and_fires_when_the_server_is_back(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The game sets an alarm when its last player leaves; the server is killed before it
+    is due and comes back after: the alarm fires as the server starts."""
+    monkeypatch.setenv("GAME_ABANDON_SECONDS", "1")
+    data = tmp_path / "data"
+    with server("examples.game.app:app", REPO, data) as (proc, port):
+        await wait_for_port(port, proc)
+        with trio.fail_after(10):
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/game/kill") as ws:
+                await ws.send_message(json.dumps({"join": "ann"}))
+                while "state" not in json.loads(await ws.get_message()):
+                    pass
+            # The close (and its alarm) reached the room once the watcher sees no player.
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/game/kill") as watcher:
+                await watcher.send_message("{}")  # answered after the close was handled
+                while "error" not in json.loads(await watcher.get_message()):
+                    pass
+            assert await metric(port, "alarms_fired_total") == 0
+        kill_9(proc)
+    await trio.sleep(1.5)  # the alarm comes due while the server is down
+    with server("examples.game.app:app", REPO, data) as (proc, port):
+        await wait_for_port(port, proc)
+        with trio.fail_after(10):
+            while await metric(port, "alarms_fired_total") == 0:  # noqa: ASYNC110 - polling
+                await trio.sleep(0.05)
+            assert await metric(port, "room_activations_total") == 1  # started by its alarm
+
+
+async def metric(port: int, name: str) -> int:
+    answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
+    for line in answer.decode().splitlines():
+        if line.startswith(f"rooms_{name} "):
+            return int(line.split()[1])
+    raise AssertionError(f"no metric {name}")
