@@ -54,7 +54,7 @@ from .host import Host, Peer
 from .metrics import Metrics
 from .proxy import Upstream
 from .proxy import connect as connect_upstream
-from .stream import RECV_SIZE, ConnectionBroken, Stream
+from .stream import RECV_SIZE, ConnectionBroken, Stream, recv_socket
 from .usage import Usage
 
 log = logging.getLogger("rooms.edge")
@@ -835,7 +835,7 @@ class Edge:
         upstream; the code and reason of the client's Close, or 1006. A protocol violation
         closes the client (for a room, in the room's output order)."""
         stream, sock = ws.stream, ws.sock
-        receive, wait_readable = stream.receiver(), self._reads.wait_readable
+        tls, wait_readable = stream.tls, self._reads.wait_readable
         parser = FrameParser(max_message_size=self.settings.max_message_bytes)
         code, reason = 1006, ""
         self._reads.register(sock)
@@ -849,7 +849,12 @@ class Edge:
                             break
                         if parser.error is not None:  # after the valid messages before it
                             raise parser.error
-                    data = await receive(len(data) < RECV_SIZE, wait_readable)
+                    # Plain sockets are read here directly: no extra coroutine frame, no
+                    # per-connection object (both are memory per idle connection).
+                    if tls is None:
+                        data = await recv_socket(sock, len(data) < RECV_SIZE, wait_readable)
+                    else:
+                        data = await stream.recv(len(data) < RECV_SIZE, wait_readable)
                     ws.heard = True
                     ws.bytes_in += len(data)
                     if not data:

@@ -11,7 +11,6 @@ where an edge-triggered poller would never report it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -26,11 +25,12 @@ class ConnectionBroken(Exception):
     """The connection failed (reset, TLS error); there is nobody left to answer."""
 
 
-async def _recv(
+async def recv_socket(
     sock: socket.socket,
     wait_first: bool,
     wait_readable: _WaitReadable = trio.lowlevel.wait_readable,
 ) -> bytes:
+    """Bytes from a plain socket (b"" at its end), waiting until some arrive."""
     if wait_first:
         await wait_readable(sock)
     while True:
@@ -90,7 +90,7 @@ class Stream:
                 await _send_all(self.sock, self._outgoing.read())
                 if done:
                     return
-                data = await _recv(self.sock, False, trio.lowlevel.wait_readable)
+                data = await recv_socket(self.sock, False, trio.lowlevel.wait_readable)
                 if not data:
                     raise ConnectionBroken("the client closed during the TLS handshake")
                 self._incoming.write(data)
@@ -106,12 +106,12 @@ class Stream:
         ``wait_first`` skips the first attempt: after a short read the socket is most likely
         empty, and a recv() that fails costs a system call and an exception."""
         if self.tls is None:
-            return await _recv(self.sock, wait_first, wait_readable)
+            return await recv_socket(self.sock, wait_first, wait_readable)
         if self._incoming.pending and (data := self._decrypt()):
             return data  # records that came with the handshake's last flight
         while not self._eof:
             # The caller's wait_first judged the plaintext; what matters is the last read.
-            raw = await _recv(self.sock, self._drained, wait_readable)
+            raw = await recv_socket(self.sock, self._drained, wait_readable)
             self._drained = len(raw) < RECV_SIZE
             if raw:
                 self._incoming.write(raw)
@@ -120,15 +120,6 @@ class Stream:
             if data := self._decrypt():
                 return data
         return b""
-
-    def receiver(
-        self,
-    ) -> Callable[[bool, _WaitReadable], Awaitable[bytes]]:
-        """``recv`` for a loop that reads until the end. Without TLS it is the socket read
-        itself: one coroutine frame less per idle connection."""
-        if self.tls is None:
-            return functools.partial(_recv, self.sock)
-        return self.recv
 
     def _decrypt(self) -> bytes:
         assert self.tls is not None
@@ -172,7 +163,7 @@ class Stream:
         except OSError:
             return
         with trio.move_on_after(timeout), _quietly():
-            while await _recv(self.sock, False, trio.lowlevel.wait_readable):
+            while await recv_socket(self.sock, False, trio.lowlevel.wait_readable):
                 pass
 
 

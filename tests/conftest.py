@@ -105,3 +105,12 @@ async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> byte
             while chunk := await stream.receive_some(65536):
                 received += chunk
     return bytes(received)
+
+
+async def metric(port: int, name: str) -> int:
+    """The value of ``rooms_<name>`` at ``/_rooms/metrics`` of the server on ``port``."""
+    answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
+    for line in answer.decode().splitlines():
+        if line.startswith(f"rooms_{name} "):
+            return int(line.split()[1])
+    raise AssertionError(f"no metric {name}")

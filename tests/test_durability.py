@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from .conftest import REPO, kill_9, raw_request, server, wait_for_port
+from .conftest import REPO, kill_9, metric, server, wait_for_port
 
 COUNTER_APP = """
 import json
@@ -247,11 +247,3 @@ async def test_an_alarm_survives_kill_9_and_fires_when_the_server_is_back(
             while await metric(port, "alarms_fired_total") == 0:  # noqa: ASYNC110 - polling
                 await trio.sleep(0.05)
             assert await metric(port, "room_activations_total") == 1  # started by its alarm
-
-
-async def metric(port: int, name: str) -> int:
-    answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
-    for line in answer.decode().splitlines():
-        if line.startswith(f"rooms_{name} "):
-            return int(line.split()[1])
-    raise AssertionError(f"no metric {name}")

@@ -11,11 +11,11 @@ import trio
 import trio.testing
 from trio_websocket import open_websocket_url
 
-from rooms import App, Connection, Request, Room
+from rooms import App, Connection, Request, Response, Room
 from rooms.testing import ConnectionClosed, RoomsHarness
 from runtime.config import Settings
 
-from .conftest import raw_request, start_server
+from .conftest import metric, start_server
 
 LOG: list[str] = []
 
@@ -78,9 +78,7 @@ class Reminder(Room):
 
     fail = 0
 
-    async def on_request(self, request: Any) -> Any:
-        from rooms import Response
-
+    async def on_request(self, request: Request) -> Response:
         if request.method == "POST":
             self.set_alarm(self.now() + float(request.query_param("in") or 60))
             return Response.text("set")
@@ -384,14 +382,6 @@ class Quiet(Room):
 
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
         conn.send(f"room: {message!s}")
-
-
-async def metric(port: int, name: str) -> int:
-    answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
-    for line in answer.decode().splitlines():
-        if line.startswith(f"rooms_{name} "):
-            return int(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 async def test_the_edge_auto_reply_does_not_wake_a_hibernated_room(
