@@ -101,8 +101,9 @@ class Room:
     The engine keeps at most one live instance per room id and delivers its events (connect,
     message, close, HTTP request, calls from other rooms) one at a time, in arrival order: a
     hook runs to completion, across its awaits, before the next event starts. Keep lasting
-    state in ``self.storage``; attributes are lost when the room restarts (after an error, or
-    when it is unloaded while idle). Do setup in ``on_start``, which runs after every start.
+    state in ``self.storage`` (or per connection in ``conn.state``); attributes are lost when
+    the room restarts (after an error, or when it hibernates or is unloaded while idle). Do
+    setup in ``on_start``, which runs after every start.
 
     Class settings:
         namespace: the storage namespace of this class (default: the class name). Set it

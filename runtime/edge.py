@@ -4,7 +4,9 @@ Sockets are plain non-blocking stdlib sockets driven with ``trio.lowlevel.wait_r
 ``wait_writable``. Writes are synchronous: a frame goes straight into the kernel with one
 ``send()``; only what the kernel does not take is queued, and a writer task is started just
 for that connection until its queue drains. A broadcast therefore encodes its frame once and
-never awaits per recipient.
+never awaits per recipient. With a certificate, TLS sits between the frames and the socket
+(``runtime.stream``). A WebSocket's messages go to its room (``runtime.host``) or, on a
+proxied route, to its upstream (``runtime.proxy``).
 """
 
 from __future__ import annotations
