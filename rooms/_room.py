@@ -250,8 +250,14 @@ class Room:
         """Set this room's one alarm (replacing any other) to ``when``: seconds since the
         epoch (``self.now() + 60``) or an aware datetime. Stored durably with the event's
         writes; ``on_alarm`` runs when it is due (see there)."""
-        at = when.timestamp() if isinstance(when, datetime.datetime) else float(when)
-        self._ctx.storage.set_alarm(at)
+        if isinstance(when, datetime.datetime):
+            if when.tzinfo is None:
+                raise ValueError(
+                    "set_alarm needs an aware datetime (e.g. datetime.now(UTC) + timedelta(...)) "
+                    "or seconds since the epoch (self.now() + 60)"
+                )
+            when = when.timestamp()
+        self._ctx.storage.set_alarm(float(when))
 
     async def get_alarm(self) -> float | None:
         """When this room's alarm is due (seconds since the epoch), or None."""

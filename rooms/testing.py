@@ -246,6 +246,10 @@ class RoomsHarness:
         """A stub to call a room's methods from the test."""
         return self._host.stub(room_class, room)
 
+    def now(self) -> float:
+        """Seconds since the epoch as rooms see them (``Room.now``): virtual time included."""
+        return self._host.now()
+
     def is_active(self, room_class: type[Room], room: str | RoomId) -> bool:
         """Whether that room is in memory now (not hibernated, not unloaded)."""
         return self._host.is_active(room_class, _room_id(room))

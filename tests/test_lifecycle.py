@@ -3,6 +3,7 @@ start-up; on a virtual clock (pytest-trio's ``mock_clock``), so hours pass at on
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -404,3 +405,22 @@ async def test_the_edge_auto_reply_does_not_wake_a_hibernated_room(
             await ws.send_message("wake up")
             assert await ws.get_message() == "room: wake up"
             assert await metric(port, "room_activations_total") == 2
+
+
+async def test_set_alarm_takes_aware_datetimes_and_refuses_naive_ones(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class Dated(Room):
+        async def on_request(self, request: Request) -> Response:
+            moment = datetime.datetime.fromtimestamp(self.now() + 30, datetime.UTC)
+            if request.query_param("naive"):
+                moment = moment.replace(tzinfo=None)
+            self.set_alarm(moment)
+            return Response.json(await self.get_alarm())
+
+    application = App()
+    application.room("/dated/{name}", Dated)
+    async with RoomsHarness(application) as rooms:
+        answer = await rooms.request("GET", "/dated/a")
+        assert abs(json.loads(answer.body) - (rooms.now() + 30)) < 0.01
+        assert (await rooms.request("GET", "/dated/b?naive=1")).status == 500

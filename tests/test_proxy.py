@@ -24,7 +24,7 @@ from websockets.sync.server import serve as serve_upstream
 
 from rooms import App, HTTPError, Request
 from runtime.config import Settings
-from runtime.frames import OP_CONTINUATION, OP_TEXT, encode_frame
+from runtime.frames import OP_CONTINUATION, OP_TEXT, accept_key, encode_frame
 from runtime.server import serve
 
 from .conftest import free_port, raw_request, start_server
@@ -339,3 +339,70 @@ async def test_a_wss_upstream_is_verified(nursery: trio.Nursery, settings: Setti
             assert b"CERTIFICATE_VERIFY_FAILED" in refused
     finally:
         secure.stop()
+
+
+async def raw_upstream(nursery: trio.Nursery, answer: bytes, then: bytes = b"") -> int:
+    """An upstream that answers any request with ``answer`` (``{accept}`` is replaced by the
+    right Sec-WebSocket-Accept), then sends ``then`` and waits."""
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some()
+        key = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        await stream.send_all(answer.replace(b"{accept}", accept_key(key).encode()) + then)
+        await trio.sleep_forever()
+
+    serve = functools.partial(trio.serve_tcp, serve_one, 0, host="127.0.0.1")
+    listeners = await nursery.start(serve)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", b"answered 200 to a WebSocket"),
+        (SWITCH.replace(b"{accept}", b"wrong"), b"wrong Sec-WebSocket-Accept"),
+        (
+            SWITCH.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: nobody.asked\r\n\r\n"),
+            b"chose subprotocol 'nobody.asked'",
+        ),
+        (b"not http at all\r\n\r\n", b"502 Bad Gateway"),
+    ],
+    ids=["not-websocket", "bad-accept", "unoffered-subprotocol", "garbage"],
+)
+async def test_an_upstream_with_a_bad_handshake_is_502(
+    nursery: trio.Nursery, settings: Settings, answer: bytes, expected: bytes
+) -> None:
+    upstream_port = await raw_upstream(nursery, answer)
+    port = await start_server(nursery, proxy_app(upstream_port), settings)
+    with trio.fail_after(10):
+        refused = await raw_request(port, upgrade("/up/x"))
+    assert refused.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), refused
+    assert expected in refused
+
+
+async def test_an_upstream_that_breaks_the_protocol_closes_the_client_with_1011(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    masked = encode_frame(OP_TEXT, b"servers must not mask", mask=b"abcd")
+    upstream_port = await raw_upstream(nursery, SWITCH, then=masked)
+    port = await start_server(nursery, proxy_app(upstream_port), settings)
+    with trio.fail_after(10):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/up/x") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+    code, reason = close_of(closed.value)
+    assert code == 1011
+    assert reason is not None and reason.startswith("the upstream broke the protocol")
