@@ -33,6 +33,7 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "accept_key",
+    "close_payload",
     "encode_close",
     "encode_frame",
     "encode_message",
@@ -162,12 +163,18 @@ def encode_message(message: str | bytes) -> bytes:
 
 
 def encode_close(code: int | None = 1000, reason: str = "") -> bytes:
-    """An unmasked close frame. `code` None gives an empty payload (and drops `reason`).
+    """An unmasked close frame (see ``close_payload``)."""
+    payload = close_payload(code, reason)
+    return bytes((0x88, len(payload))) + payload
+
+
+def close_payload(code: int | None, reason: str) -> bytes:
+    """A close frame's payload. `code` None gives an empty payload (and drops `reason`).
 
     The reason is UTF-8 encoded and truncated on a character boundary so that the whole
     payload fits the 125 bytes allowed for a control frame."""
     if code is None:
-        return b"\x88\x00"
+        return b""
     data = reason.encode()
     if len(data) > _MAX_CONTROL_PAYLOAD - 2:
         data = data[: _MAX_CONTROL_PAYLOAD - 2]
@@ -180,8 +187,7 @@ def encode_close(code: int | None = 1000, reason: str = "") -> bytes:
         need = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
         if len(data) - i < need:
             data = data[:i]
-    payload = _U16.pack(code) + data
-    return bytes((0x88, len(payload))) + payload
+    return _U16.pack(code) + data
 
 
 def accept_key(key: str) -> str:

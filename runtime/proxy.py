@@ -31,6 +31,7 @@ from .frames import (
     Event,
     FrameParser,
     accept_key,
+    close_payload,
     encode_frame,
 )
 from .stream import RECV_SIZE, ConnectionBroken
@@ -74,8 +75,7 @@ class Upstream:
         if self.close_sent:
             return
         self.close_sent = True
-        payload = b"" if code is None else code.to_bytes(2, "big") + reason.encode()[:123]
-        await self._send(OP_CLOSE, payload)
+        await self._send(OP_CLOSE, close_payload(code, reason))
 
     async def _send(self, opcode: int, payload: bytes) -> None:
         """Send one frame. A lost connection is not raised here: the receiving side finds
