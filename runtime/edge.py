@@ -341,14 +341,16 @@ class Edge:
     @staticmethod
     def _usage_record(ws: WebSocket, target: Peer | Upstream, stop: float) -> dict[str, Any]:
         if isinstance(target, Upstream):
-            request, room, connection = target.request, None, target.id
+            request, connection = target.request, target.id
+            where: dict[str, Any] = {"room": None, "upstream": target.url}
         else:
-            request, room, connection = target.conn.request, target.activation.label, target.conn.id
-        record = {
+            request, connection = target.conn.request, target.conn.id
+            where = {"room": target.activation.label}
+        return {
             "start": ws.started,
             "stop": stop,
             "route": request.route,
-            "room": room,
+            **where,
             "connection": connection,
             "client_ip": request.client[0],
             "close_code": ws.close_code,
@@ -359,9 +361,6 @@ class Edge:
             "messages_in": ws.messages_in,
             "messages_out": ws.messages_out,
         }
-        if isinstance(target, Upstream):
-            record["upstream"] = target.url
-        return record
 
     async def drain(self, reason: str = "server restarting: reconnect shortly") -> None:
         """Stop accepting; close every WebSocket with 1012 after its room has answered what
@@ -442,13 +441,12 @@ class Edge:
         metrics.connections_open += 1
         stream = Stream(sock, self._tls)
         try:
+            await self._tls_handshake(stream, addr)  # (the 503 below is sent over TLS too)
             if metrics.connections_open > self.settings.max_connections:
                 metrics.limit_connections_total += 1
-                await stream.handshake(self.settings.handshake_timeout)
                 await stream.send_all(_raw_response(503, "server is at its connection limit"))
                 await stream.lingering_close(1.0)
                 return
-            await self._tls_handshake(stream, addr)
             upgrade = await self._http(stream, (addr[0], addr[1]))
             if upgrade is not None:
                 # The HTTP phase's state (h11, the request head) is gone by now: an idle
