@@ -257,7 +257,6 @@ class Activation:
         "_submitted",
         "attached",
         "evict_requested",
-        "hibernating",
         "host",
         "instance",
         "key",
@@ -305,7 +304,6 @@ class Activation:
         self.timers: list[Timer] = []
         self.last_used = trio.current_time()
         self.evict_requested = False  # by the host's bound on rooms in memory, or a test
-        self.hibernating = False
 
     # -- RoomContext (what the SDK calls) ------------------------------------------------
 
@@ -466,8 +464,9 @@ class Activation:
     def _ensure_running(self) -> None:
         """Start the room's task if it is not running (a hibernated room wakes up)."""
         if not self.running:
+            if self.peers:  # not running, yet connections: it was hibernated
+                self.host.woke(self)
             self.running = True
-            self.host.woke(self)
             self.host.nursery.start_soon(self.run, name=f"room {self.label}")
 
     def _wake(self) -> None:
@@ -884,15 +883,13 @@ class Host:
 
     def hibernated(self, act: Activation) -> None:
         """``act`` left memory but keeps its connections (and its place in the host)."""
-        act.hibernating = True
         self.metrics.rooms_hibernated += 1
         self.metrics.room_hibernations_total += 1
         log.debug("room %s hibernated with %d connections", act.label, len(act.peers))
 
     def woke(self, act: Activation) -> None:
-        if act.hibernating:
-            act.hibernating = False
-            self.metrics.rooms_hibernated -= 1
+        """``act``, hibernated, starts its task again."""
+        self.metrics.rooms_hibernated -= 1
 
     def idle(self) -> bool:
         """Every room has handled its events and its commits are durable."""

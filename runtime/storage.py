@@ -469,15 +469,18 @@ class RoomStorage:
         self._write(key, None)
 
     def delete_all(self) -> None:
-        if not self.has_writes:
-            self._on_first_write()
+        self._will_write()
         self._dirty.clear()
         self._deleted_all = True
 
     def _write(self, key: str, raw: bytes | None) -> None:
+        self._will_write()
+        self._dirty[key] = raw
+
+    def _will_write(self) -> None:
+        """Called before each write: the event's first one tells the host (output gate)."""
         if not self.has_writes:
             self._on_first_write()
-        self._dirty[key] = raw
 
     # -- the alarm ------------------------------------------------------------------------
 
@@ -489,13 +492,11 @@ class RoomStorage:
         return self._alarm
 
     def set_alarm(self, at: float) -> None:
-        if not self.has_writes:
-            self._on_first_write()
+        self._will_write()
         self._alarm_change = (float(at), self._name)
 
     def delete_alarm(self) -> None:
-        if not self.has_writes:
-            self._on_first_write()
+        self._will_write()
         self._alarm_change = (None, None)
 
     @property
