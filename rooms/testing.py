@@ -176,8 +176,9 @@ class RoomsHarness:
         async def run(task_status: trio.TaskStatus[Host]) -> None:
             with self._host_scope:
                 async with trio.open_nursery() as nursery:
-                    host = Host(self._backend, self.settings, self.metrics, nursery)
-                    host.register(self.app.room_classes())
+                    host = Host(
+                        self._backend, self.settings, self.metrics, nursery, self.app.room_classes()
+                    )
                     task_status.started(host)
 
         self._host: Host = await self._nursery.start(run)

@@ -755,10 +755,16 @@ _REPORT: dict[type, str] = {
 
 
 class Host:
-    """All activations of one server process, at most one per room."""
+    """All activations of one server process, at most one per room. ``room_classes`` are
+    the app's (so that an alarm can start a room of a class not seen yet in this process)."""
 
     def __init__(
-        self, backend: Backend, settings: Settings, metrics: Metrics, nursery: trio.Nursery
+        self,
+        backend: Backend,
+        settings: Settings,
+        metrics: Metrics,
+        nursery: trio.Nursery,
+        room_classes: Iterable[type[Room]] = (),
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -766,6 +772,8 @@ class Host:
         self.nursery = nursery
         self._activations: dict[tuple[str, str], Activation] = {}
         self._classes: dict[str, type[Room]] = {}
+        for room_class in room_classes:
+            self._known_class(room_class)
         self._to_flush: list[Activation] = []
         self._in_memory: OrderedDict[Activation, None] = OrderedDict()  # least recent first
         self._sweep = trio.CancelScope()  # the sweeper's sleep until it looks for idle rooms
@@ -778,11 +786,6 @@ class Host:
     def now() -> float:
         """Seconds since the epoch, as rooms see them."""
         return _wall_origin() + trio.current_time()
-
-    def register(self, room_classes: Iterable[type[Room]]) -> None:
-        """The room classes of the app, so that alarms can start rooms that are not live."""
-        for room_class in room_classes:
-            self._known_class(room_class)
 
     def _known_class(self, room_class: type[Room]) -> None:
         known = self._classes.setdefault(room_class.namespace, room_class)

@@ -76,8 +76,7 @@ async def serve(
     metrics = Metrics()
     try:
         async with trio.open_nursery() as rooms_nursery:
-            host = Host(backend, settings, metrics, rooms_nursery)
-            host.register(app.room_classes())
+            host = Host(backend, settings, metrics, rooms_nursery, app.room_classes())
             edge = Edge(app, settings, host, metrics)
             port: int = listener.getsockname()[1]
             scheme = "https" if settings.certfile else "http"
