@@ -2,6 +2,10 @@
 
 Write one ``Room`` subclass per kind of room, route URLs to it with an ``App``, and serve it
 with ``rooms serve MODULE:APP``. See the README for the guarantees the engine gives.
+
+The names below are the whole public surface (``tests/rooms/test_exports.py`` pins it); they
+live in private modules, and their ``__module__`` says ``rooms`` so that reprs, tracebacks and
+the docs name them as users import them (as trio does).
 """
 
 from ._app import App
@@ -25,3 +29,7 @@ __all__ = [
     "Timer",
     "is_room_id",
 ]
+
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -1,18 +1,49 @@
-"""The one narrow interface between the SDK and the engine that runs it.
+"""The contract between the SDK and the engine that runs it, both ways.
 
-The engine (``runtime``) hands every room activation a ``RoomContext`` and every connection a
-``ConnectionLink``. The SDK classes (``Room``, ``Connection``, ``Stub``) only ever call these
-methods, so the engine can change freely behind them.
+SDK to engine: the engine (``runtime``) hands every room activation a ``RoomContext`` and
+every connection a ``ConnectionLink``; ``Room``, ``Connection`` and ``Stub`` only ever call
+these, so the engine can change freely behind them. ``Storage`` and ``Timer`` are the public
+types of what the context returns.
+
+Engine to SDK: ``runtime`` imports the public names of ``rooms`` and, beyond them, only what
+this module re-exports (the route records of an ``App``, the value codec, how a room instance
+is bound to its context). A test pins both rules (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ._ids import RoomId
-    from ._room import Connection, Room
+from ._app import FunctionRoute, ProxyRoute, RoomRoute, Route, StaticRoute
+from ._codec import decode, encode
+from ._http import RouteHandler, StubFactory, error_response, text_error, upgrade_required
+from ._ids import RoomId, room_id_of
+from ._room import Connection, Room, RoomCall, is_valid_close_code, make_stub, new_room
+
+__all__ = [
+    "ConnectionLink",
+    "FunctionRoute",
+    "ProxyRoute",
+    "RoomCall",
+    "RoomContext",
+    "RoomRoute",
+    "Route",
+    "RouteHandler",
+    "StaticRoute",
+    "Storage",
+    "StubFactory",
+    "Timer",
+    "decode",
+    "encode",
+    "error_response",
+    "is_valid_close_code",
+    "make_stub",
+    "new_room",
+    "room_id_of",
+    "text_error",
+    "upgrade_required",
+]
 
 
 class Storage(Protocol):

@@ -106,3 +106,18 @@ class Response:
 
 
 RouteHandler = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(error: HTTPError) -> Response:
+    """The answer an ``HTTPError`` stands for: its status, reason (as text) and headers."""
+    return Response.text(error.reason, error.status, error.headers)
+
+
+def text_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """A one-line plain-text error answer, as the engine gives its own refusals."""
+    return Response.text(message + "\n", status, headers)
+
+
+def upgrade_required() -> Response:
+    """426: a URL that takes WebSocket connections was asked a plain HTTP request."""
+    return Response.text("this endpoint expects a WebSocket upgrade", 426, {"upgrade": "websocket"})

@@ -53,3 +53,8 @@ class RoomId:
 
     def __str__(self) -> str:
         return self.hex
+
+
+def room_id_of(room: str | RoomId) -> RoomId:
+    """``room`` as an id: an id as it is, a name through ``RoomId.from_name``."""
+    return room if isinstance(room, RoomId) else RoomId.from_name(room)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._codec import encode
-from ._engine import ConnectionLink, RoomContext, Storage, Timer
-from ._http import HTTPError, Request, Response
+from ._http import HTTPError, Request, Response, upgrade_required
 from ._ids import RoomId, is_room_id
+
+if TYPE_CHECKING:  # the contract names its consumers; at run time it imports this module
+    from ._engine import ConnectionLink, RoomContext, Storage, Timer
 
 MAX_STATE_BYTES = 16 * 1024
 
@@ -46,7 +48,7 @@ class Connection:
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and ``reason``."""
-        if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        if not is_valid_close_code(code):
             raise ValueError(
                 f"close code {code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999"
             )
@@ -166,9 +168,7 @@ class Room:
     async def on_request(self, request: Request) -> Response:
         """A plain HTTP request routed to this room. The default answers 426 (the route
         expects a WebSocket upgrade)."""
-        return Response.text(
-            "this endpoint expects a WebSocket upgrade", 426, {"upgrade": "websocket"}
-        )
+        return upgrade_required()
 
     # -- addressing -----------------------------------------------------------------------
 
@@ -274,12 +274,37 @@ class Room:
         rooms, calls this room back while this room waits) fail at once with
         ``CallCycleError`` instead of deadlocking.
         """
-        ctx = self._ctx
+        return make_stub(self._ctx.call, room_class, room)
 
-        def call(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[Any]:
-            return ctx.call(room_class, room, method, args, kwargs)
 
-        return Stub(call, f"{room_class.__name__}:{room}")
+RoomCall = Callable[
+    [type[Room], "str | RoomId", str, tuple[Any, ...], dict[str, Any]], Awaitable[Any]
+]
+"""Runs a method of a room: (room class, room, method, args, kwargs) -> its result."""
+
+
+def make_stub(call: RoomCall, room_class: type[Room], room: str | RoomId) -> Stub:
+    """A stub on ``room`` whose calls go through ``call`` (a room's own, or the host's)."""
+
+    def invoke(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[Any]:
+        return call(room_class, room, method, args, kwargs)
+
+    return Stub(invoke, f"{room_class.__name__}:{room}")
+
+
+def new_room(room_class: type[Room], context: RoomContext) -> Room:
+    """An instance of ``room_class`` bound to the engine's ``context`` before its
+    ``__init__`` runs (so that ``__init__`` may already use ``self.id``)."""
+    room = room_class.__new__(room_class)
+    room._ctx = context
+    room.__init__()  # type: ignore[misc]
+    return room
+
+
+def is_valid_close_code(code: int) -> bool:
+    """Whether a Close frame may carry ``code`` (RFC 6455 7.4 and the IANA registry): the
+    rule for codes a room sends and codes a client sends alike."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class CallCycleError(RuntimeError):

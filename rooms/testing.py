@@ -10,7 +10,8 @@
             response = await rooms.request("GET", "/api/stats")
 
 No sockets are opened. Storage is SQLite in memory, or in ``data_dir`` to test restarts
-(open a second harness on the same folder, or call ``simulate_restart()``).
+(open a second harness on the same folder, or call ``simulate_restart()``). ``settings``
+takes a ``Settings`` (re-exported here) for the limits and timeouts to test.
 
 Time: alarms, timers, hibernation and unloading follow trio's clock, so a test run with a
 virtual clock (``virtual_clock()``, or pytest-trio's ``mock_clock`` fixture with an
@@ -20,10 +21,12 @@ virtual clock (``virtual_clock()``, or pytest-trio's ``mock_clock`` fixture with
         mock_clock.autojump_threshold = 0.01
         async with RoomsHarness(app) as rooms:
             ...
-            await trio.sleep(3600)  # instant Everything the engine guarantees over real
-sockets holds here too: the same host runs the rooms and the same router answers requests.
-This module drives the engine through its public entry points; it is the one part of the
-SDK that imports ``runtime``.
+            await trio.sleep(3600)  # instant
+
+Everything the engine guarantees over real sockets holds here too: the harness runs the
+server's own assembly, and a connection is routed, checked against the upgrade-time rules
+and joins its room through the same entry points as a socket's upgrade
+(``runtime.local``, the one part of the engine this module imports).
 """
 
 from __future__ import annotations
@@ -35,16 +38,10 @@ from types import TracebackType
 import trio
 import trio.testing
 
-from runtime.config import Settings
-from runtime.edge import Edge
-from runtime.frames import Close, FrameParser
-from runtime.host import Host, Peer
-from runtime.metrics import Metrics
-from runtime.server import database_path
-from runtime.storage import SqliteBackend
+from runtime.local import Close, FrameParser, LocalServer, Peer, Settings
 
-from ._app import App, ProxyRoute
-from ._http import Request, Response
+from ._app import App
+from ._http import Response
 from ._ids import RoomId
 from ._room import Room, Stub
 
@@ -101,7 +98,7 @@ class FakeClient:
         self.close_code, self.close_reason = code, reason
         self._arrived.set()
         if self._peer is not None:
-            self._harness._host.disconnected(self._peer, code, reason)
+            self._peer.end(code, reason)
 
     # -- the client's side ---------------------------------------------------------------
 
@@ -109,7 +106,7 @@ class FakeClient:
         """Send a message to the room (waits while the room's mailbox is full)."""
         if self.closed or self._peer is None:
             raise ConnectionClosed(self.close_code or 1006, self.close_reason)
-        await self._harness._host.received(self._peer, message)
+        await self._peer.deliver(message)
 
     async def receive(self, timeout: float = 5.0) -> str | bytes:
         """The next message from the server; ConnectionClosed once closed and drained."""
@@ -135,8 +132,15 @@ class FakeClient:
         self.closed = True
         self.close_code, self.close_reason = code, reason
         if self._peer is not None:
-            self._harness._host.disconnected(self._peer, code, reason)
+            self._peer.end(code, reason)
         await trio.lowlevel.checkpoint()
+
+    def _dropped(self) -> None:
+        """The server went away without a Close (a simulated restart): 1006."""
+        if not self.closed:
+            self.closed = True
+            self.close_code, self.close_reason = 1006, ""
+            self._arrived.set()
 
     @property
     def id(self) -> str:
@@ -159,30 +163,13 @@ class RoomsHarness:
         self.settings = (settings or Settings()).replace(
             data_dir=str(data_dir) if data_dir is not None else ":memory:"
         )
-        self.metrics = Metrics()
+        self._server = LocalServer(self.app, self.settings)
+        self.metrics = self._server.metrics
+        self._clients: list[FakeClient] = []
 
     async def __aenter__(self) -> RoomsHarness:
-        self._backend = SqliteBackend(database_path(self.settings), self.settings.synchronous)
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
-        self._clients: list[FakeClient] = []
-        await self._start_host()
+        await self._server.__aenter__()
         return self
-
-    async def _start_host(self) -> None:
-        """A host and router over the harness's storage, as a server process has."""
-        self._host_scope = trio.CancelScope()
-
-        async def run(task_status: trio.TaskStatus[Host]) -> None:
-            with self._host_scope:
-                async with trio.open_nursery() as nursery:
-                    host = Host(
-                        self._backend, self.settings, self.metrics, nursery, self.app.room_classes()
-                    )
-                    task_status.started(host)
-
-        self._host: Host = await self._nursery.start(run)
-        self._edge = Edge(self.app, self.settings, self._host, self.metrics)
 
     async def __aexit__(
         self,
@@ -190,12 +177,7 @@ class RoomsHarness:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        self._nursery.cancel_scope.cancel()
-        try:
-            return await self._nursery_manager.__aexit__(exc_type, exc, tb)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._backend.aclose()
+        return await self._server.__aexit__(exc_type, exc, tb)
 
     async def connect(
         self,
@@ -206,24 +188,12 @@ class RoomsHarness:
         """Open a WebSocket to ``path`` through the app's routes and upgrade-time rules
         (``allowed_origins``, ``on_before_connect``); HandshakeRejected if the app answers
         with an HTTP response instead."""
-        target, _, query = path.partition("?")
-        request = Request(
-            "GET", target, query, list(headers or []), b"", client, stub_factory=self._host.stub
-        )
-        answer = await self._edge.route(request, upgrade=True)
-        if isinstance(answer, ProxyRoute):
-            raise TypeError(f"{path} is a proxied route: test it against a real server")
-        if not isinstance(answer, Response):  # the upgrade-time rules, as at a real edge
-            answer = await self._edge.admission.admit(request, answer[0]) or answer
-        if isinstance(answer, Response):
-            raise HandshakeRejected(answer)
         fake = FakeClient(self)
+        joined = await self._server.connect(path, list(headers or []), client, fake)
+        if isinstance(joined, Response):
+            raise HandshakeRejected(joined)
+        fake._peer = joined
         self._clients.append(fake)
-        peer = self._host.attach(answer[0], answer[1], fake, request)
-        if peer is None:
-            raise HandshakeRejected(Response.text("room is full", 503))
-        fake._peer = peer
-        await self._host.connected(peer)
         return fake
 
     async def request(
@@ -234,51 +204,31 @@ class RoomsHarness:
         headers: list[tuple[str, str]] | None = None,
     ) -> Response:
         """A plain HTTP request through the app's routes."""
-        target, _, query = path.partition("?")
         data = body.encode() if isinstance(body, str) else body
-        request = Request(
-            method.upper(), target, query, list(headers or []), data, stub_factory=self._host.stub
-        )
-        answer = await self._edge.route(request, upgrade=False)
-        assert isinstance(answer, Response)
-        return answer
+        return await self._server.request(method, path, data, list(headers or []))
 
     def stub(self, room_class: type[Room], room: str | RoomId) -> Stub:
         """A stub to call a room's methods from the test."""
-        return self._host.stub(room_class, room)
+        return self._server.stub(room_class, room)
 
     def now(self) -> float:
         """Seconds since the epoch as rooms see them (``Room.now``): virtual time included."""
-        return self._host.now()
+        return self._server.now()
 
     def is_active(self, room_class: type[Room], room: str | RoomId) -> bool:
         """Whether that room is in memory now (not hibernated, not unloaded)."""
-        return self._host.is_active(room_class, _room_id(room))
+        return self._server.in_memory(room_class, room)
 
     async def force_hibernate(self, room_class: type[Room], room: str | RoomId) -> None:
         """Take that room out of memory now, as if it had been idle for ``hibernate_after``:
         its connections stay open with their state and tags; its next event starts it again
         (``on_start`` first). Its queued events are handled first."""
-        await self._leave_memory(room_class, room, hibernate=True)
+        await self._server.leave_memory(room_class, room, hibernate=True)
 
     async def force_evict(self, room_class: type[Room], room: str | RoomId) -> None:
         """Take that room out of memory now, as the bound on rooms in memory would (with
-        connections it hibernates; without, it is unloaded)."""
-        await self._leave_memory(room_class, room, hibernate=False)
-
-    async def _leave_memory(
-        self, room_class: type[Room], room: str | RoomId, hibernate: bool
-    ) -> None:
-        await self.settle()
-        act = self._host.live_activation(room_class, _room_id(room))
-        if act is None or not act.running:
-            return
-        if hibernate and not act.peers:
-            raise ValueError(f"room {act.label} has no connections: use force_evict")
-        act.evict()
-        with trio.fail_after(5):
-            while act.running:  # noqa: ASYNC110 - the host has no event for this
-                await trio.sleep(0.001)
+        connections it hibernates; without, it unloads)."""
+        await self._server.leave_memory(room_class, room, hibernate=False)
 
     async def simulate_restart(self) -> None:
         """Restart the server over the same storage: every room leaves memory, every
@@ -287,14 +237,9 @@ class RoomsHarness:
         durable first (``settle``)."""
         await self.settle()
         for client in self._clients:
-            if not client.closed:
-                client.closed = True
-                client.close_code, client.close_reason = 1006, ""
-                client._arrived.set()
+            client._dropped()
         self._clients.clear()
-        self._host_scope.cancel()
-        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
-        await self._start_host()
+        await self._server.restart()
 
     async def settle_events(self) -> None:
         """Wait until every task is blocked (events handled as far as they can go), without
@@ -303,12 +248,7 @@ class RoomsHarness:
 
     async def settle(self, timeout: float = 5.0) -> None:
         """Wait until every room has handled its queued events and its commits are durable."""
-        with trio.fail_after(timeout):
-            while True:
-                await trio.testing.wait_all_tasks_blocked(cushion=0.001)
-                if self._host.idle():
-                    return
-                await trio.sleep(0.001)
+        await self._server.settle(timeout)
 
 
 def virtual_clock() -> trio.testing.MockClock:
@@ -318,8 +258,11 @@ def virtual_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-def _room_id(room: str | RoomId) -> RoomId:
-    return room if isinstance(room, RoomId) else RoomId.from_name(room)
-
-
-__all__ = ["ConnectionClosed", "FakeClient", "HandshakeRejected", "RoomsHarness", "virtual_clock"]
+__all__ = [
+    "ConnectionClosed",
+    "FakeClient",
+    "HandshakeRejected",
+    "RoomsHarness",
+    "Settings",
+    "virtual_clock",
+]

@@ -19,6 +19,8 @@ from typing import Final
 
 import attrs
 
+from rooms._engine import is_valid_close_code
+
 __all__ = [
     "OP_BINARY",
     "OP_CLOSE",
@@ -27,11 +29,11 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "Close",
-    "Event",
     "FrameParser",
     "Ping",
     "Pong",
     "ProtocolError",
+    "Received",
     "accept_key",
     "close_payload",
     "encode_close",
@@ -86,8 +88,8 @@ class Close:
     reason: str
 
 
-Event = str | bytes | Ping | Pong | Close
-"""A complete text message is a str, a complete binary message bytes."""
+Received = str | bytes | Ping | Pong | Close
+"""What the parser hands back: a complete text message is a str, a binary one bytes."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,11 +197,6 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode()
 
 
-def is_valid_close_code(code: int) -> bool:
-    """Whether `code` may be received in a close frame (RFC 6455 7.4 and the IANA registry)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
@@ -214,7 +211,7 @@ _CONTROL_OPCODES: Final = frozenset((OP_CLOSE, OP_PING, OP_PONG))
 
 
 class FrameParser:
-    """Turns the bytes a peer sent into events (``Event``), validating everything on the way.
+    """Turns the bytes a peer sent into events (``Received``), validating everything on the way.
 
     ``client=False`` (a server) requires every frame to be masked; ``client=True`` requires
     every frame to be unmasked. A message (the sum of its fragments) may be at most
@@ -254,7 +251,7 @@ class FrameParser:
         """The violation that ended parsing, if any."""
         return self._error
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes) -> list[Received]:
         """Append `data`; return every event now complete, in order.
 
         Raises ``ProtocolError`` on a violation; the parser is unusable afterwards. When
@@ -268,7 +265,7 @@ class FrameParser:
         end = len(buf)
         if end < self._want:
             return []
-        events: list[Event] = []
+        events: list[Received] = []
         prefix_checked = self._prefix_checked
         try:
             pos = self._parse(buf, end, events)
@@ -288,7 +285,7 @@ class FrameParser:
             del buf[:pos]
         return events
 
-    def _parse(self, buf: bytearray, end: int, events: list[Event]) -> int:
+    def _parse(self, buf: bytearray, end: int, events: list[Received]) -> int:
         """Parse complete frames of ``buf[:end]``; return the offset of the first unparsed byte."""
         max_size = self._max
         masked = not self._client

@@ -1,46 +1,57 @@
 """Proxied WebSocket routes (``App.proxy``): the edge as a client of an upstream server.
 
 The client's side is served by the edge exactly as for a room (limits, keepalive, rules,
-accounting). ``connect`` opens the upstream WebSocket before the client gets its 101, so an
-unreachable upstream is a 502 (504 after ``upstream_timeout``) and a refusing one has its
-status and body passed on. Messages are relayed whole: fragmented ones are reassembled and
-validated on the way, text stays text, binary stays binary. Each side's pings are answered
-by the edge; Close codes and reasons travel both ways.
+accounting): the ``Upstream`` is its connection's ``Target``. ``connect`` opens the upstream
+WebSocket before the client gets its 101, so an unreachable upstream is a 502 (504 after
+``upstream_timeout``) and a refusing one has its status and body passed on. ``relay`` then
+carries messages whole both ways: fragmented ones are reassembled and validated on the way,
+text stays text, binary stays binary. Each side's pings are answered by the edge; Close codes
+and reasons travel both ways.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import math
 import os
 import secrets
 import ssl
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
 import trio
 
 from rooms import Request, Response
-from rooms._app import ProxyRoute
+from rooms._engine import ProxyRoute, text_error
 
 from .frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_PONG,
     OP_TEXT,
-    Event,
+    Close,
     FrameParser,
-    accept_key,
+    Ping,
+    ProtocolError,
+    Received,
     close_payload,
     encode_frame,
+    encode_message,
 )
+from .handshake import HandshakeError, check_accept, client_headers, client_key
 from .stream import RECV_SIZE, ConnectionBroken
+from .websocket import Sessions, WebSocket
 
 _MAX_REFUSAL_BODY = 64 * 1024  # of an upstream's refusal, passed on to the client
+_RELAY_BACKLOG = 256 * 1024  # bytes queued for a proxied client before the upstream waits
 
 
 class Upstream:
-    """A client WebSocket to the upstream of one proxied connection."""
+    """A client WebSocket to the upstream of one proxied connection; the ``Target`` of
+    that connection (``client``, once it joined)."""
+
+    auto_reply = None
 
     def __init__(
         self,
@@ -60,6 +71,33 @@ class Upstream:
         self._leftover = leftover
         self._sending = trio.StrictFIFOLock()  # the relay's two directions both send
         self.close_sent = False
+        self.client: WebSocket | None = None
+
+    # -- Target (what the client's read loop calls) --------------------------------------
+
+    @property
+    def label(self) -> str:
+        return f"proxied connection {self.id} to {self.url}"
+
+    async def deliver(self, message: str | bytes) -> None:
+        await self.send(message)
+
+    def end(self, code: int, reason: str, send_close: bool = False) -> None:
+        # Nothing to order behind: a Close for the client goes out at once. (The relay
+        # tells the upstream how the client's side ended.)
+        if send_close and self.client is not None:
+            self.client.close(code, reason)
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "route": self.request.route,
+            "room": None,
+            "upstream": self.url,
+            "connection": self.id,
+            "client_ip": self.request.client[0],
+        }
+
+    # -- the upstream's side -------------------------------------------------------------
 
     async def send(self, message: str | bytes) -> None:
         if isinstance(message, str):
@@ -85,7 +123,7 @@ class Upstream:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._stream.send_all(frame)
 
-    async def receive(self) -> list[Event]:
+    async def receive(self) -> list[Received]:
         """The next events from the upstream; ConnectionBroken at its end, ProtocolError
         when it breaks the protocol."""
         if self._leftover:
@@ -120,15 +158,11 @@ async def connect(
     except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         result = _bad_gateway(502, url, str(cause or exc) or type(exc).__name__)
-    except _Invalid as exc:
+    except HandshakeError as exc:
         result = _bad_gateway(502, url, str(exc))
     if isinstance(result, Response) and stream is not None:
         await trio.aclose_forcefully(stream)
     return result
-
-
-class _Invalid(Exception):
-    """The upstream answered, but not with a usable WebSocket handshake."""
 
 
 async def _open(url: str, context: ssl.SSLContext | None) -> trio.abc.Stream:
@@ -156,24 +190,12 @@ async def _handshake(
     max_message_size: int,
 ) -> Upstream | Response:
     parts = urlsplit(url)
-    key = base64.b64encode(os.urandom(16)).decode()
+    key = client_key()
     offered = request.header("sec-websocket-protocol")
-    headers = [
-        ("host", parts.netloc),
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-key", key),
-        ("sec-websocket-version", "13"),
-        *(
-            (name, value)
-            for name, value in request.headers
-            if name.lower() in route.forward_headers
-        ),
-        ("x-forwarded-for", request.client[0]),
-        ("x-forwarded-proto", "https" if secure else "http"),
-    ]
-    if offered:
-        headers.append(("sec-websocket-protocol", offered))
+    forwarded = [(k, v) for k, v in request.headers if k.lower() in route.forward_headers]
+    forwarded.append(("x-forwarded-for", request.client[0]))
+    forwarded.append(("x-forwarded-proto", "https" if secure else "http"))
+    headers = client_headers(parts.netloc, key, offered, forwarded)
     if isinstance(request.identity, str):
         headers.append(("x-rooms-identity", request.identity))
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -186,8 +208,8 @@ async def _handshake(
     if isinstance(answer, h11.Response) and answer.status_code >= 400:
         return await _refusal(h, answer, stream)
     if isinstance(answer, h11.ConnectionClosed):
-        raise _Invalid("closed the connection without answering the upgrade")
-    raise _Invalid(f"answered {getattr(answer, 'status_code', '?')} to a WebSocket upgrade")
+        raise HandshakeError("closed the connection without answering the upgrade")
+    raise HandshakeError(f"answered {getattr(answer, 'status_code', '?')} to a WebSocket upgrade")
 
 
 def _accepted(
@@ -201,13 +223,7 @@ def _accepted(
     max_message_size: int,
 ) -> Upstream:
     fields = {name.decode().lower(): value.decode("latin-1") for name, value in answer.headers}
-    if fields.get("sec-websocket-accept") != accept_key(key):
-        raise _Invalid("wrong Sec-WebSocket-Accept in its 101")
-    if fields.get("sec-websocket-extensions"):
-        raise _Invalid("it chose an extension that was not offered")
-    chosen = fields.get("sec-websocket-protocol")
-    if chosen is not None and chosen not in {p.strip() for p in (offered or "").split(",")}:
-        raise _Invalid(f"it chose subprotocol {chosen!r}, which the client did not offer")
+    chosen = check_accept(fields, key, offered)
     leftover = h.trailing_data[0]
     return Upstream(stream, request, url, chosen, leftover, max_message_size)
 
@@ -234,9 +250,60 @@ async def _next(h: h11.Connection, stream: trio.abc.Stream) -> h11.Event:
             h.receive_data(bytes(await stream.receive_some(RECV_SIZE)))
             continue
         if event is h11.PAUSED:
-            raise _Invalid("its answer could not be read")
+            raise HandshakeError("its answer could not be read")
         return event  # type: ignore[return-value]
 
 
 def _bad_gateway(status: int, url: str, why: str) -> Response:
-    return Response.text(f"upstream {url}: {why}\n", status)
+    return text_error(status, f"upstream {url}: {why}")
+
+
+# -- the relay --------------------------------------------------------------------------------
+
+
+async def relay(
+    sessions: Sessions, ws: WebSocket, upstream: Upstream, data: bytes, close_timeout: float
+) -> None:
+    """A proxied connection: the client's messages go upstream (its read loop, with
+    ``data`` that came with its upgrade), the upstream's come back."""
+    async with trio.open_nursery() as nursery:
+        upstream_done = trio.Event()
+        nursery.start_soon(_from_upstream, ws, upstream, upstream_done)
+        code, reason = await sessions.run(ws, data)
+        # The client's side has ended: tell the upstream how, and wait (bounded) for its
+        # answer. 1005 and 1006 cannot be sent: no code, or "going away".
+        if code == 1005:
+            await upstream.close(None)
+        elif code == 1006:
+            await upstream.close(1001, "the client went away")
+        else:
+            await upstream.close(code, reason)
+        with trio.move_on_after(close_timeout):
+            await upstream_done.wait()
+        nursery.cancel_scope.cancel()
+    await sessions.linger(ws, answered=code != 1006)
+
+
+async def _from_upstream(ws: WebSocket, upstream: Upstream, done: trio.Event) -> None:
+    """Relay the upstream's messages to the client, until the upstream closes."""
+    try:
+        while True:
+            for item in await upstream.receive():
+                if isinstance(item, (str, bytes)):
+                    ws.write(encode_message(item))
+                elif isinstance(item, Ping):
+                    await upstream.pong(item.payload)
+                elif isinstance(item, Close):
+                    await upstream.close(item.code, item.reason)  # the reply, if ours
+                    ws.close(item.code, item.reason)
+                    return
+            if ws.pending_bytes > _RELAY_BACKLOG:
+                await ws.wait_drained(math.inf)  # a slow client slows the upstream down
+    except ProtocolError as exc:
+        await upstream.close(exc.code, exc.reason)
+        ws.close(1011, f"the upstream broke the protocol: {exc.reason}")
+    except ConnectionBroken:
+        # 1011, not 1014 ("bad gateway"): some clients (wsproto) refuse 1014.
+        ws.close(1011, "the upstream connection was lost")
+    finally:
+        done.set()

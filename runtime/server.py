@@ -1,4 +1,4 @@
-"""Assemble a server: storage, host and edge, listening on a socket."""
+"""Assemble a server: storage, host and edge (``run_engine``), listening on a socket."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .config import Settings
 from .edge import Edge
 from .host import Host
 from .metrics import Metrics
-from .storage import SqliteBackend
+from .sqlite import SqliteBackend
+from .storage import Backend
 
 log = logging.getLogger("rooms.server")
 
@@ -54,6 +55,40 @@ def tune_process() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+async def run_engine(
+    app: App,
+    settings: Settings,
+    backend: Backend,
+    metrics: Metrics,
+    listener: socket.socket | None = None,
+    *,
+    task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The engine of one server: a host for ``app``'s rooms over ``backend`` and the edge in
+    front of it (accepting on ``listener``, if given), until cancelled;
+    ``task_status.started`` gets the edge (``edge.host`` is the host). ``serve`` runs it
+    behind a listener, ``runtime.local`` in process for the test harness (again over the
+    same backend to simulate a restart): one assembly for both. Connections and rooms share
+    one nursery, so a connection ending during shutdown can still tell its room."""
+    edge: Edge | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            host = Host(backend, settings, metrics, nursery, app.room_classes())
+            edge = Edge(app, settings, host, metrics)
+            if listener is not None:
+                nursery.start_soon(edge.serve, listener)
+            task_status.started(edge)
+            await trio.sleep_forever()
+    finally:
+        if edge is not None:
+            edge.usage.close()
+
+
+def open_backend(settings: Settings) -> SqliteBackend:
+    """The storage backend the settings name (SQLite under ``data_dir``)."""
+    return SqliteBackend(database_path(settings), settings.synchronous)
+
+
 async def serve(
     app: App,
     settings: Settings,
@@ -72,16 +107,14 @@ async def serve(
     host and port."""
     if listener is None:
         listener = listen(settings.host, settings.port)
-    backend = SqliteBackend(database_path(settings), settings.synchronous)
+    backend = open_backend(settings)
     metrics = Metrics()
     try:
-        async with trio.open_nursery() as rooms_nursery:
-            host = Host(backend, settings, metrics, rooms_nursery, app.room_classes())
-            edge = Edge(app, settings, host, metrics)
+        async with trio.open_nursery() as nursery:
+            edge: Edge = await nursery.start(run_engine, app, settings, backend, metrics, listener)
             port: int = listener.getsockname()[1]
             scheme = "https" if settings.certfile else "http"
             log.info("serving on %s://%s:%d (data: %s)", scheme, settings.host, port, backend.path)
-            rooms_nursery.start_soon(edge.serve, listener)
             task_status.started(port)
             if shutdown is None:
                 await trio.sleep_forever()
@@ -89,17 +122,14 @@ async def serve(
             _close(listener)
             with trio.move_on_after(settings.drain_timeout) as drain:
                 await edge.drain()
-                for _ in range(int(settings.drain_timeout * 100) + 1):  # running events
-                    if host.idle():
-                        break
-                    await trio.sleep(0.01)
+                await edge.host.wait_idle()  # running events and their commits
             if drain.cancelled_caught:
                 log.warning(
                     "drain_timeout (%g s) reached with %d WebSockets still open; stopping",
                     settings.drain_timeout,
                     metrics.websockets_open,
                 )
-            rooms_nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
     finally:
         _close(listener)
         with trio.CancelScope(shield=True):

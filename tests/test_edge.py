@@ -474,14 +474,14 @@ async def test_a_bug_in_one_connection_does_not_take_the_server_down(
 ) -> None:
     import runtime.edge
 
-    real = runtime.edge._handshake_problem
+    real = runtime.edge.Edge.upgrade
 
-    def buggy(event: Any, request: Any) -> Any:
+    async def buggy(edge: Any, request: Any, *args: Any) -> Any:
         if request.path == "/echo/bug":
             raise RuntimeError("a bug in the edge")
-        return real(event, request)
+        return await real(edge, request, *args)
 
-    monkeypatch.setattr(runtime.edge, "_handshake_problem", buggy)
+    monkeypatch.setattr(runtime.edge.Edge, "upgrade", buggy)
     port = await start_server(nursery, echo_app, settings)
     assert await raw_request(port, upgrade("/echo/bug"), read_timeout=1) == b""  # just closed
     with trio.fail_after(5):

@@ -18,11 +18,11 @@ from runtime.frames import (
     OP_PONG,
     OP_TEXT,
     Close,
-    Event,
     FrameParser,
     Ping,
     Pong,
     ProtocolError,
+    Received,
     encode_close,
     encode_frame,
     encode_message,
@@ -38,12 +38,12 @@ def masked(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     return encode_frame(opcode, payload, fin=fin, mask=MASK)
 
 
-def feed_all(parser: FrameParser, data: bytes) -> list[Event]:
+def feed_all(parser: FrameParser, data: bytes) -> list[Received]:
     return parser.feed(data)
 
 
-def feed_bytewise(parser: FrameParser, data: bytes) -> list[Event]:
-    events: list[Event] = []
+def feed_bytewise(parser: FrameParser, data: bytes) -> list[Received]:
+    events: list[Received] = []
     for i in range(len(data)):
         events.extend(parser.feed(data[i : i + 1]))
     return events
@@ -229,7 +229,7 @@ def test_byte_by_byte_gives_same_events(n: int) -> None:
     if n <= 300:
         assert feed_bytewise(FrameParser(), stream) == whole
     chunks = FrameParser()
-    events: list[Event] = []
+    events: list[Received] = []
     for i in range(0, len(stream), 7):
         events.extend(chunks.feed(stream[i : i + 7]))
     assert events == whole
@@ -498,7 +498,7 @@ message_strategy = st.one_of(st.text(max_size=300), st.binary(max_size=300))
 
 
 @st.composite
-def framed_messages(draw: st.DrawFn) -> tuple[list[Event], bytes, bool]:
+def framed_messages(draw: st.DrawFn) -> tuple[list[Received], bytes, bool]:
     """A list of messages and control frames, the bytes encoding them, and the side."""
     client = draw(st.booleans())
     items = draw(
@@ -512,9 +512,9 @@ def framed_messages(draw: st.DrawFn) -> tuple[list[Event], bytes, bool]:
         )
     )
     mask = None if client else draw(st.binary(min_size=4, max_size=4))
-    expected: list[Event] = []
+    expected: list[Received] = []
     chunks: list[bytes] = []
-    pending_controls: list[Event] = []
+    pending_controls: list[Received] = []
     for item in items:
         if isinstance(item, Ping | Pong):
             op = OP_PING if isinstance(item, Ping) else OP_PONG
@@ -544,12 +544,12 @@ def framed_messages(draw: st.DrawFn) -> tuple[list[Event], bytes, bool]:
 @given(framed_messages(), st.lists(st.integers(min_value=0), max_size=20))
 @settings(max_examples=200, deadline=None)
 def test_round_trip_split_anywhere(
-    case: tuple[list[Event], bytes, bool], split_points: list[int]
+    case: tuple[list[Received], bytes, bool], split_points: list[int]
 ) -> None:
     expected, stream, client = case
     points = sorted({p % (len(stream) + 1) for p in split_points})
     parser = FrameParser(client=client)
-    events: list[Event] = []
+    events: list[Received] = []
     for a, b in zip([0, *points], [*points, len(stream)], strict=True):
         events.extend(parser.feed(stream[a:b]))
     assert events == expected

@@ -343,7 +343,7 @@ async def test_connection_state_is_bounded() -> None:
 
 async def test_messages_wait_until_the_writes_before_them_are_durable() -> None:
     async with RoomsHarness(make_app()) as h:
-        backend = h._backend
+        backend = h._server.backend
         real_commit = backend.commit
         parked: list[Any] = []
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import trio
 
-from runtime.storage import RoomStorage, SqliteBackend, StorageError
+from runtime.sqlite import SqliteBackend
+from runtime.storage import RoomStorage, StorageError
 
 # ---------------------------------------------------------------------------------------
 # helpers

@@ -1,0 +1,491 @@
+"""One room in memory: its instance, connections, mailbox and task.
+
+Follow a message: the edge posts it into the room's mailbox (``Activation.post``); the
+room's task takes the events one at a time and runs each to completion (``events``);
+whatever the hook sends passes the room's output gate (``gate``), which writes it to the
+recipients' transports at once, or holds it until the storage writes made before it are
+durable, then the burst batch, which coalesces a burst's frames into one write per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import types
+from collections import deque
+from collections.abc import Callable, Collection, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from rooms import Connection, Request, Room, RoomId
+from rooms._engine import new_room
+
+from .events import Closed, Message, RoomEvent, Tick
+from .frames import encode_message
+from .gate import Batch, OutputGate, Transport
+from .storage import RoomStorage
+
+if TYPE_CHECKING:
+    from .host import Host
+
+log = logging.getLogger("rooms.host")
+
+_MAX_BURST = 64
+"""Events a room handles before the writes it batched are sent (a latency bound)."""
+
+
+class Peer:
+    """One connection attached to a room, both ways: the ``ConnectionLink`` behind
+    ``rooms.Connection`` (the room sends and closes) and the edge's ``Target`` (the client's
+    messages and its end go to the room). ``room_told``: the room knows it ended."""
+
+    __slots__ = ("activation", "conn", "room_told", "transport")
+
+    def __init__(self, activation: Activation, transport: Transport, request: Request) -> None:
+        self.activation = activation
+        self.transport = transport
+        self.conn = Connection(self, secrets.token_hex(8), request)
+        self.room_told = False
+
+    def send(self, message: str | bytes) -> None:
+        self.activation.send((self.transport,), encode_message(message))
+
+    def close(self, code: int, reason: str) -> None:
+        self.activation.gate.emit(self._close_now, (code, reason))
+
+    def _close_now(self, args: tuple[int, str]) -> None:
+        self.activation.batch.flush(self.transport)  # what was sent before goes first
+        self.transport.close(*args)
+
+    # -- Target (what the edge calls) ----------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        return f"connection {self.conn.id} in room {self.activation.label}"
+
+    @property
+    def auto_reply(self) -> tuple[str, str] | None:
+        return self.activation.room_class.auto_reply
+
+    async def deliver(self, message: str | bytes) -> None:
+        act = self.activation
+        act.host.metrics.messages_in_total += 1
+        await act.post(Message(self, message))
+
+    def end(self, code: int, reason: str, send_close: bool = False) -> None:
+        if not self.room_told:
+            self.room_told = True
+            self.activation.post_unbounded(Closed(self, code, reason, send_close))
+
+    def usage(self) -> dict[str, Any]:
+        request = self.conn.request
+        return {
+            "route": request.route,
+            "room": self.activation.label,
+            "connection": self.conn.id,
+            "client_ip": request.client[0],
+        }
+
+
+class Timer:
+    """A room's timer (``Room.every`` / ``Room.after``): each tick is an event of the room.
+    It lives as long as the room's instance: a restart or hibernation ends it."""
+
+    __slots__ = ("_activation", "callback", "deadline", "interval", "queued")
+
+    def __init__(
+        self,
+        activation: Activation,
+        delay: float,
+        interval: float | None,
+        callback: Callable[[], Any],
+    ) -> None:
+        self._activation = activation
+        self.callback = callback
+        self.deadline = trio.current_time() + delay
+        self.interval = interval
+        self.queued = False  # a tick is in the mailbox
+
+    @property
+    def active(self) -> bool:
+        return self in self._activation.timers
+
+    def cancel(self) -> None:
+        """Stop the timer (a tick already queued is dropped)."""
+        if self.active:
+            self._activation.timers.remove(self)
+
+    def advance(self) -> None:
+        """A tick is about to run: schedule the next one (a late tick is not made up for:
+        the next one is an interval from now), or end a one-shot timer."""
+        if self.interval is None:
+            self.cancel()
+        else:
+            self.deadline = max(self.deadline + self.interval, trio.current_time())
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+    """Await the rest of ``coro``, which was started by hand and has just yielded ``trap``
+    to the event loop: what ``await`` does, resumed half way (in the same task)."""
+    value = trap
+    while True:
+        try:
+            sent = yield value
+        except BaseException as exc:  # cancellation and the like: the coroutine handles it
+            try:
+                value = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration:
+                return
+
+
+class Activation:
+    """One room of the host: its instance (while in memory), connections, mailbox, storage
+    view and output gate. It is the ``RoomContext`` its instance talks to."""
+
+    __slots__ = (
+        "_busy",
+        "_drained",
+        "_mailbox",
+        "_mailbox_size",
+        "_mailbox_space",
+        "_room_id",
+        "_sleeper",
+        "_storage",
+        "attached",
+        "batch",
+        "evict_requested",
+        "gate",
+        "host",
+        "instance",
+        "key",
+        "label",
+        "last_used",
+        "peers",
+        "room_class",
+        "running",
+        "timers",
+        "waiting_on",
+    )
+
+    def __init__(self, host: Host, room_class: type[Room], room_id: RoomId) -> None:
+        self.host = host
+        self.room_class = room_class
+        self._room_id = room_id
+        self.label = f"{room_class.__name__}:{room_id.hex[:12]}" + (
+            f" ({room_id.name!r})" if room_id.name is not None else ""
+        )
+        self.instance: Room | None = None
+        self.peers: dict[str, Peer] = {}
+        self.attached = 0  # peers attached, including those whose connect is still queued
+        self.waiting_on: set[Activation] = set()  # rooms whose calls this room awaits
+        self.key = f"{room_class.namespace}/{room_id.hex}"
+        self.gate = OutputGate()
+        self._storage = RoomStorage(host.backend, self.key, self.gate.wrote, room_id.name)
+        self._mailbox: deque[RoomEvent] = deque()
+        self._mailbox_size = host.settings.mailbox_size
+        self._mailbox_space = trio.lowlevel.ParkingLot()
+        self._drained: trio.Event | None = None  # set when commits in flight fall below max
+        self._busy = False
+        self._sleeper: trio.lowlevel.Task | None = None  # the room's task, while it sleeps
+        self.batch = Batch()
+        # Lifecycle: the room's task runs while it has work or a reason to stay in memory;
+        # without one it hibernates (instance dropped, connections kept) or unloads.
+        self.running = False
+        self.timers: list[Timer] = []
+        self.last_used = trio.current_time()
+        self.evict_requested = False  # by the host's bound on rooms in memory, or a test
+
+    # -- RoomContext (what the SDK calls) ------------------------------------------------
+
+    @property
+    def room_id(self) -> RoomId:
+        return self._room_id
+
+    @property
+    def storage(self) -> RoomStorage:
+        return self._storage
+
+    def broadcast(self, message: str | bytes, exclude: Collection[str], tag: str | None) -> None:
+        transports = [p.transport for p in self._tagged(tag) if p.conn.id not in exclude]
+        self.send(transports, encode_message(message))
+
+    def connections(self, tag: str | None) -> list[Connection]:
+        return [p.conn for p in self._tagged(tag)]
+
+    def _tagged(self, tag: str | None) -> list[Peer]:
+        peers = self.peers.values()
+        return list(peers) if tag is None else [p for p in peers if tag in p.conn.tags]
+
+    async def call(
+        self,
+        room_class: type[Room],
+        room: str | RoomId,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return await self.host.call(room_class, room, method, args, kwargs, caller=self)
+
+    def start_timer(
+        self, delay: float, interval: float | None, callback: Callable[[], Any]
+    ) -> Timer:
+        timer = Timer(self, delay, interval, callback)
+        self.timers.append(timer)
+        return timer
+
+    def now(self) -> float:
+        return self.host.now()
+
+    # -- writing to connections ----------------------------------------------------------
+
+    def send(self, transports: Collection[Transport], frame: bytes) -> None:
+        """Send ``frame`` to each of ``transports`` through the output gate."""
+        self.host.metrics.messages_out_total += len(transports)
+        if self.gate.open:
+            self.batch.write(transports, frame)
+        else:
+            self.gate.hold(self._write_held, (transports, frame))
+
+    def _write_held(self, item: tuple[Collection[Transport], bytes]) -> None:
+        self.batch.write(*item)
+
+    # -- storage commits -----------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Hand the event's writes (and alarm change) to storage, if it made any."""
+        storage = self._storage
+        if storage.has_writes:
+            change = storage.alarm_change
+            if change is not None:
+                self.host.alarms.changed(self, change[0])
+            self.gate.submit()
+            self.host.metrics.storage_commits_total += 1
+            storage.commit(self._committed)
+        self.gate.end_event()
+
+    def _committed(self, error: BaseException | None) -> None:
+        gate = self.gate
+        gate.landed()
+        if error is not None:
+            self._storage_failed(error)
+        if gate.releasable and not self.batch.open:
+            # Released outputs of a whole group commit go out as one write per connection.
+            self.batch.start()
+            self.host.flush_soon(self)
+        gate.release()
+        if self._drained is not None and gate.inflight < self.host.settings.max_inflight_commits:
+            self._drained.set()
+            self._drained = None
+        if not gate.inflight:
+            self._wake()  # may now unload when idle
+
+    def _storage_failed(self, error: BaseException) -> None:
+        """A commit failed: what clients were told may be lost. Drop the held outputs, close
+        every connection (1011) so clients resync, and restart the room from storage."""
+        self.host.metrics.storage_errors_total += 1
+        log.error(
+            "room %s: a storage commit failed (%s); closing its %d connections with 1011 and "
+            "restarting it from storage",
+            self.label,
+            error,
+            len(self.peers),
+        )
+        self.batch.flush()
+        self.gate.fail(error)
+        self._drop_instance()
+        for peer in list(self.peers.values()):
+            peer.transport.close(1011, "storage failure: reconnect to resync")
+
+    # -- the mailbox ---------------------------------------------------------------------
+
+    async def post(self, event: RoomEvent) -> None:
+        """Queue an event; wait while the mailbox is full (the caller stops reading)."""
+        while len(self._mailbox) >= self._mailbox_size:
+            self.host.metrics.limit_mailbox_full_total += 1
+            await self._mailbox_space.park()
+        self._mailbox.append(event)
+        self._wake()
+        self._ensure_running()
+
+    def post_unbounded(self, event: RoomEvent) -> None:
+        """Queue an event past the mailbox bound: for closes, which must never wait (they
+        are bounded by the number of connections, and a reader that is shutting down cannot
+        wait for room in the mailbox), and alarms."""
+        self._mailbox.append(event)
+        self._wake()
+        self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        """Start the room's task if it is not running (a hibernated room wakes up)."""
+        if not self.running:
+            if self.peers:  # not running, yet connections: it was hibernated
+                self.host.woke(self)
+            self.running = True
+            self.host.nursery.start_soon(self.run, name=f"room {self.label}")
+
+    def _wake(self) -> None:
+        task = self._sleeper
+        if task is not None:
+            self._sleeper = None
+            trio.lowlevel.reschedule(task)
+
+    async def _sleep(self) -> None:
+        """Until ``_wake`` (cheaper than a trio.Event per wait, on the hot path)."""
+        self._sleeper = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._sleeper = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    # -- the room's task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The room's task: one event at a time, timer ticks among them, until the room has
+        been idle long enough to hibernate (connections kept) or unload (none left)."""
+        mailbox, gate, batch = self._mailbox, self.gate, self.batch
+        max_inflight = self.host.settings.max_inflight_commits
+        burst = 0
+        unload = True
+        try:
+            while True:
+                if self.timers:
+                    self._queue_ticks()
+                if mailbox:
+                    if burst == 0 and len(mailbox) > 1 and not batch.open:
+                        batch.start()  # a burst: batch its writes
+                    event = mailbox.popleft()
+                    self.evict_requested = False  # it is in use: only an idle room leaves
+                    if self._mailbox_space:
+                        self._mailbox_space.unpark()
+                    self._busy = True
+                    handling = self._handle(event)
+                    try:
+                        trap = handling.send(None)
+                    except StopIteration:
+                        pass  # done without blocking: its writes may stay in the batch
+                    else:  # it blocks (a storage read, a call): send the batch first
+                        batch.flush()
+                        await _resume(handling, trap)
+                    self._busy = False
+                    burst += 1
+                    too_many_commits = gate.inflight >= max_inflight
+                    if not mailbox or burst >= _MAX_BURST or too_many_commits:
+                        batch.flush()
+                        burst = 0
+                    if too_many_commits:
+                        self._drained = trio.Event()
+                        await self._drained.wait()
+                    continue
+                self.last_used = trio.current_time()
+                self.host.mark_used(self)
+                if gate.inflight:
+                    await self._sleep()  # commits on their way: woken when they land
+                    continue
+                if self.host.idle_event is not None:
+                    self.host.went_idle()
+                if self.timers:
+                    with trio.move_on_at(min(timer.deadline for timer in self.timers)):
+                        await self._sleep()
+                else:  # the host's sweeper wakes it when it has been idle too long
+                    self.host.idle_soon(self)
+                    await self._sleep()
+                if mailbox or self._queue_ticks():
+                    continue
+                if self.evict_requested:
+                    unload = not self.attached
+                    return
+        finally:
+            batch.flush()
+            self.evict_requested = False
+            self._drop_instance()
+            self.running = False
+            if unload or not self.peers:
+                self.host.forget(self)
+            else:
+                self.host.hibernated(self)
+
+    async def _handle(self, event: RoomEvent) -> None:
+        if not event.arrive(self):  # bookkeeping first: it happens even if the room fails
+            return
+        try:
+            room = self.instance
+            if room is None:
+                room = await self._start()
+            result = await event.run(self, room)
+        except Exception as exc:
+            self._recover(event, exc)
+            return
+        self.commit()
+        event.done(self, result)
+
+    async def _start(self) -> Room:
+        instance = new_room(self.room_class, self)
+        self.host.metrics.room_activations_total += 1
+        try:
+            await instance.on_start()
+        except BaseException:
+            self.timers.clear()  # set by the failed start: they end with it
+            raise
+        self.instance = instance
+        self.host.started(self)
+        return instance
+
+    def _recover(self, event: RoomEvent, exc: Exception) -> None:
+        """A hook raised: drop the event's writes and the outputs that depended on them,
+        tell the event's origin, and restart the room from storage on its next event."""
+        self.host.metrics.handler_errors_total += 1
+        hook = "on_start" if self.instance is None else event.hook
+        self._drop_instance()
+        self.gate.rollback()
+        event.failed(self, hook, exc)
+
+    # -- leaving memory ------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """No event queued or running, and every commit durable."""
+        return not self._mailbox and not self._busy and not self.gate.inflight
+
+    def idle_deadline(self) -> float:
+        """When this room, idle since ``last_used``, leaves memory (inf: not while timers
+        run, or with connections when hibernation is off)."""
+        if self.timers:
+            return math.inf
+        if not self.attached:
+            return self.last_used + self.host.settings.room_idle_timeout
+        after = self.room_class.hibernate_after
+        return math.inf if after is None else self.last_used + after
+
+    def _queue_ticks(self) -> bool:
+        """Queue a tick for each timer that is due; whether any was."""
+        now = trio.current_time()
+        queued = False
+        for timer in self.timers:
+            if timer.deadline <= now and not timer.queued:
+                timer.queued = queued = True
+                self._mailbox.append(Tick(timer))
+        return queued
+
+    def _drop_instance(self) -> None:
+        """The room's instance (and its timers) leave memory; storage stays on disk."""
+        if self.instance is not None:
+            self.instance = None
+            self.host.stopped(self)
+        self.timers.clear()
+        self._storage.rollback()
+
+    def evict(self) -> None:
+        """Ask an idle room to leave memory: hibernate if it has connections, else unload."""
+        if self.running:
+            self.evict_requested = True
+            self._wake()

@@ -1,0 +1,239 @@
+"""A room's events, one class per kind, each holding everything particular to its kind.
+
+The room's task (``Activation``) treats every event alike: ``arrive`` (bookkeeping that must
+happen even if the room cannot start; False drops the event), ``run`` (the hook, on the
+room's instance), then, once the event's writes went to storage, ``done`` with the result;
+if the hook raised, ``failed``, which tells the event's origin. Adding a kind of event is one
+class here (as h11 keeps a state machine's rules in one table).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from rooms import HTTPError, Request, Response, Room, RoomCallError
+from rooms._engine import decode, encode, error_response
+
+from .gate import Reply
+
+if TYPE_CHECKING:
+    from .activation import Activation, Peer, Timer
+
+log = logging.getLogger("rooms.host")
+
+ALARM_RETRIES = 6
+"""Times a failing on_alarm is retried (after 1, 2, 4... seconds) before it is given up."""
+
+_START_FAILED = "the room failed to start"
+_HOOK_FAILED = "internal error in the room"
+
+
+@attrs.define(slots=True, eq=False)
+class _Event:
+    hook: ClassVar[str]
+    """What runs, as logs name it."""
+    report: ClassVar[str] = ""
+    """What the event's origin was told when its hook raised."""
+
+    def arrive(self, act: Activation) -> bool:
+        return True
+
+    def done(self, act: Activation, result: Any) -> None:
+        pass
+
+    def failed(self, act: Activation, hook: str, exc: Exception) -> None:
+        """``hook`` raised ``exc``: log it and tell the origin. The room restarts."""
+        log.error(
+            "room %s: %s raised; %s. The room restarts from storage on its next event.",
+            act.label,
+            hook,
+            self.report,
+            exc_info=exc,
+        )
+        self.tell(act, _START_FAILED if hook == "on_start" else _HOOK_FAILED)
+
+    def tell(self, act: Activation, problem: str) -> None:
+        pass
+
+
+@attrs.define(slots=True, eq=False)
+class Connect(_Event):
+    hook: ClassVar[str] = "on_connect"
+    report: ClassVar[str] = "the connection was closed with 1011"
+    peer: Peer
+
+    def arrive(self, act: Activation) -> bool:
+        act.peers[self.peer.conn.id] = self.peer
+        return True
+
+    async def run(self, act: Activation, room: Room) -> None:
+        await room.on_connect(self.peer.conn, self.peer.conn.request)
+
+    def tell(self, act: Activation, problem: str) -> None:
+        act.peers.pop(self.peer.conn.id, None)
+        self.peer.close(1011, problem)
+
+
+@attrs.define(slots=True, eq=False)
+class Message(_Event):
+    hook: ClassVar[str] = "on_message"
+    report: ClassVar[str] = "the sender's connection was closed with 1011"
+    peer: Peer
+    data: str | bytes
+
+    def arrive(self, act: Activation) -> bool:
+        return self.peer.conn.id in act.peers  # not if it failed to join, or already left
+
+    async def run(self, act: Activation, room: Room) -> None:
+        await room.on_message(self.peer.conn, self.data)
+
+    def tell(self, act: Activation, problem: str) -> None:
+        self.peer.close(1011, problem)
+
+
+@attrs.define(slots=True, eq=False)
+class Closed(_Event):
+    """The connection ended with ``code``. With ``send_close`` the edge wants the Close
+    frame sent in the room's output order: after every answer to what the client sent."""
+
+    hook: ClassVar[str] = "on_close"
+    report: ClassVar[str] = "the connection was already gone"
+    peer: Peer
+    code: int
+    reason: str
+    send_close: bool
+
+    def arrive(self, act: Activation) -> bool:
+        if self.send_close:
+            self.peer.close(self.code, self.reason)
+        act.attached -= 1
+        return act.peers.pop(self.peer.conn.id, None) is not None
+
+    async def run(self, act: Activation, room: Room) -> None:
+        await room.on_close(self.peer.conn, self.code, self.reason)
+
+
+@attrs.define(slots=True, eq=False)
+class Http(_Event):
+    hook: ClassVar[str] = "on_request"
+    report: ClassVar[str] = "the request was answered with 500"
+    request: Request
+    reply: Reply
+
+    async def run(self, act: Activation, room: Room) -> Response:
+        try:
+            response = await room.on_request(self.request)
+        except HTTPError as exc:
+            return error_response(exc)
+        if not isinstance(response, Response):
+            raise TypeError(f"on_request returned {response!r}, not a rooms.Response")
+        return response
+
+    def done(self, act: Activation, result: Any) -> None:
+        act.gate.emit(self.reply.set, result)
+
+    def tell(self, act: Activation, problem: str) -> None:
+        act.gate.emit(self.reply.set, Response.text(problem, 500))
+
+
+@attrs.define(slots=True, eq=False)
+class Call(_Event):
+    """A method called through a stub; arguments and result travel as msgpack."""
+
+    hook: ClassVar[str] = "the called method"
+    method: str
+    payload: bytes
+    reply: Reply
+
+    async def run(self, act: Activation, room: Room) -> Any:
+        args, kwargs = decode(self.payload)
+        result = getattr(room, self.method)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return decode(pack(result, f"the result of {self.method}()"))
+
+    def done(self, act: Activation, result: Any) -> None:
+        act.gate.emit(self.reply.set, result)
+
+    def failed(self, act: Activation, hook: str, exc: Exception) -> None:
+        # The caller gets the exception itself; it is the caller's to handle or log.
+        log.info("room %s: %s for call %s() raised %r", act.label, hook, self.method, exc)
+        act.gate.emit(self.reply.fail, exc)
+
+
+@attrs.define(slots=True, eq=False)
+class Tick(_Event):
+    hook: ClassVar[str] = "a timer callback"
+    report: ClassVar[str] = "the room's timers were stopped"
+    timer: Timer
+
+    def arrive(self, act: Activation) -> bool:
+        timer = self.timer
+        timer.queued = False
+        if not timer.active:
+            return False  # cancelled, or its instance is gone
+        timer.advance()
+        return True
+
+    async def run(self, act: Activation, room: Room) -> None:
+        result = self.timer.callback()
+        if inspect.isawaitable(result):
+            await result
+
+
+@attrs.define(slots=True, eq=False)
+class Alarm(_Event):
+    """The room's stored alarm came due (``retry``: how many times it failed so far)."""
+
+    hook: ClassVar[str] = "on_alarm"
+    retry: int
+
+    async def run(self, act: Activation, room: Room) -> None:
+        # Storage is the truth: the alarm may have been deleted or moved since.
+        at = await act.storage.get_alarm()
+        if at is None or at > act.host.now():
+            return
+        act.storage.delete_alarm()  # before the handler, which may set the next one
+        await room.on_alarm(self.retry)
+
+    def failed(self, act: Activation, hook: str, exc: Exception) -> None:
+        retry = self.retry
+        if retry < ALARM_RETRIES:
+            delay = 2.0**retry
+            log.warning(
+                "room %s: %s raised %r; retry %d of %d in %g s",
+                act.label,
+                hook,
+                exc,
+                retry + 1,
+                ALARM_RETRIES,
+                delay,
+                exc_info=exc,
+            )
+            act.host.alarms.retry(act, delay, retry + 1)
+            return
+        log.error(
+            "room %s: %s raised %r on its last retry (%d); the alarm is deleted",
+            act.label,
+            hook,
+            exc,
+            retry,
+            exc_info=exc,
+        )
+        act.storage.delete_alarm()
+        act.commit()
+
+
+RoomEvent = Connect | Message | Closed | Http | Call | Tick | Alarm
+
+
+def pack(value: Any, what: str) -> bytes:
+    """``value`` as msgpack for a call; RoomCallError naming ``what`` if it cannot be."""
+    try:
+        return encode(value, what)
+    except TypeError as exc:
+        raise RoomCallError(str(exc)) from None

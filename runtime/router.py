@@ -1,0 +1,144 @@
+"""Which answer a request gets: the app's routes, the operator's endpoints, static files.
+
+``Router.route`` turns a request into a response, or, for a WebSocket upgrade, into where
+the connection goes: a room (``RoomTarget``) or a proxied route. Plain requests to a room
+route become the room's ``on_request`` event. The edge and the test harness both route
+through here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import mimetypes
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from rooms import App, HTTPError, Request, Response, Room, RoomId
+from rooms._engine import (
+    FunctionRoute,
+    ProxyRoute,
+    RoomRoute,
+    error_response,
+    text_error,
+    upgrade_required,
+)
+
+from .config import Settings
+from .host import Host
+from .metrics import Metrics
+from .usage import Usage
+
+log = logging.getLogger("rooms.edge")
+
+RoomTarget = tuple[type[Room], RoomId]
+"""The room an upgrade joins: its class and id."""
+
+_CLIENT_JS = Path(__file__).with_name("static") / "client.js"
+
+
+class Router:
+    """Routes the requests of one server. ``live_usage`` gives the usage records of the
+    WebSockets still open (for ``/_rooms/usage``)."""
+
+    def __init__(
+        self,
+        app: App,
+        settings: Settings,
+        metrics: Metrics,
+        host: Host,
+        usage: Usage,
+        live_usage: Callable[[], list[dict[str, Any]]],
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.host = host
+        self.usage = usage
+        self._live_usage = live_usage
+
+    async def route(self, request: Request, upgrade: bool) -> Response | RoomTarget | ProxyRoute:
+        """The response to a request, or for a WebSocket upgrade the room it joins or the
+        proxied route that relays it."""
+        try:
+            if request.path in ("/_rooms/metrics", "/_rooms/usage"):
+                return self._admin(request)
+            if request.path == "/_rooms/client.js":
+                return _client_js(request)
+            matched = self.app.match(request.path)
+            if matched is None:
+                return await self._static(request)
+            route, request.path_params = matched
+            request.route = route.pattern
+            if isinstance(route, RoomRoute):
+                room_id = route.room_class.resolve(request.path_params["name"])
+                if upgrade:
+                    return route.room_class, room_id
+                return await self.host.request(route.room_class, room_id, request)
+            if isinstance(route, ProxyRoute):
+                return route if upgrade else upgrade_required()
+            return await self._function(route, request)
+        except HTTPError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("%s %s: the handler raised; answered 500", request.method, request.path)
+            return text_error(500, "internal server error")
+
+    async def _function(self, route: FunctionRoute, request: Request) -> Response:
+        if request.method not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            return Response.text(f"method {request.method} not allowed", 405, {"allow": allow})
+        response = await route.handler(request)
+        if not isinstance(response, Response):
+            raise TypeError(f"route {route.pattern} returned {response!r}, not a rooms.Response")
+        return response
+
+    async def _static(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return text_error(404, "not found")
+        path = self.app.static_file(request.path)
+        if path is None:
+            return text_error(404, "not found")
+        body = await trio.to_thread.run_sync(path.read_bytes)
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if kind.startswith("text/") or kind in ("application/javascript", "application/json"):
+            kind += "; charset=utf-8"
+        return Response(200, body, {"content-type": kind, "cache-control": "no-cache"})
+
+    def _admin(self, request: Request) -> Response:
+        """/_rooms/metrics (Prometheus text) and /_rooms/usage (JSON), for the operator."""
+        token = self.settings.admin_token
+        if token:
+            if request.header("authorization") != f"Bearer {token}":
+                return text_error(
+                    401, f"{request.path} needs 'Authorization: Bearer <admin_token>'"
+                )
+        elif request.client[0] not in ("127.0.0.1", "::1"):
+            return text_error(403, f"set admin_token to read {request.path} from another host")
+        if request.path == "/_rooms/usage":
+            return Response.json(self.usage.report(self._live_usage()))
+        return Response(
+            200, self.metrics.prometheus().encode(), {"content-type": "text/plain; version=0.0.4"}
+        )
+
+
+@functools.cache
+def _client_js_file() -> tuple[bytes, str]:
+    body = _CLIENT_JS.read_bytes()
+    return body, '"' + hashlib.sha1(body).hexdigest()[:16] + '"'
+
+
+def _client_js(request: Request) -> Response:
+    """The browser client (RoomSocket), revalidated by ETag."""
+    if request.method not in ("GET", "HEAD"):
+        return Response.text("method not allowed", 405, {"allow": "GET, HEAD"})
+    body, etag = _client_js_file()
+    headers = {"etag": etag, "cache-control": "no-cache"}
+    if request.header("if-none-match") == etag:
+        return Response(304, b"", headers)
+    headers["content-type"] = "text/javascript; charset=utf-8"
+    return Response(200, body, headers)
