@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import logging
@@ -21,6 +20,7 @@ from rooms import App
 from . import connect
 from .config import ConfigError, Settings, load_settings
 from .server import listen, serve, tune_process
+from .usage import iso_utc
 
 
 def load_app(target: str) -> App:
@@ -76,9 +76,8 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time (UTC), level, logger, message, and the traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         line = {
-            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": iso_utc(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

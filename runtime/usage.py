@@ -22,12 +22,15 @@ COUNTS = ("bytes_in", "bytes_out", "messages_in", "messages_out")
 _MAX_ROOMS = 10_000  # rooms whose totals are kept (least recently closed go first)
 
 
-def _iso(seconds: float) -> str:
+def iso_utc(seconds: float) -> str:
+    """``seconds`` since the epoch as ISO 8601 in UTC, to the millisecond ("...Z")."""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Usage:
+    """The usage log and totals of one server (the log file is closed by ``close``)."""
+
     def __init__(self, settings: Settings) -> None:
         self._routes: dict[str, dict[str, int]] = {}
         self._rooms: OrderedDict[str, dict[str, int]] = OrderedDict()
@@ -47,8 +50,8 @@ class Usage:
         if self._log is not None:
             line = {
                 **record,
-                "start": _iso(record["start"]),
-                "stop": _iso(record["stop"]),
+                "start": iso_utc(record["start"]),
+                "stop": iso_utc(record["stop"]),
                 "duration_s": round(record["stop"] - record["start"], 3),
             }
             try:
@@ -78,6 +81,7 @@ class Usage:
             into[key] += record[key]
 
     def close(self) -> None:
+        """Close the usage log (the server is stopping)."""
         if self._log is not None:
             self._log.close()
 

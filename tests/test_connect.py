@@ -26,7 +26,8 @@ import pytest
 import trio
 import trio_websocket
 
-from runtime.connect import add_arguments, describe_binary, run
+from runtime.connect import add_arguments, run
+from runtime.console import describe_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT = 10
