@@ -29,15 +29,15 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-# Autobahn|Testsuite (Python 2.7) for tests/test_autobahn.py; if it cannot be installed here
+# Autobahn|Testsuite (Python 2.7) for tests/system/test_autobahn.py; if it cannot be installed here
 # that test is skipped with the reason (and fails under ROOMS_REQUIRE_AUTOBAHN=1, as in CI).
-$(WSTEST): tests/autobahn/install.sh tests/autobahn/requirements-py27.txt
-	tests/autobahn/install.sh .autobahn || echo "make: no Autobahn|Testsuite; its test will be skipped"
+$(WSTEST): tests/system/autobahn/install.sh tests/system/autobahn/requirements-py27.txt
+	tests/system/autobahn/install.sh .autobahn || echo "make: no Autobahn|Testsuite; its test will be skipped"
 
-# wscat (npm) for tests/test_wscat.py, skipped with the reason if npm is missing.
-WSCAT := tests/wscat/node_modules/.bin/wscat
-$(WSCAT): tests/wscat/package.json tests/wscat/package-lock.json
-	cd tests/wscat && npm ci --no-audit --no-fund --silent || echo "make: no wscat; its test will be skipped"
+# wscat (npm) for tests/system/test_wscat.py, skipped with the reason if npm is missing.
+WSCAT := tests/system/wscat/node_modules/.bin/wscat
+$(WSCAT): tests/system/wscat/package.json tests/system/wscat/package-lock.json
+	cd tests/system/wscat && npm ci --no-audit --no-fund --silent || echo "make: no wscat; its test will be skipped"
 
 unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
 	$(BIN)/python -m pytest -q
@@ -45,7 +45,7 @@ unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
 test: lint typecheck unit  ## lint, strict type check, every test
 
 soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
-	$(BIN)/python -m tests.soak $(SOAK_ARGS)
+	$(BIN)/python -m tests.system.soak $(SOAK_ARGS)
 
 # The benchmark: Rooms against websockets and Node ws, built here (bench/.venv, node_modules,
 # the C load generator), one table of medians and ratios; see bench/run.py.
@@ -66,4 +66,4 @@ bench-hibernation: $(VENV)/.dev  ## memory per connection while rooms hibernate
 	$(BIN)/python bench/hibernation.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .autobahn tests/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .autobahn tests/system/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache

@@ -1,25 +1,13 @@
-"""Shared fixtures: free ports, an in-process server on a real socket, a server process."""
+"""Fixtures every test directory shares (helpers are in ``tests/support.py``)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
-from rooms import App
 from runtime.config import Settings
-from runtime.server import serve
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -27,90 +15,8 @@ def settings(tmp_path: object) -> Settings:
     return Settings(host="127.0.0.1", port=0, data_dir=str(tmp_path))
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for servers started as processes)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def start_server(nursery: trio.Nursery, app: App, settings: Settings) -> int:
-    """Serve ``app`` in ``nursery`` on a free loopback port; return the port."""
-    port: int = await nursery.start(serve, app, settings)
-    return port
-
-
 @pytest.fixture
 async def nursery() -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as n:
         yield n
         n.cancel_scope.cancel()
-
-
-@contextmanager
-def server(
-    target: str, cwd: Path, data_dir: Path, *options: str, port: int | None = None
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m runtime.cli serve TARGET [OPTIONS]`` in ``cwd`` on ``port`` (default: a
-    free one); always killed on the way out."""
-    port = port or free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, "-m", "runtime.cli", "serve", target, "--port", str(port)]
-    command += ["--data-dir", str(data_dir), "--log-level", "WARNING", *options]
-    proc = subprocess.Popen(command, cwd=cwd, env=env)
-    try:
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-async def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    with trio.fail_after(15):
-        while True:
-            assert proc.poll() is None, "the server exited while starting"
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
-
-
-def wait_for_port_sync(port: int, proc: subprocess.Popen[bytes]) -> None:
-    """``wait_for_port`` outside trio, for fixtures shared by a module."""
-    trio.run(wait_for_port, port, proc)
-
-
-def kill_9(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(10) == -signal.SIGKILL
-
-
-async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
-    """Send raw bytes on a new connection; everything the server sends until it closes (or
-    ``read_timeout`` passes: a keep-alive or upgraded connection is then closed by us)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = bytearray()
-    async with stream:
-        with contextlib.suppress(trio.BrokenResourceError):
-            await stream.send_all(data)  # (the server may answer and close before reading all)
-        with trio.move_on_after(read_timeout), contextlib.suppress(trio.BrokenResourceError):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-    return bytes(received)
-
-
-async def metric(port: int, name: str) -> int:
-    """The value of ``rooms_<name>`` at ``/_rooms/metrics`` of the server on ``port``."""
-    answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
-    for line in answer.decode().splitlines():
-        if line.startswith(f"rooms_{name} "):
-            return int(line.split()[1])
-    raise AssertionError(f"no metric {name}")

@@ -1,7 +1,7 @@
 """Autobahn|Testsuite's fuzzingclient, every case, against ``examples.echo`` run by ``rooms serve``.
 
-wstest needs Python 2.7; ``tests/autobahn/install.sh`` (run by ``make test``) installs it into
-``.autobahn/``. Where that is impossible the test is skipped with the reason, except under
+wstest needs Python 2.7; ``tests/system/autobahn/install.sh`` (run by ``make test``) installs
+it into ``.autobahn/``. Where that is impossible the test is skipped with the reason, except under
 ``ROOMS_REQUIRE_AUTOBAHN=1`` (set by ``.ci/run``), where a missing wstest is a failure.
 
 wstest exits 0 whatever happens, so the verdict comes from its ``index.json`` and per-case
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from .conftest import REPO, server, wait_for_port
+from tests.support import REPO, server, wait_for_port
 
 WSTEST = Path(os.environ.get("ROOMS_WSTEST", REPO / ".autobahn" / "py27" / "bin" / "wstest"))
 # Outcomes that are not failures: OK; INFORMATIONAL (nothing to judge, e.g. the close reason
@@ -33,7 +33,7 @@ def wstest() -> Path:
     if WSTEST.exists():
         return WSTEST
     reason = (
-        f"Autobahn|Testsuite is not installed at {WSTEST}: run tests/autobahn/install.sh "
+        f"Autobahn|Testsuite is not installed at {WSTEST}: run tests/system/autobahn/install.sh "
         "(needs Python 2.7; set PYTHON27 if it is not found)"
     )
     if os.environ.get("ROOMS_REQUIRE_AUTOBAHN") == "1":

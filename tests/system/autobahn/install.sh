@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Autobahn|Testsuite (wstest) into $1 (default .autobahn), for tests/test_autobahn.py.
+# Installs Autobahn|Testsuite (wstest) into $1 (default .autobahn), for tests/system/test_autobahn.py.
 #
 # wstest runs on Python 2.7 only. We look for it as $PYTHON27, then pyenv's 2.7.x, then
 # python2.7 on PATH; current virtualenv releases cannot make 2.7 environments, so a small

@@ -1,7 +1,7 @@
 """Smoke test with wscat (npm), the client Cloudflare's WebSockets page recommends for
 troubleshooting: it must talk to a Rooms server like to any other.
 
-``make test`` installs it into tests/wscat/node_modules; without npm the test is skipped
+``make test`` installs it into tests/system/wscat/node_modules; without npm the test is skipped
 with the reason, except under ``ROOMS_REQUIRE_WSCAT=1`` (set by ``.ci/run``)."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import pytest
 import trio
 import trustme
 
-from .conftest import REPO, server, wait_for_port
+from tests.support import REPO, server, wait_for_port
 
-WSCAT = REPO / "tests" / "wscat" / "node_modules" / ".bin" / "wscat"
+WSCAT = REPO / "tests" / "system" / "wscat" / "node_modules" / ".bin" / "wscat"
 
 
 @pytest.fixture
 def wscat() -> Path:
     if WSCAT.exists():
         return WSCAT
-    reason = f"wscat is not installed at {WSCAT}: cd tests/wscat && npm ci"
+    reason = f"wscat is not installed at {WSCAT}: cd tests/system/wscat && npm ci"
     if os.environ.get("ROOMS_REQUIRE_WSCAT") == "1":
         pytest.fail(reason)
     pytest.skip(reason)

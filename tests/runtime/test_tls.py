@@ -14,8 +14,7 @@ from trio_websocket import open_websocket_url
 from examples.echo.app import app as echo_app
 from rooms import App, Request, Response
 from runtime.config import ConfigError, Settings, load_settings
-
-from .conftest import REPO, free_port, raw_request, server, start_server, wait_for_port
+from tests.support import REPO, free_port, raw_request, server, start_server, wait_for_port
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import os
 import socket
 from typing import Any
 
@@ -13,18 +11,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
-
-from .conftest import raw_request, start_server
-
-KEY = base64.b64encode(os.urandom(16)).decode()
-
-
-def upgrade(path: str, key: str = KEY, version: str = "13", extra: str = "") -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n"
-    ).encode()
+from tests.support import guarded_app, raw_request, start_server, upgrade
 
 
 async def test_broadcast_room_and_echo_over_real_websockets(
@@ -333,34 +320,6 @@ async def test_a_client_that_answers_pings_stays_connected(
 
 
 # -- upgrade-time rules ---------------------------------------------------------------------
-
-
-def guarded_app() -> Any:
-    from rooms import App, Connection, HTTPError, Request, Room
-
-    class Guarded(Room):
-        allowed_origins = ("https://ok.example",)
-
-        @classmethod
-        async def on_before_connect(cls, request: Request) -> Any:
-            token = request.query_param("token")
-            if token == "boom":
-                raise RuntimeError("a bug in the hook")
-            if token != "secret":
-                raise HTTPError(401, "a valid ?token= is required")
-            return {"user": "ada"}
-
-        async def on_connect(self, conn: Connection, request: Request) -> None:
-            conn.send(repr(request.identity))
-
-    class Open(Room):
-        async def on_connect(self, conn: Connection, request: Request) -> None:
-            conn.send("welcome")
-
-    app = App()
-    app.room("/guarded/{name}", Guarded)
-    app.room("/open/{name}", Open)
-    return app
 
 
 def status_line(response: bytes) -> str:

@@ -29,8 +29,7 @@ from runtime.frames import (
     FrameParser,
     encode_frame,
 )
-
-from .conftest import raw_request, server, wait_for_port_sync
+from tests.support import raw_request, server, wait_for_port_sync
 
 APP = """
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Soak test (``make soak``): thousands of connections with steady traffic for minutes, and the
 server's memory and open file descriptors must stay flat.
 
-    python -m tests.soak [--connections 2000] [--rooms 200] [--seconds 180] [--interval 2]
+    python -m tests.system.soak [--connections 2000] [--rooms 200] [--seconds 180] [--interval 2]
 
 Starts ``rooms serve examples.echo.app:app`` as a process, opens the connections spread over
 the rooms (``/room/<name>`` broadcasts to everyone in the room), and has each connection send a
@@ -25,8 +25,7 @@ from pathlib import Path
 import trio
 
 from runtime.frames import OP_TEXT, FrameParser, encode_frame
-
-from .conftest import REPO, server, wait_for_port_sync
+from tests.support import REPO, server, wait_for_port_sync
 
 
 class Totals:

@@ -501,7 +501,7 @@ async def test_batched_and_gated_outputs_keep_their_order() -> None:
 
 
 async def test_the_harness_applies_the_upgrade_time_rules() -> None:
-    from .test_edge import guarded_app
+    from tests.support import guarded_app
 
     async with RoomsHarness(guarded_app()) as h:
         with pytest.raises(HandshakeRejected) as refused:

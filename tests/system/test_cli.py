@@ -17,10 +17,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from runtime.cli import main
 from runtime.config import ConfigError, Settings, load_settings
+from tests.support import REPO, free_port
 
-from .conftest import free_port
-
-REPO = Path(__file__).resolve().parent.parent
 ROOMS = [sys.executable, "-m", "runtime.cli"]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from .conftest import REPO, kill_9, metric, server, wait_for_port
+from tests.support import REPO, kill_9, metric, server, wait_for_port
 
 COUNTER_APP = """
 import json

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from .conftest import REPO, free_port, server, wait_for_port_sync
+from tests.support import REPO, free_port, server, wait_for_port_sync
 
 CHROMIUM_ARGS = [
     "--headless",

@@ -28,8 +28,9 @@ import trio_websocket
 
 from runtime.connect import add_arguments, run
 from runtime.console import describe_binary
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 TIME_LIMIT = 10
 
 Handler = Callable[[trio_websocket.WebSocketRequest], Awaitable[None]]

@@ -15,8 +15,7 @@ from trio_websocket import open_websocket_url
 from rooms import App, Connection, Request, Response, Room
 from rooms.testing import ConnectionClosed, RoomsHarness
 from runtime.config import Settings
-
-from .conftest import metric, start_server
+from tests.support import metric, start_server
 
 LOG: list[str] = []
 

@@ -26,9 +26,7 @@ from rooms import App, HTTPError, Request
 from runtime.config import Settings
 from runtime.frames import OP_CONTINUATION, OP_TEXT, accept_key, encode_frame
 from runtime.server import serve
-
-from .conftest import free_port, raw_request, start_server
-from .test_edge import upgrade
+from tests.support import free_port, raw_request, start_server, upgrade
 
 
 class Upstream:

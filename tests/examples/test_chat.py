@@ -23,8 +23,7 @@ from trio_websocket import (
 
 from examples.chat import app as chat
 from runtime.config import Settings
-
-from .conftest import start_server
+from tests.support import start_server
 
 RATE_LIMITED = "Your IP is being rate-limited, please try again later."
 HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -14,8 +14,7 @@ from examples.counter.app import app
 from examples.echo.app import app as echo_app
 from rooms.testing import RoomsHarness
 from runtime.config import Settings
-
-from .conftest import start_server
+from tests.support import start_server
 
 
 async def test_counter() -> None:
