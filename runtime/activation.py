@@ -13,7 +13,6 @@ import logging
 import math
 import secrets
 import types
-from collections import deque
 from collections.abc import Callable, Collection, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ import trio
 from rooms import Connection, Request, Room, RoomId
 from rooms._engine import new_room
 
-from .events import Closed, Message, RoomEvent, Tick
+from .events import Closed, Mailbox, Message, RoomEvent, Tick
 from .frames import encode_message
 from .gate import Batch, OutputGate, Transport
 from .storage import RoomStorage
@@ -153,11 +152,7 @@ class Activation:
     __slots__ = (
         "_busy",
         "_drained",
-        "_mailbox",
-        "_mailbox_size",
-        "_mailbox_space",
         "_room_id",
-        "_sleeper",
         "_storage",
         "attached",
         "batch",
@@ -168,6 +163,7 @@ class Activation:
         "key",
         "label",
         "last_used",
+        "mailbox",
         "peers",
         "room_class",
         "running",
@@ -189,12 +185,9 @@ class Activation:
         self.key = f"{room_class.namespace}/{room_id.hex}"
         self.gate = OutputGate()
         self._storage = RoomStorage(host.backend, self.key, self.gate.wrote, room_id.name)
-        self._mailbox: deque[RoomEvent] = deque()
-        self._mailbox_size = host.settings.mailbox_size
-        self._mailbox_space = trio.lowlevel.ParkingLot()
+        self.mailbox = Mailbox(host.settings.mailbox_size, host.metrics)
         self._drained: trio.Event | None = None  # set when commits in flight fall below max
         self._busy = False
-        self._sleeper: trio.lowlevel.Task | None = None  # the room's task, while it sleeps
         self.batch = Batch()
         # Lifecycle: the room's task runs while it has work or a reason to stay in memory;
         # without one it hibernates (instance dropped, connections kept) or unloads.
@@ -269,7 +262,6 @@ class Activation:
             self.gate.submit()
             self.host.metrics.storage_commits_total += 1
             storage.commit(self._committed)
-        self.gate.end_event()
 
     def _committed(self, error: BaseException | None) -> None:
         gate = self.gate
@@ -285,7 +277,7 @@ class Activation:
             self._drained.set()
             self._drained = None
         if not gate.inflight:
-            self._wake()  # may now unload when idle
+            self.mailbox.wake()  # may now unload when idle
 
     def _storage_failed(self, error: BaseException) -> None:
         """A commit failed: what clients were told may be lost. Drop the held outputs, close
@@ -308,19 +300,12 @@ class Activation:
 
     async def post(self, event: RoomEvent) -> None:
         """Queue an event; wait while the mailbox is full (the caller stops reading)."""
-        while len(self._mailbox) >= self._mailbox_size:
-            self.host.metrics.limit_mailbox_full_total += 1
-            await self._mailbox_space.park()
-        self._mailbox.append(event)
-        self._wake()
+        await self.mailbox.put(event)
         self._ensure_running()
 
     def post_unbounded(self, event: RoomEvent) -> None:
-        """Queue an event past the mailbox bound: for closes, which must never wait (they
-        are bounded by the number of connections, and a reader that is shutting down cannot
-        wait for room in the mailbox), and alarms."""
-        self._mailbox.append(event)
-        self._wake()
+        """Queue an event past the mailbox bound (see ``Mailbox.put_unbounded``)."""
+        self.mailbox.put_unbounded(event)
         self._ensure_running()
 
     def _ensure_running(self) -> None:
@@ -331,28 +316,13 @@ class Activation:
             self.running = True
             self.host.nursery.start_soon(self.run, name=f"room {self.label}")
 
-    def _wake(self) -> None:
-        task = self._sleeper
-        if task is not None:
-            self._sleeper = None
-            trio.lowlevel.reschedule(task)
-
-    async def _sleep(self) -> None:
-        """Until ``_wake`` (cheaper than a trio.Event per wait, on the hot path)."""
-        self._sleeper = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._sleeper = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
     # -- the room's task -----------------------------------------------------------------
 
     async def run(self) -> None:
         """The room's task: one event at a time, timer ticks among them, until the room has
         been idle long enough to hibernate (connections kept) or unload (none left)."""
-        mailbox, gate, batch = self._mailbox, self.gate, self.batch
+        mailbox, gate, batch = self.mailbox, self.gate, self.batch
+        events = mailbox.events
         max_inflight = self.host.settings.max_inflight_commits
         burst = 0
         unload = True
@@ -360,13 +330,12 @@ class Activation:
             while True:
                 if self.timers:
                     self._queue_ticks()
-                if mailbox:
-                    if burst == 0 and len(mailbox) > 1 and not batch.open:
+                if events:
+                    if burst == 0 and len(events) > 1 and not batch.open:
                         batch.start()  # a burst: batch its writes
-                    event = mailbox.popleft()
+                    event = events.popleft()
+                    mailbox.took()
                     self.evict_requested = False  # it is in use: only an idle room leaves
-                    if self._mailbox_space:
-                        self._mailbox_space.unpark()
                     self._busy = True
                     handling = self._handle(event)
                     try:
@@ -379,7 +348,7 @@ class Activation:
                     self._busy = False
                     burst += 1
                     too_many_commits = gate.inflight >= max_inflight
-                    if not mailbox or burst >= _MAX_BURST or too_many_commits:
+                    if not events or burst >= _MAX_BURST or too_many_commits:
                         batch.flush()
                         burst = 0
                     if too_many_commits:
@@ -389,17 +358,17 @@ class Activation:
                 self.last_used = trio.current_time()
                 self.host.mark_used(self)
                 if gate.inflight:
-                    await self._sleep()  # commits on their way: woken when they land
+                    await mailbox.sleep()  # commits on their way: woken when they land
                     continue
                 if self.host.idle_event is not None:
                     self.host.went_idle()
                 if self.timers:
                     with trio.move_on_at(min(timer.deadline for timer in self.timers)):
-                        await self._sleep()
+                        await mailbox.sleep()
                 else:  # the host's sweeper wakes it when it has been idle too long
                     self.host.idle_soon(self)
-                    await self._sleep()
-                if mailbox or self._queue_ticks():
+                    await mailbox.sleep()
+                if events or self._queue_ticks():
                     continue
                 if self.evict_requested:
                     unload = not self.attached
@@ -454,7 +423,7 @@ class Activation:
     @property
     def idle(self) -> bool:
         """No event queued or running, and every commit durable."""
-        return not self._mailbox and not self._busy and not self.gate.inflight
+        return not self.mailbox.events and not self._busy and not self.gate.inflight
 
     def idle_deadline(self) -> float:
         """When this room, idle since ``last_used``, leaves memory (inf: not while timers
@@ -473,7 +442,7 @@ class Activation:
         for timer in self.timers:
             if timer.deadline <= now and not timer.queued:
                 timer.queued = queued = True
-                self._mailbox.append(Tick(timer))
+                self.mailbox.events.append(Tick(timer))
         return queued
 
     def _drop_instance(self) -> None:
@@ -488,4 +457,4 @@ class Activation:
         """Ask an idle room to leave memory: hibernate if it has connections, else unload."""
         if self.running:
             self.evict_requested = True
-            self._wake()
+            self.mailbox.wake()

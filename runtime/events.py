@@ -1,4 +1,5 @@
-"""A room's events, one class per kind, each holding everything particular to its kind.
+"""A room's events, one class per kind, each holding everything particular to its kind, and
+the mailbox that queues them.
 
 The room's task (``Activation``) treats every event alike: ``arrive`` (bookkeeping that must
 happen even if the room cannot start; False drops the event), ``run`` (the hook, on the
@@ -11,14 +12,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+import trio
 
 from rooms import HTTPError, Request, Response, Room, RoomCallError
 from rooms._engine import decode, encode, error_response
 
 from .gate import Reply
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from .activation import Activation, Peer, Timer
@@ -237,3 +241,54 @@ def pack(value: Any, what: str) -> bytes:
         return encode(value, what)
     except TypeError as exc:
         raise RoomCallError(str(exc)) from None
+
+
+class Mailbox:
+    """A room's queue of events, and where its task waits for the next one.
+
+    What clients send is bounded (``put`` waits while ``size`` events are queued, so the edge
+    stops reading the senders' sockets); closes and alarms are not (``put_unbounded``: they
+    are bounded by the connections and alarms, and a reader that is shutting down cannot
+    wait). The room's task takes ``events`` itself and calls ``took``; it parks in ``sleep``
+    until ``wake`` (cheaper than a ``trio.Event`` per wait, on the hot path)."""
+
+    __slots__ = ("_metrics", "_size", "_sleeper", "_space", "events")
+
+    def __init__(self, size: int, metrics: Metrics) -> None:
+        self.events: deque[RoomEvent] = deque()
+        self._size = size
+        self._metrics = metrics
+        self._space = trio.lowlevel.ParkingLot()  # senders waiting for room in the queue
+        self._sleeper: trio.lowlevel.Task | None = None  # the room's task, while it sleeps
+
+    async def put(self, event: RoomEvent) -> None:
+        while len(self.events) >= self._size:
+            self._metrics.limit_mailbox_full_total += 1
+            await self._space.park()
+        self.events.append(event)
+        self.wake()
+
+    def put_unbounded(self, event: RoomEvent) -> None:
+        self.events.append(event)
+        self.wake()
+
+    def took(self) -> None:
+        """The task took an event: one waiting sender may go on."""
+        if self._space:
+            self._space.unpark()
+
+    def wake(self) -> None:
+        task = self._sleeper
+        if task is not None:
+            self._sleeper = None
+            trio.lowlevel.reschedule(task)
+
+    async def sleep(self) -> None:
+        """Until ``wake`` (or the caller's cancel scope ends the wait)."""
+        self._sleeper = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._sleeper = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)

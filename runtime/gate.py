@@ -97,10 +97,6 @@ class OutputGate:
         """The running event's writes were handed to storage as the next commit."""
         self.submitted += 1
 
-    def end_event(self) -> None:
-        """The running event is over: the next one's outputs wait for what is submitted."""
-        self._horizon = self.submitted
-
     def rollback(self) -> None:
         """The running event failed: its writes are dropped, and so is what it sent after
         its first write (it depended on them)."""

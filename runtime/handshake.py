@@ -25,8 +25,7 @@ from .frames import Close, accept_key, encode_close
 
 def is_upgrade(request: Request) -> bool:
     """Whether ``request`` asks for a WebSocket (it is then checked by ``check_upgrade``)."""
-    upgrade = request.header("upgrade")
-    return upgrade is not None and "websocket" in upgrade.lower()
+    return "websocket" in _tokens(request.header("upgrade"))
 
 
 def check_upgrade(request: Request, http_version: bytes) -> Response | None:
@@ -36,8 +35,7 @@ def check_upgrade(request: Request, http_version: bytes) -> Response | None:
         return text_error(400, "a WebSocket upgrade must use GET")
     if http_version != b"1.1":
         return text_error(400, "a WebSocket upgrade needs HTTP/1.1")
-    tokens = {t.strip().lower() for t in (request.header("connection") or "").split(",")}
-    if "upgrade" not in tokens:
+    if "upgrade" not in _tokens(request.header("connection")):
         return text_error(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
     if request.header("sec-websocket-version") != "13":
         return Response.text(
@@ -98,14 +96,24 @@ def client_headers(
 def check_accept(fields: Mapping[str, str], key: str, offered: str | None) -> str | None:
     """Check a server's 101 (its header ``fields``, lower-case names) against the request
     that sent ``key`` and ``offered``; the subprotocol it chose. HandshakeError if wrong."""
+    if "websocket" not in _tokens(fields.get("upgrade")):
+        raise HandshakeError("its 101 lacks 'Upgrade: websocket'")
+    if "upgrade" not in _tokens(fields.get("connection")):
+        raise HandshakeError("its 101 lacks 'Connection: Upgrade'")
     if fields.get("sec-websocket-accept") != accept_key(key):
         raise HandshakeError("wrong Sec-WebSocket-Accept in its 101")
     if fields.get("sec-websocket-extensions"):
         raise HandshakeError("it chose an extension that was not offered")
     chosen = fields.get("sec-websocket-protocol")
-    if chosen is not None and chosen not in {p.strip() for p in (offered or "").split(",")}:
+    if chosen is not None and chosen not in _tokens(offered, lower=False):
         raise HandshakeError(f"it chose subprotocol {chosen!r}, which the client did not offer")
     return chosen
+
+
+def _tokens(value: str | None, lower: bool = True) -> set[str]:
+    """The tokens of a comma-separated header value (lower-cased for case-blind ones)."""
+    tokens = {t.strip() for t in (value or "").split(",")} - {""}
+    return {t.lower() for t in tokens} if lower else tokens
 
 
 # -- closing --------------------------------------------------------------------------------

@@ -81,9 +81,10 @@ class Usage:
             into[key] += record[key]
 
     def close(self) -> None:
-        """Close the usage log (the server is stopping)."""
+        """Close the usage log (the server is stopping); totals are still kept after it."""
         if self._log is not None:
             self._log.close()
+            self._log = None
 
 
 def _zero() -> dict[str, int]:

@@ -303,7 +303,7 @@ class Slow(Room):
 
 
 async def test_a_full_mailbox_makes_senders_wait() -> None:
-    from runtime.config import Settings
+    from rooms.testing import Settings
 
     Slow.release = trio.Event()
     app = App()
@@ -388,7 +388,7 @@ class Census(Room):
 
 
 async def test_one_activation_per_room_and_idle_rooms_unload() -> None:
-    from runtime.config import Settings
+    from rooms.testing import Settings
 
     Census.starts = 0
     app = App()

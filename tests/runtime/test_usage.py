@@ -1,0 +1,268 @@
+"""Usage accounting (``runtime.usage``): ``iso_utc``, the totals per route and per room that
+``Usage.closed`` keeps and ``Usage.report`` gives (open connections included), and the
+JSON-lines usage log (one line per closed WebSocket, until ``close``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.config import Settings
+from runtime.usage import Usage, iso_utc
+
+START = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
+
+
+def record(
+    route: str = "/room/{name}",
+    room: str | None = "Chat:0123456789ab ('a')",
+    *,
+    start: float = START,
+    stop: float = START + 12.25,
+    bytes_in: int = 10,
+    bytes_out: int = 200,
+    messages_in: int = 1,
+    messages_out: int = 4,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A usage record shaped as ``Edge._usage_record`` builds it."""
+    return {
+        "start": start,
+        "stop": stop,
+        "route": route,
+        "room": room,
+        "connection": "c1",
+        "client_ip": "10.0.0.1",
+        "close_code": 1000,
+        "close_reason": "bye",
+        "closed_by": "client",
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "messages_in": messages_in,
+        "messages_out": messages_out,
+        **extra,
+    }
+
+
+def proxied(**counts: Any) -> dict[str, Any]:
+    return record("/p/{x}", None, upstream="ws://127.0.0.1:9/a", **counts)
+
+
+def counts(websockets: int, open_: int, closed: int, *values: int) -> dict[str, int]:
+    """A totals entry: connections, then bytes_in, bytes_out, messages_in, messages_out."""
+    keys = ("bytes_in", "bytes_out", "messages_in", "messages_out")
+    connections = {"websockets": websockets, "open": open_, "closed": closed}
+    return {**connections, **dict(zip(keys, values, strict=True))}
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- iso_utc ---------------------------------------------------------------------------------
+
+
+def test_iso_utc_gives_milliseconds_and_a_trailing_z() -> None:
+    assert iso_utc(0.5) == "1970-01-01T00:00:00.500Z"
+    assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(START) == "2023-11-14T22:13:20.250Z"
+
+
+def test_iso_utc_truncates_below_the_millisecond() -> None:
+    assert iso_utc(0.9999) == "1970-01-01T00:00:00.999Z"
+
+
+# -- the totals ------------------------------------------------------------------------------
+
+
+def test_a_fresh_usage_reports_zero_totals() -> None:
+    assert Usage(Settings()).report([]) == {
+        "total": counts(0, 0, 0, 0, 0, 0, 0),
+        "routes": {},
+        "rooms": {},
+    }
+
+
+def test_closed_records_add_up_per_route_and_per_room() -> None:
+    usage = Usage(Settings())
+    usage.closed(record(room="A"))
+    usage.closed(record(room="A", bytes_in=1, bytes_out=2, messages_in=3, messages_out=4))
+    usage.closed(record(room="B", bytes_in=5, bytes_out=6, messages_in=7, messages_out=8))
+    report = usage.report([])
+    assert report["routes"] == {"/room/{name}": counts(3, 0, 3, 16, 208, 11, 16)}
+    assert report["rooms"] == {
+        "A": counts(2, 0, 2, 11, 202, 4, 8),
+        "B": counts(1, 0, 1, 5, 6, 7, 8),
+    }
+
+
+def test_records_without_a_room_count_for_their_route_only() -> None:
+    usage = Usage(Settings())
+    usage.closed(proxied())
+    usage.closed(record(room=None))
+    report = usage.report([])
+    assert report["routes"] == {
+        "/p/{x}": counts(1, 0, 1, 10, 200, 1, 4),
+        "/room/{name}": counts(1, 0, 1, 10, 200, 1, 4),
+    }
+    assert report["rooms"] == {}
+
+
+def test_the_total_sums_the_routes() -> None:
+    usage = Usage(Settings())
+    usage.closed(record(room="A", bytes_in=1, bytes_out=2, messages_in=3, messages_out=4))
+    usage.closed(proxied(bytes_in=10, bytes_out=20, messages_in=30, messages_out=40))
+    assert usage.report([])["total"] == counts(2, 0, 2, 11, 22, 33, 44)
+
+
+def test_open_connections_are_reported_as_open() -> None:
+    usage = Usage(Settings())
+    usage.closed(record(room="A"))
+    report = usage.report([record(room="A", bytes_in=1), record(room="C", bytes_in=2)])
+    assert report["routes"] == {"/room/{name}": counts(3, 2, 1, 13, 600, 3, 12)}
+    assert report["rooms"] == {
+        "A": counts(2, 1, 1, 11, 400, 2, 8),
+        "C": counts(1, 1, 0, 2, 200, 1, 4),
+    }
+    assert report["total"] == counts(3, 2, 1, 13, 600, 3, 12)
+
+
+def test_an_open_proxied_connection_counts_for_its_route_only() -> None:
+    report = Usage(Settings()).report([proxied()])
+    assert report["routes"] == {"/p/{x}": counts(1, 1, 0, 10, 200, 1, 4)}
+    assert report["rooms"] == {}
+
+
+def test_reporting_open_connections_does_not_change_the_stored_totals() -> None:
+    usage = Usage(Settings())
+    usage.closed(record(room="A"))
+    before = usage.report([])
+    usage.report([record(room="A"), record("/other/{name}", "B"), proxied()])
+    assert usage.report([]) == before
+    assert before["routes"] == {"/room/{name}": counts(1, 0, 1, 10, 200, 1, 4)}
+
+
+def test_changing_a_report_does_not_change_the_stored_totals() -> None:
+    usage = Usage(Settings())
+    usage.closed(record(room="A"))
+    report = usage.report([])
+    report["routes"]["/room/{name}"]["bytes_in"] = 999
+    report["rooms"]["A"]["bytes_in"] = 999
+    again = usage.report([])
+    assert again["routes"]["/room/{name}"]["bytes_in"] == 10
+    assert again["rooms"]["A"]["bytes_in"] == 10
+
+
+def test_only_the_most_recently_closed_rooms_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("runtime.usage._MAX_ROOMS", 2)
+    usage = Usage(Settings())
+    usage.closed(record(room="A"))
+    usage.closed(record(room="B"))
+    usage.closed(record(room="A"))  # A is now the most recent
+    usage.closed(record(room="C"))  # B goes
+    report = usage.report([])
+    assert list(report["rooms"]) == ["A", "C"]
+    assert report["rooms"]["A"]["closed"] == 2
+    assert report["routes"]["/room/{name}"]["closed"] == 4  # route totals keep everything
+
+
+# -- the usage log ---------------------------------------------------------------------------
+
+
+def test_each_closed_record_is_one_json_line(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    usage = Usage(Settings(usage_log=str(log)))
+    usage.closed(record(room="A"))
+    usage.closed(proxied(stop=START + 0.0004))
+    usage.close()
+    first, second = lines(log)
+    assert first == {
+        **record(room="A"),
+        "start": "2023-11-14T22:13:20.250Z",
+        "stop": "2023-11-14T22:13:32.500Z",
+        "duration_s": 12.25,
+    }
+    assert second["route"] == "/p/{x}"
+    assert second["room"] is None
+    assert second["upstream"] == "ws://127.0.0.1:9/a"
+    assert second["duration_s"] == 0.0  # rounded to the millisecond
+
+
+def test_a_line_is_written_when_the_connection_closes(tmp_path: Path) -> None:
+    """Line-buffered: each record is in the file at once, not at ``close``."""
+    log = tmp_path / "usage.jsonl"
+    usage = Usage(Settings(usage_log=str(log)))
+    assert log.read_text() == ""
+    usage.closed(record())
+    assert len(lines(log)) == 1
+    usage.close()
+
+
+def test_the_log_is_appended_to(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    log.write_text('{"earlier": true}\n')
+    usage = Usage(Settings(usage_log=str(log)))
+    usage.closed(record())
+    usage.close()
+    earlier, added = lines(log)
+    assert earlier == {"earlier": True}
+    assert added["connection"] == "c1"
+
+
+def test_open_connections_are_not_logged(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    usage = Usage(Settings(usage_log=str(log)))
+    usage.report([record()])
+    usage.close()
+    assert log.read_text() == ""
+
+
+def test_without_usage_log_no_file_is_written(tmp_path: Path) -> None:
+    usage = Usage(Settings(data_dir=str(tmp_path)))
+    usage.closed(record())
+    usage.close()
+    assert list(tmp_path.iterdir()) == []
+    assert usage.report([])["total"]["closed"] == 1
+
+
+def test_after_close_the_log_is_not_written_or_reopened(tmp_path: Path) -> None:
+    """The file stays closed: a record closed afterwards still counts in the totals and adds
+    no line (a connection ending during shutdown does not fail)."""
+    log = tmp_path / "usage.jsonl"
+    usage = Usage(Settings(usage_log=str(log)))
+    usage.closed(record(room="A"))
+    usage.close()
+    usage.close()  # twice is harmless
+    content = log.read_text()
+    usage.closed(record(room="B"))
+    assert log.read_text() == content
+    assert len(lines(log)) == 1
+    assert usage.report([])["total"]["closed"] == 2
+
+
+def test_an_unwritable_log_is_reported_and_the_totals_still_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "usage.jsonl"
+    usage = Usage(Settings(usage_log=str(log)))
+    file = usage._log
+    assert file is not None
+
+    def full_disk(text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file, "write", full_disk)
+    usage.closed(record(room="A"))
+    monkeypatch.undo()
+    usage.close()
+    assert "cannot write the usage log" in caplog.text
+    assert usage.report([])["rooms"]["A"]["closed"] == 1
+    assert log.read_text() == ""
+
+
+def test_a_usage_log_that_cannot_be_opened_raises_at_start(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Usage(Settings(usage_log=str(tmp_path / "missing" / "usage.jsonl")))
