@@ -1,10 +1,11 @@
 """One room in memory: its instance, connections, mailbox and task.
 
-Follow a message: the edge posts it into the room's mailbox (``Activation.post``); the
-room's task takes the events one at a time and runs each to completion (``events``);
-whatever the hook sends passes the room's output gate (``gate``), which writes it to the
-recipients' transports at once, or holds it until the storage writes made before it are
-durable, then the burst batch, which coalesces a burst's frames into one write per connection.
+Follow a message: the edge hands it to the connection's ``Peer``, which posts it into the
+room's mailbox (``Activation.post``); the room's task takes the events one at a time and runs
+each to completion (``events``); whatever the hook sends passes the room's output gate
+(``gate``), which writes it to the recipients' transports at once, or holds it until the
+storage writes made before it are durable. During a burst of queued events the frames go
+through the burst batch: one write per connection when the burst ends.
 """
 
 from __future__ import annotations
@@ -300,12 +301,15 @@ class Activation:
 
     async def post(self, event: RoomEvent) -> None:
         """Queue an event; wait while the mailbox is full (the caller stops reading)."""
-        await self.mailbox.put(event)
+        mailbox = self.mailbox
+        if len(mailbox.events) >= mailbox.size:
+            await mailbox.wait_for_space()
+        mailbox.put(event)
         self._ensure_running()
 
     def post_unbounded(self, event: RoomEvent) -> None:
-        """Queue an event past the mailbox bound (see ``Mailbox.put_unbounded``)."""
-        self.mailbox.put_unbounded(event)
+        """Queue an event past the mailbox bound (see ``Mailbox``)."""
+        self.mailbox.put(event)
         self._ensure_running()
 
     def _ensure_running(self) -> None:

@@ -11,7 +11,6 @@ in its room's output order) and writes each closed WebSocket's usage record (``u
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import socket
 import time
@@ -122,8 +121,7 @@ class Edge:
                 metrics.limit_connections_total += 1
                 await self._refuse(stream, text_error(503, "server is at its connection limit"))
                 return
-            answer = functools.partial(self.answer, secure=stream.tls is not None)
-            upgraded = await self.http.serve(stream, (addr[0], addr[1]), answer)
+            upgraded = await self.http.serve(stream, (addr[0], addr[1]), self.answer)
             if upgraded is not None:
                 # The HTTP phase's state (h11, the request head) is gone by now: an idle
                 # WebSocket holds only what the data path needs.

@@ -246,29 +246,29 @@ def pack(value: Any, what: str) -> bytes:
 class Mailbox:
     """A room's queue of events, and where its task waits for the next one.
 
-    What clients send is bounded (``put`` waits while ``size`` events are queued, so the edge
-    stops reading the senders' sockets); closes and alarms are not (``put_unbounded``: they
-    are bounded by the connections and alarms, and a reader that is shutting down cannot
-    wait). The room's task takes ``events`` itself and calls ``took``; it parks in ``sleep``
-    until ``wake`` (cheaper than a ``trio.Event`` per wait, on the hot path)."""
+    What clients send is bounded: while ``size`` events are queued the sender waits in
+    ``wait_for_space`` (so the edge stops reading its socket). Closes and alarms are not
+    (they are bounded by the connections and alarms, and a reader that is shutting down
+    cannot wait). ``put`` queues either. The room's task takes ``events`` itself and calls
+    ``took``; it parks in ``sleep`` until ``wake`` (cheaper than a ``trio.Event`` per wait,
+    on the hot path)."""
 
-    __slots__ = ("_metrics", "_size", "_sleeper", "_space", "events")
+    __slots__ = ("_metrics", "_sleeper", "_space", "events", "size")
 
     def __init__(self, size: int, metrics: Metrics) -> None:
         self.events: deque[RoomEvent] = deque()
-        self._size = size
+        self.size = size
         self._metrics = metrics
         self._space = trio.lowlevel.ParkingLot()  # senders waiting for room in the queue
         self._sleeper: trio.lowlevel.Task | None = None  # the room's task, while it sleeps
 
-    async def put(self, event: RoomEvent) -> None:
-        while len(self.events) >= self._size:
+    async def wait_for_space(self) -> None:
+        """Until fewer than ``size`` events are queued."""
+        while len(self.events) >= self.size:
             self._metrics.limit_mailbox_full_total += 1
             await self._space.park()
-        self.events.append(event)
-        self.wake()
 
-    def put_unbounded(self, event: RoomEvent) -> None:
+    def put(self, event: RoomEvent) -> None:
         self.events.append(event)
         self.wake()
 

@@ -1,7 +1,8 @@
 """The host: every room of one server process, at most one activation per room.
 
-It starts rooms on demand (``activation``), is what the edge talks to (``attach``,
-``connected``, ``received``, ``disconnected``, ``request``), keeps the number of rooms in
+It starts rooms on demand (``activation``), is what the edge talks to (``attach`` and
+``connected`` for a new connection, whose ``Peer`` then carries its messages; ``request``
+for a plain HTTP request to a room), keeps the number of rooms in
 memory bounded (least recently used idle rooms leave first, and a sweeper unloads or
 hibernates rooms idle past their deadline), runs calls between rooms with a cycle check, and
 fires alarms (``AlarmClock``). Each room itself is an ``Activation``.

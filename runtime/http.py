@@ -25,8 +25,9 @@ from .metrics import Metrics
 from .stream import Stream
 
 T = TypeVar("T")
-Answer = Callable[[Request, bytes], Awaitable[Response | T]]
-"""Answers one request (and its HTTP version): a response, or an upgrade to hand over."""
+Answer = Callable[[Request, bytes, bool], Awaitable[Response | T]]
+"""Answers one request (its HTTP version; whether it came over TLS): a response, or an
+upgrade to hand over."""
 
 
 class HttpServer:
@@ -53,7 +54,7 @@ class HttpServer:
                 await self._send(h, stream, received)
                 break
             event, request = received
-            result = await answer(request, event.http_version)
+            result = await answer(request, event.http_version, stream.tls is not None)
             if not isinstance(result, Response):
                 return result, h.trailing_data[0]
             await self._send(h, stream, result, head_only=request.method == "HEAD")

@@ -292,6 +292,7 @@ class Sessions:
             settings.messages_per_second_per_connection,
             float(settings.message_burst_per_connection),
         )
+        self._rate_limited = bool(self._rate.rate)
 
     async def run(self, ws: WebSocket, data: bytes) -> tuple[int, str]:
         """Read the client's frames (``data``: what came with the upgrade) until it closes,
@@ -349,7 +350,7 @@ class Sessions:
                 if ws.state is not _OPEN:
                     continue
                 ws.messages_in += 1
-                if self._rate.rate and not self._within_rate(ws):
+                if self._rate_limited and not self._within_rate(ws):
                     continue
                 if auto is not None and item == auto[0]:
                     ws.write(encode_message(auto[1]))
