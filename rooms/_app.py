@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,25 @@ class ProxyRoute:
 
 Route = RoomRoute | FunctionRoute | ProxyRoute
 
+_HOOKS = (
+    "on_before_connect",
+    "on_start",
+    "on_connect",
+    "on_message",
+    "on_close",
+    "on_alarm",
+    "on_request",
+)
+
+
+def _is_async(function: Any) -> bool:
+    """Whether calling ``function`` gives an awaitable (an async def, or an object whose
+    ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)
+    )
+
+
 DEFAULT_FORWARDED_HEADERS = ("authorization", "cookie", "origin", "user-agent")
 
 
@@ -100,6 +120,12 @@ class App:
     def room(self, pattern: str, room_class: type[Room]) -> None:
         if not (isinstance(room_class, type) and issubclass(room_class, Room)):
             raise TypeError(f"{room_class!r} is not a subclass of rooms.Room")
+        for hook in _HOOKS:
+            if not _is_async(getattr(room_class, hook)):
+                raise TypeError(
+                    f"{room_class.__name__}.{hook} must be a coroutine function: "
+                    f"'async def {hook}(...)'"
+                )
         if "{name}" not in pattern:
             raise ValueError(f"room route {pattern!r} needs a {{name}} parameter")
         self.routes.append(RoomRoute(pattern, room_class, _compile(pattern)))
@@ -110,6 +136,11 @@ class App:
         """Decorator: ``handler(request) -> Response`` answers ``methods`` on ``pattern``."""
 
         def register(handler: RouteHandler) -> RouteHandler:
+            if not _is_async(handler):
+                raise TypeError(
+                    f"route {pattern}: {getattr(handler, '__name__', handler)!r} must be a "
+                    "coroutine function ('async def'), called with the request"
+                )
             allowed = frozenset(m.upper() for m in methods)
             if "GET" in allowed:
                 allowed |= {"HEAD"}

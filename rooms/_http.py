@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -81,13 +81,46 @@ class Request:
         return self._stub_factory(room_class, room)
 
 
+def _body(body: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    if isinstance(body, (bytearray, memoryview)):
+        return bytes(body)
+    raise TypeError(
+        f"a Response body is bytes or str, not {type(body).__name__}; "
+        "for JSON use Response.json(value)"
+    )
+
+
+def _status(_: Any, __: Any, status: int) -> None:
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise TypeError(f"a Response status is an int from 100 to 599, not {status!r}")
+
+
+def _headers(headers: Mapping[str, str | int]) -> dict[str, str]:
+    checked = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, (str, int)):
+            raise TypeError(
+                f"Response header {name!r}: {value!r}; names are str, values str or int"
+            )
+        checked[name] = str(value)
+    return checked
+
+
 @attrs.define(slots=True)
 class Response:
-    """An HTTP response. Build one directly or with ``text``/``json``/``html``."""
+    """An HTTP response. Build one directly or with ``text``/``json``/``html``.
 
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = attrs.field(factory=dict)
+    ``body`` is bytes, or a str sent as UTF-8 (give a ``content-type`` header, or use
+    ``text``/``html``, which set one). Header values may be str or int. A wrong type raises
+    TypeError here, where it was made, not when the response is sent."""
+
+    status: int = attrs.field(default=200, validator=_status)
+    body: bytes = attrs.field(default=b"", converter=_body)
+    headers: dict[str, str] = attrs.field(factory=dict, converter=_headers)
 
     @classmethod
     def text(cls, text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -65,12 +65,14 @@ class Peer:
     def label(self) -> str:
         return f"connection {self.conn.id} in room {self.activation.label}"
 
-    @property
-    def auto_reply(self) -> tuple[str, str] | None:
-        return self.activation.room_class.auto_reply
-
     async def deliver(self, message: str | bytes) -> None:
         act = self.activation
+        auto = act.room_class.auto_reply
+        if auto is not None and message == auto[0]:
+            # Answered here, at once, without waking the room (a heartbeat costs nothing).
+            self.transport.write(encode_message(auto[1]))
+            act.host.metrics.auto_replies_total += 1
+            return
         act.host.metrics.messages_in_total += 1
         await act.post(Message(self, message))
 

@@ -19,7 +19,8 @@ from rooms import App
 
 from . import connect
 from .config import ConfigError, Settings, load_settings
-from .server import listen, serve, tune_process
+from .server import listen, prepare_data_dir, serve, tune_process
+from .storage import StorageError
 from .usage import iso_utc
 
 
@@ -35,8 +36,22 @@ def load_app(target: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"rooms serve: cannot import module {module_name!r}: {exc}") from None
-    app = getattr(module, attribute, None)
+        hint = ""
+        if module_name.partition(".")[0] in ("rooms", "runtime"):
+            hint = (
+                f"; {module_name.partition('.')[0]!r} is the name of a package of Rooms itself, "
+                "so your app cannot live in a folder of that name: rename the folder"
+            )
+        raise SystemExit(
+            f"rooms serve: cannot import module {module_name!r}: {exc}{hint}"
+        ) from None
+    if not hasattr(module, attribute):
+        apps = sorted(name for name, value in vars(module).items() if isinstance(value, App))
+        found = f"its rooms.App objects: {', '.join(apps)}" if apps else "it has no rooms.App"
+        raise SystemExit(
+            f"rooms serve: module {module_name} has no attribute {attribute!r}; {found}"
+        )
+    app = getattr(module, attribute)
     if not isinstance(app, App):
         raise SystemExit(
             f"rooms serve: {module_name}.{attribute} is {type(app).__name__}, not a rooms.App"
@@ -129,6 +144,11 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     app = load_app(args.app)
+    try:
+        prepare_data_dir(settings)
+    except ConfigError as exc:
+        print(f"rooms serve: {exc}", file=sys.stderr)
+        return 2
     tune_process()
     try:
         listener = listen(settings.host, settings.port)
@@ -136,8 +156,13 @@ def _serve(args: argparse.Namespace) -> int:
         where = f"{settings.host}:{settings.port}"
         print(f"rooms serve: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         return 1
-    trio.run(_serve_until_signal, app, settings, listener)
-    return 0
+    code = 0
+    try:
+        trio.run(_serve_until_signal, app, settings, listener)
+    except* StorageError as failed:  # e.g. a database file that cannot be opened
+        print(f"rooms serve: {failed.exceptions[0]}", file=sys.stderr)
+        code = 2
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

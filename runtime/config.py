@@ -182,7 +182,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 _CHOICES = {
     "message_rate_action": ("CLOSE", "DROP"),
-    "synchronous": ("NORMAL", "FULL", "OFF"),
+    "synchronous": ("NORMAL", "FULL"),  # never OFF: the kill -9 guarantee needs a journal
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
     "log_format": ("TEXT", "JSON"),
 }

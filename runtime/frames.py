@@ -151,6 +151,15 @@ def encode_message(message: str | bytes) -> bytes:
             return _BINARY_HEADERS[n] + message
     elif isinstance(message, str):  # a str subclass
         return encode_message(str(message))
+    elif not isinstance(message, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"a WebSocket message is str (text) or bytes (binary), not {type(message).__name__}"
+            + (
+                "; to send JSON, send json.dumps(value)"
+                if isinstance(message, (dict, list))
+                else ""
+            )
+        )
     if isinstance(message, memoryview):
         n = message.nbytes
         if not message.c_contiguous:

@@ -10,6 +10,7 @@ address is the one ``X-Forwarded-For`` names.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import TypeVar
@@ -23,6 +24,8 @@ from rooms._engine import StubFactory, text_error
 from .config import Settings
 from .metrics import Metrics
 from .stream import Stream
+
+log = logging.getLogger("rooms.edge")
 
 T = TypeVar("T")
 Answer = Callable[[Request, bytes, bool], Awaitable[Response | T]]
@@ -57,7 +60,7 @@ class HttpServer:
             result = await answer(request, event.http_version, stream.tls is not None)
             if not isinstance(result, Response):
                 return result, h.trailing_data[0]
-            await self._send(h, stream, result, head_only=request.method == "HEAD")
+            await self._send(h, stream, result, request)
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 break
             try:
@@ -156,21 +159,39 @@ class HttpServer:
         return peer
 
     async def _send(
-        self, h: h11.Connection, stream: Stream, response: Response, head_only: bool = False
+        self, h: h11.Connection, stream: Stream, response: Response, request: Request | None = None
     ) -> None:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
-        headers.append((b"content-length", str(len(response.body)).encode()))
-        if response.status >= 400 and response.status not in (404, 405):
-            headers.append((b"connection", b"close"))
-        head = h11.Response(
-            status_code=response.status, headers=headers, reason=_reason(response.status)
-        )
+        """Send ``response`` (to ``request``; a HEAD gets no body)."""
+        response, head = sendable(response, request)
         data = h.send(head) or b""
-        if response.body and not head_only:
+        if response.body and not (request is not None and request.method == "HEAD"):
             data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
         self.metrics.http_requests_total += 1
+
+
+def sendable(response: Response, request: Request | None = None) -> tuple[Response, h11.Response]:
+    """``response`` and its head as h11 writes it; or, if it cannot be sent as HTTP (a header
+    value with a line break, a character outside Latin-1), the 500 that replaces it, logged
+    with the request it answers. The harness checks its answers here too."""
+    try:
+        return response, _head(response)
+    except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+        where = f"{request.method} {request.path}" if request is not None else "a request"
+        log.error("%s: the response cannot be sent as HTTP (%s); answered 500", where, exc)
+        error = text_error(500, "internal server error")
+        return error, _head(error)
+
+
+def _head(response: Response) -> h11.Response:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    if response.status >= 400 and response.status not in (404, 405):
+        headers.append((b"connection", b"close"))
+    return h11.Response(
+        status_code=response.status, headers=headers, reason=_reason(response.status)
+    )
 
 
 def raw_response(response: Response) -> bytes:

@@ -25,6 +25,7 @@ from .config import Settings
 from .edge import Edge
 from .frames import Close, FrameParser
 from .gate import Transport
+from .http import sendable
 from .metrics import Metrics
 from .proxy import Upstream
 from .server import open_backend, run_engine
@@ -106,7 +107,7 @@ class LocalServer:
         request = self._request(method.upper(), path, headers, body, ("127.0.0.1", 0))
         answer = await self.edge.router.route(request, upgrade=False)
         assert isinstance(answer, Response)
-        return answer
+        return sendable(answer, request)[0]  # what the server would send: one check for both
 
     def _request(
         self,

@@ -51,8 +51,6 @@ class Upstream:
     """A client WebSocket to the upstream of one proxied connection; the ``Target`` of
     that connection (``client``, once it joined)."""
 
-    auto_reply = None
-
     def __init__(
         self,
         stream: trio.abc.Stream,

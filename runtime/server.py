@@ -12,7 +12,7 @@ import trio
 
 from rooms import App
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .edge import Edge
 from .host import Host
 from .metrics import Metrics
@@ -23,11 +23,24 @@ log = logging.getLogger("rooms.server")
 
 
 def database_path(settings: Settings) -> str:
+    """The SQLite database file under ``data_dir`` (":memory:" for none)."""
     if settings.data_dir == ":memory:":
         return ":memory:"
+    return str(Path(settings.data_dir) / "rooms.sqlite3")
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Create ``data_dir`` if needed; ConfigError naming the setting and the folder if it
+    cannot be (checked before serving, so the error is one line)."""
+    if settings.data_dir == ":memory:":
+        return
     folder = Path(settings.data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder / "rooms.sqlite3")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"setting 'data_dir': cannot create the folder {str(folder)!r}: {exc.strerror}"
+        ) from None
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -85,7 +98,8 @@ async def run_engine(
 
 
 def open_backend(settings: Settings) -> SqliteBackend:
-    """The storage backend the settings name (SQLite under ``data_dir``)."""
+    """The storage backend the settings name (SQLite under ``data_dir``, created if needed)."""
+    prepare_data_dir(settings)
     return SqliteBackend(database_path(settings), settings.synchronous)
 
 

@@ -61,8 +61,8 @@ class SqliteBackend:
     """
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
-        if synchronous.upper() not in ("NORMAL", "FULL", "OFF"):
-            raise ValueError(f"synchronous must be NORMAL, FULL or OFF, not {synchronous!r}")
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = str(path)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()

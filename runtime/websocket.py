@@ -52,11 +52,6 @@ class Target(Protocol):
         """The connection as logs name it, e.g. "connection 1a2b in room Chat:..."."""
         ...
 
-    @property
-    def auto_reply(self) -> tuple[str, str] | None:
-        """A (request, reply) pair of text messages the edge answers itself."""
-        ...
-
     async def deliver(self, message: str | bytes) -> None:
         """One message from the client (waits while the target cannot take more)."""
         ...
@@ -344,17 +339,12 @@ class Sessions:
         self, ws: WebSocket, received: list[Received], target: Target
     ) -> tuple[int, str] | None:
         """Hand messages to the target and answer pings; the code and reason of a Close."""
-        auto = target.auto_reply
         for item in received:
             if isinstance(item, (str, bytes)):
                 if ws.state is not _OPEN:
                     continue
                 ws.messages_in += 1
                 if self._rate_limited and not self._within_rate(ws):
-                    continue
-                if auto is not None and item == auto[0]:
-                    ws.write(encode_message(auto[1]))
-                    self.metrics.auto_replies_total += 1
                     continue
                 await target.deliver(item)
             elif isinstance(item, Ping):

@@ -258,3 +258,45 @@ def test_static_a_too_long_name_is_not_found(site: Path) -> None:
     app = App()
     app.static("/", site)
     assert app.static_file("/" + "a" * 300) is None
+
+
+# ---------------------------------------------------------------------------------------
+# mistakes caught where they are made
+
+
+def test_a_plain_def_route_is_refused_when_it_is_registered() -> None:
+    app = App()
+    with pytest.raises(TypeError, match=r"route /x: 'stats' must be a coroutine function"):
+
+        @app.route("/x")  # type: ignore[arg-type]
+        def stats(request: Request) -> Response:
+            return Response.text("no")
+
+
+def test_a_plain_def_hook_is_refused_when_the_room_is_routed() -> None:
+    class Careless(Room):
+        def on_message(self, conn: Any, message: str | bytes) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(TypeError, match=r"Careless.on_message must be a coroutine function"):
+        App().room("/c/{name}", Careless)
+
+
+def test_an_async_callable_object_is_a_route_handler() -> None:
+    class Handler:
+        async def __call__(self, request: Request) -> Response:
+            return Response.text("ok")
+
+    App().route("/x")(Handler())
+
+
+def test_a_response_body_is_bytes_or_str_and_says_so_otherwise() -> None:
+    assert Response(200, "héllo").body == "héllo".encode()
+    assert Response(200, bytearray(b"ab")).body == b"ab"
+    assert Response(200, b"", {"retry-after": 5}).headers == {"retry-after": "5"}
+    with pytest.raises(TypeError, match=r"not dict; for JSON use Response.json"):
+        Response(200, {"a": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="status is an int from 100 to 599"):
+        Response("hello")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="header 'x'"):
+        Response(200, b"", {"x": [1]})  # type: ignore[dict-item]

@@ -512,3 +512,22 @@ async def test_the_harness_applies_the_upgrade_time_rules() -> None:
         assert refused.value.response.status == 403
         ada = await h.connect("/guarded/a?token=secret")
         assert await ada.receive() == "{'user': 'ada'}"
+
+
+async def test_sending_something_that_is_not_a_message_says_what_to_send() -> None:
+    class Sloppy(Room):
+        async def on_message(self, conn: Connection, message: str | bytes) -> None:
+            try:
+                conn.send({"json": "please"})  # type: ignore[arg-type]
+            except TypeError as exc:
+                conn.send(str(exc))
+
+    app = App()
+    app.room("/sloppy/{name}", Sloppy)
+    async with RoomsHarness(app) as h:
+        c = await h.connect("/sloppy/a")
+        await c.send("go")
+        assert await c.receive() == (
+            "a WebSocket message is str (text) or bytes (binary), not dict; "
+            "to send JSON, send json.dumps(value)"
+        )

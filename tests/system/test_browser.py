@@ -95,6 +95,13 @@ def wait_for_lines(page: Page, count: int) -> list[Any]:
     return lines(page)
 
 
+def missing_requests(page: Page) -> list[str]:
+    """Record the URLs the page asks for that answer 404 (the list fills as it loads)."""
+    missing: list[str] = []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    return missing
+
+
 def roster(page: Page) -> list[str]:
     names: list[str] = page.eval_on_selector_all(
         "[data-testid=roster] .member", "els => els.map(e => e.firstChild.textContent)"
@@ -267,21 +274,21 @@ def positions(page: Page) -> dict[str, tuple[int, int]]:
 def test_the_game_moves_a_player_on_every_page(browser: Browser, tmp_path: Path) -> None:
     with server("examples.game.app:app", REPO, tmp_path / "data") as (proc, port):
         wait_for_port_sync(port, proc)
-        pages = []
+        pages, missing = [], []
         for _ in range(2):
             page = browser.new_context(viewport={"width": 900, "height": 560}).new_page()
+            missing.append(missing_requests(page))
             page.goto(f"http://127.0.0.1:{port}/#browser-test")
             pages.append(page)
         player, watcher = pages
         player.fill("#name", "Ada <b>")
-        player.click("#join button")
+        player.press("#name", "Enter")  # joined from the keyboard: focus is still in the field
         watcher.wait_for_function(
             "[...document.querySelectorAll('#players li')].some(e => e.dataset.name)",
             timeout=20_000,
         )
         x0, y0 = positions(watcher)["Ada <b>"]
         key = "ArrowLeft" if x0 > 16 else "ArrowRight"
-        player.locator("#board").click()  # focus the page, not the name field
         player.keyboard.press(key)
         target = x0 - 3 if key == "ArrowLeft" else x0 + 3
         # 20 ticks a second, a step every 3: three steps take under a second.
@@ -299,5 +306,19 @@ def test_the_game_moves_a_player_on_every_page(browser: Browser, tmp_path: Path)
         assert watcher.locator("#players b").count() == 0  # the name is text, not markup
         ticks = int(watcher.eval_on_selector("#board", "e => e.dataset.tick"))
         assert ticks > 0
+        assert missing == [[], []]
+        assert player.locator("link[rel=icon]").count() == 1  # no /favicon.ico 404
         ARTIFACTS.mkdir(exist_ok=True)
         player.screenshot(path=str(ARTIFACTS / "game.png"))
+
+
+def test_the_chat_page_loads_without_a_404(browser: Browser, tmp_path: Path) -> None:
+    with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        page = browser.new_context().new_page()
+        missing = missing_requests(page)
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        page.wait_for_selector("[data-testid=name-input]")
+        assert missing == []
+        # A page without an icon makes a (headed) browser ask for /favicon.ico: a 404 per load.
+        assert page.locator("link[rel=icon]").count() == 1

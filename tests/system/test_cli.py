@@ -160,7 +160,11 @@ def test_serve_reports_a_bad_config_with_exit_code_2(
 
 @pytest.mark.parametrize(
     ("text", "key"),
-    [('synchronous = "SOMETIMES"\n', "synchronous"), ('log_level = "LOUD"\n', "log_level")],
+    [
+        ('synchronous = "SOMETIMES"\n', "synchronous"),
+        ('synchronous = "OFF"\n', "synchronous"),  # the kill -9 guarantee would not hold
+        ('log_level = "LOUD"\n', "log_level"),
+    ],
 )
 def test_bad_setting_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -182,10 +186,43 @@ def test_an_app_that_cannot_be_imported() -> None:
     assert "cannot import module 'nonexistent.module'" in str(exited.value.code)
 
 
-def test_an_attribute_that_is_not_an_app() -> None:
+def test_a_missing_attribute_is_named_with_the_apps_the_module_has() -> None:
     with pytest.raises(SystemExit) as exited:
         main(["serve", "examples.echo.app:nothing"])
-    assert "examples.echo.app.nothing is NoneType, not a rooms.App" in str(exited.value.code)
+    assert str(exited.value.code) == (
+        "rooms serve: module examples.echo.app has no attribute 'nothing'; "
+        "its rooms.App objects: app"
+    )
+
+
+def test_an_app_in_a_folder_named_rooms_gets_a_hint() -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "rooms.app:app"])
+    assert "rename the folder" in str(exited.value.code)
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "examples.echo.app:app", "--data-dir", "/proc/nope"]) == 2
+    assert capsys.readouterr().err == (
+        "rooms serve: setting 'data_dir': cannot create the folder '/proc/nope': "
+        "No such file or directory\n"
+    )
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "rooms.sqlite3").write_bytes(b"not a database at all, just text" * 100)
+    argv = ["serve", "examples.echo.app:app", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rooms serve: cannot open the database ")
+    assert err.count("\n") == 1
+
+
+def test_an_attribute_that_is_not_an_app() -> None:
     with pytest.raises(SystemExit) as exited:
         main(["serve", "examples.echo.app:EchoRoom"])
     assert "not a rooms.App" in str(exited.value.code)
