@@ -91,9 +91,8 @@ _HOOKS = (
 def _is_async(function: Any) -> bool:
     """Whether calling ``function`` gives an awaitable (an async def, or an object whose
     ``__call__`` is one)."""
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        getattr(function, "__call__", None)
-    )
+    call = type(function).__call__ if callable(function) else None
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
 
 
 DEFAULT_FORWARDED_HEADERS = ("authorization", "cookie", "origin", "user-agent")

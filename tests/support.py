@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import trio
 
 from rooms import App
 from runtime.config import Settings
-from runtime.server import serve
+from runtime.server import listen, serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,17 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@asynccontextmanager
+async def server_on(port: int, settings: Settings, application: App) -> AsyncIterator[None]:
+    """A server on ``port`` for the block; leaving it drains (1012 to every client)."""
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        listener = listen("127.0.0.1", port)
+        await nursery.start(partial(serve, shutdown=shutdown), application, settings, listener)
+        yield
+        shutdown.set()
 
 
 async def start_server(nursery: trio.Nursery, app: App, settings: Settings) -> int:

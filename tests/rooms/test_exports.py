@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import rooms
 import rooms._engine
+import rooms.client
 import rooms.testing
 
 ROOMS = [
@@ -35,7 +36,7 @@ TESTING = [
 def test_rooms_exports_exactly_its_public_names() -> None:
     assert sorted(rooms.__all__) == ROOMS
     public = {name for name in vars(rooms) if not name.startswith("_")}
-    assert public - {"testing"} == set(ROOMS)
+    assert public - {"testing", "client"} == set(ROOMS)  # (submodules, once imported)
 
 
 def test_public_names_say_they_live_in_rooms() -> None:
@@ -49,6 +50,10 @@ def test_rooms_testing_exports_exactly_its_public_names() -> None:
     assert sorted(rooms.testing.__all__) == TESTING
     for name in TESTING:
         assert getattr(rooms.testing, name) is not None
+
+
+def test_rooms_client_exports_exactly_its_public_names() -> None:
+    assert sorted(rooms.client.__all__) == ["ConnectionClosed", "RoomClient", "connect"]
 
 
 def test_the_engine_contract_names_exist() -> None:
