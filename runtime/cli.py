@@ -1,4 +1,5 @@
-"""The ``rooms`` command: ``rooms serve MODULE:APP`` and ``rooms connect URL``."""
+"""The ``rooms`` command: ``rooms serve MODULE:APP``, ``rooms dev MODULE:APP`` (restart on
+change) and ``rooms connect URL``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import trio
 
 from rooms import App
 
-from . import connect
+from . import connect, dev
 from .config import ConfigError, Settings, load_settings
 from .server import listen, prepare_data_dir, serve, tune_process
 from .storage import StorageError
@@ -116,7 +117,8 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings of ``serve`` or ``dev``: defaults, --config, then the options given."""
     overrides: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
@@ -126,8 +128,12 @@ def _serve(args: argparse.Namespace) -> int:
         "certfile": args.certfile,
         "keyfile": args.keyfile,
     }
+    return load_settings(args.config, **overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.config, **overrides)
+        settings = _settings(args)
     except ConfigError as exc:
         print(f"rooms serve: {exc}", file=sys.stderr)
         return 2
@@ -150,12 +156,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rooms serve: {exc}", file=sys.stderr)
         return 2
     tune_process()
-    try:
-        listener = listen(settings.host, settings.port)
-    except OSError as exc:
-        where = f"{settings.host}:{settings.port}"
-        print(f"rooms serve: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
-        return 1
+    if args.fd is not None:  # a listening socket handed down by rooms dev
+        listener = socket.socket(fileno=args.fd)
+        listener.setblocking(False)
+    else:
+        try:
+            listener = listen(settings.host, settings.port)
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            print(f"rooms serve: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
+            return 1
     code = 0
     try:
         trio.run(_serve_until_signal, app, settings, listener)
@@ -165,24 +175,68 @@ def _serve(args: argparse.Namespace) -> int:
     return code
 
 
+def _dev(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+        prepare_data_dir(settings)
+    except ConfigError as exc:
+        print(f"rooms dev: {exc}", file=sys.stderr)
+        return 2
+    load_app(args.app)  # a wrong target is said now, once, not by every restart
+    try:
+        listener = listen(settings.host, settings.port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        print(f"rooms dev: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
+        return 1
+    serve_argv = [args.app, *_options(args)]
+    return dev.run(serve_argv, listener, settings)
+
+
+_OPTIONS = ("host", "port", "data_dir", "config", "synchronous", "log_level", "certfile", "keyfile")
+
+
+def _options(args: argparse.Namespace) -> list[str]:
+    """The serve options that were given, as arguments again (for rooms dev's child)."""
+    argv = []
+    for name in _OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("app", help="MODULE:APP, e.g. examples.chat.app:app")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--data-dir", help="folder of the SQLite database (default ./data)")
+    parser.add_argument("--config", help="a TOML file of settings (see the README)")
+    parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], help="SQLite durability")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--certfile", help="PEM certificate chain: serve https and wss")
+    parser.add_argument("--keyfile", help="PEM private key of --certfile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rooms", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve_parser = commands.add_parser("serve", help="serve an app: rooms serve MODULE:APP")
-    serve_parser.add_argument("app", help="MODULE:APP, e.g. examples.chat.app:app")
-    serve_parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve_parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve_parser.add_argument("--data-dir", help="folder of the SQLite database (default ./data)")
-    serve_parser.add_argument("--config", help="a TOML file of settings (see the README)")
-    serve_parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], help="SQLite durability")
-    serve_parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
-    serve_parser.add_argument("--certfile", help="PEM certificate chain: serve https and wss")
-    serve_parser.add_argument("--keyfile", help="PEM private key of --certfile")
+    _add_server_options(serve_parser)
     serve_parser.add_argument(
         "--print-config", action="store_true", help="print the effective settings and exit"
     )
+    serve_parser.add_argument(
+        "--fd", type=int, help="serve on this inherited listening socket (rooms dev uses it)"
+    )
     serve_parser.set_defaults(run=_serve)
+
+    dev_parser = commands.add_parser(
+        "dev", help="serve an app and restart it when a source file changes"
+    )
+    _add_server_options(dev_parser)
+    dev_parser.set_defaults(run=_dev)
 
     connect_parser = commands.add_parser("connect", help="a wscat-like WebSocket client")
     connect.add_arguments(connect_parser)

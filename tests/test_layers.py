@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         ("stream", "websocket", "http", "router", "admission", "proxy", "usage", "edge"), 3
     ),  # I/O
-    **dict.fromkeys(("server", "local", "cli", "connect", "console"), 4),  # assembly
+    **dict.fromkeys(("server", "local", "cli", "connect", "console", "dev"), 4),  # assembly
 }
 
 
