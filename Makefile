@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat game test lint typecheck unit soak bench bench-quick bench-hibernation clean
+.PHONY: chat game test lint typecheck unit docs docs-build soak bench bench-quick bench-hibernation clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,18 @@ $(WSCAT): tests/system/wscat/package.json tests/system/wscat/package-lock.json
 unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck unit  ## lint, strict type check, every test
+# The documentation site (mkdocs.yml, docs/): the reference pages are generated from the
+# docstrings, and docs/hooks.py checks the pages against the code. NO_MKDOCS_2_WARNING silences
+# the theme's notice about its end of life (not a build warning).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: $(VENV)/.dev  ## serve the documentation on http://127.0.0.1:8004, rebuilt on change
+	$(MKDOCS) serve -a 127.0.0.1:8004
+
+docs-build: $(VENV)/.dev  ## build the documentation into site/; any warning fails
+	$(MKDOCS) build --strict --site-dir site
+
+test: lint typecheck docs-build unit  ## lint, strict type check, docs build, every test
 
 soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
 	$(BIN)/python -m tests.system.soak $(SOAK_ARGS)
@@ -66,4 +77,4 @@ bench-hibernation: $(VENV)/.dev  ## memory per connection while rooms hibernate
 	$(BIN)/python bench/hibernation.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .autobahn tests/system/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .autobahn tests/system/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache site

@@ -1,7 +1,7 @@
 """Rooms: stateful WebSocket rooms for Python, on trio.
 
 Write one ``Room`` subclass per kind of room, route URLs to it with an ``App``, and serve it
-with ``rooms serve MODULE:APP``. See the README for the guarantees the engine gives.
+with ``rooms serve MODULE:APP``. The guarantees the engine gives are in docs/guarantees.md.
 
 The names below are the whole public surface (``tests/rooms/test_exports.py`` pins it); they
 live in private modules, and their ``__module__`` says ``rooms`` so that reprs, tracebacks and

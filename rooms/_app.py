@@ -99,17 +99,22 @@ DEFAULT_FORWARDED_HEADERS = ("authorization", "cookie", "origin", "user-agent")
 
 
 class App:
-    """The routes of a Rooms server.
+    """The routes of a Rooms server: what ``rooms serve MODULE:APP`` serves.
 
-    >>> app = App()
-    >>> app.room("/room/{name}", ChatRoom)           # doctest: +SKIP
-    >>> @app.route("/api/room", methods=["POST"])     # doctest: +SKIP
-    ... async def create_room(request): ...
-    >>> app.static("/", "static")                    # doctest: +SKIP
+        app = App()
+        app.room("/room/{name}", ChatRoom)
 
-    Routes are tried in the order they were added; static folders after every route.
-    A room route's pattern must contain ``{name}``: the room class's ``resolve`` turns it
-    into the room id.
+        @app.route("/api/room", methods=["POST"])
+        async def create_room(request: Request) -> Response: ...
+
+        app.static("/", "static")
+
+    Routes are tried in the order they were added; static folders after every route. A
+    pattern is a path whose ``{parameters}`` each match one segment (no ``/``); they reach
+    the handler percent-decoded in ``request.path_params``. A room route's pattern must
+    contain ``{name}``: the room class's ``resolve`` turns it into the room id. Every server
+    also answers ``/_rooms/client.js`` (the browser client), ``/_rooms/metrics`` and
+    ``/_rooms/usage``.
     """
 
     def __init__(self) -> None:
@@ -117,6 +122,11 @@ class App:
         self.statics: list[StaticRoute] = []
 
     def room(self, pattern: str, room_class: type[Room]) -> None:
+        """Send WebSocket upgrades (and plain HTTP, to ``on_request``) on ``pattern`` to a
+        room of ``room_class``: the one whose id ``room_class.resolve`` makes of the
+        ``{name}`` parameter. ``pattern`` must contain ``{name}``; every hook of the class
+        must be an ``async def`` (checked here, so a mistake fails at import, not on the
+        first connection)."""
         if not (isinstance(room_class, type) and issubclass(room_class, Room)):
             raise TypeError(f"{room_class!r} is not a subclass of rooms.Room")
         for hook in _HOOKS:
@@ -132,7 +142,11 @@ class App:
     def route(
         self, pattern: str, methods: tuple[str, ...] | list[str] = ("GET",)
     ) -> Callable[[RouteHandler], RouteHandler]:
-        """Decorator: ``handler(request) -> Response`` answers ``methods`` on ``pattern``."""
+        """Decorator: ``async def handler(request) -> Response`` answers ``methods`` on
+        ``pattern`` (``GET`` also answers ``HEAD``); another method gets 405 with ``Allow``.
+        The handler may raise ``HTTPError``; any other exception is logged and answered
+        500. It reaches rooms through ``request.stub(RoomClass, name)``. It must be an
+        ``async def`` (checked here)."""
 
         def register(handler: RouteHandler) -> RouteHandler:
             if not _is_async(handler):
@@ -158,9 +172,9 @@ class App:
         on_before_connect: Callable[[Request], Awaitable[Any]] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Relay WebSockets on ``pattern`` to the ``ws://`` or ``wss://`` URL ``upstream``.
+        """Relay WebSockets on ``pattern`` to the ``ws://`` or ``wss://`` URL ``upstream``:
 
-        >>> app.proxy("/feed/{topic}", "ws://127.0.0.1:9000/feed/{topic}")  # doctest: +SKIP
+            app.proxy("/feed/{topic}", "ws://127.0.0.1:9000/feed/{topic}")
 
         ``upstream`` may use the pattern's parameters; the request's query string is added.
         The upgrade passes the same rules as a room's: ``allowed_origins`` (403),
@@ -193,7 +207,10 @@ class App:
         )
 
     def static(self, prefix: str, directory: str | Path) -> None:
-        """Serve the files of ``directory`` below ``prefix`` (``index.html`` for folders)."""
+        """Serve the files of ``directory`` below ``prefix`` to GET and HEAD requests
+        (``index.html`` for a folder), after every route. A path that would leave the folder
+        (``..``, encoded slashes, links out of it) is not found. ``directory`` must exist
+        (checked here)."""
         path = Path(directory).resolve()
         if not path.is_dir():
             raise ValueError(f"static directory {str(path)!r} does not exist")

@@ -69,7 +69,7 @@ class Storage(Protocol):
         ...
 
     def put_many(self, entries: dict[str, Any]) -> None:
-        """Store several entries."""
+        """Store every entry of ``entries``, as ``put`` would each, in the same commit."""
         ...
 
     def delete(self, key: str) -> None:
@@ -98,10 +98,13 @@ class Storage(Protocol):
         ...
 
     def set_alarm(self, at: float) -> None:
-        """Set this room's one alarm, committed with the event's other writes."""
+        """Set this room's one alarm (replacing any other) to ``at``, committed with the
+        event's other writes. ``Room.set_alarm`` also takes an aware datetime."""
         ...
 
-    def delete_alarm(self) -> None: ...
+    def delete_alarm(self) -> None:
+        """Remove this room's alarm, if any, committed with the event's other writes."""
+        ...
 
 
 class Timer(Protocol):
@@ -112,7 +115,10 @@ class Timer(Protocol):
         """Still scheduled (not cancelled, not a one-shot that fired, instance alive)."""
         ...
 
-    def cancel(self) -> None: ...
+    def cancel(self) -> None:
+        """Stop the timer: its callback is not called again, and a tick already queued is
+        dropped. Cancelling a timer that is no longer active does nothing."""
+        ...
 
 
 class ConnectionLink(Protocol):

@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 
 class HTTPError(Exception):
-    """Raise from a route, ``on_request`` or ``Room.resolve`` to answer with a status and text.
+    """Raise from a route, ``on_request``, ``Room.resolve`` or ``on_before_connect`` to
+    answer with a status and text.
 
-    ``raise HTTPError(404, "Name too long")`` gives a 404 whose body is ``Name too long``.
+    ``raise HTTPError(404, "Name too long")`` gives a 404 whose body is ``Name too long``
+    (``text/plain``). ``headers`` are added to that response, e.g. ``{"retry-after": "5"}``.
+    ``status``, ``reason`` and ``headers`` are kept as attributes.
     """
 
     def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
@@ -41,18 +44,31 @@ class Request:
     """
 
     method: str
+    """The HTTP method as sent: ``GET``, ``POST``... (methods are case-sensitive)."""
     path: str
+    """The target's path as sent, still percent-encoded, without the query string."""
     query_string: str = ""
+    """What follows ``?`` in the target (empty if nothing); parsed by ``query``."""
     headers: list[tuple[str, str]] = attrs.field(factory=list)
+    """Every header as (name, value), in the order sent, repeats included."""
     body: bytes = b""
+    """The request body, read whole (at most ``max_body_bytes``; a larger one gets 413)."""
     client: tuple[str, int] = ("127.0.0.1", 0)
+    """The client's (host, port): the socket peer, or the client named in
+    ``X-Forwarded-For`` by an address in ``trusted_proxies``."""
     path_params: dict[str, str] = attrs.field(factory=dict)
+    """The route pattern's ``{parameters}``, percent-decoded: ``/room/{name}`` matched by
+    ``/room/caf%C3%A9`` gives ``{"name": "café"}``."""
     identity: Any = None
+    """What the room class's (or proxied route's) ``on_before_connect`` returned for this
+    upgrade; None for a plain request."""
     route: str = ""
     """The pattern of the route that matched, e.g. ``/room/{name}``."""
     _stub_factory: StubFactory | None = attrs.field(default=None, repr=False)
 
     def header(self, name: str, default: str | None = None) -> str | None:
+        """The value of the first header called ``name`` (case-insensitive), or ``default``.
+        A header sent more than once: read all of them in ``headers``."""
         lname = name.lower()
         for key, value in self.headers:
             if key.lower() == lname:
@@ -61,9 +77,13 @@ class Request:
 
     @property
     def query(self) -> dict[str, list[str]]:
+        """The query string parsed: each name with the list of its values, in order
+        (``?a=1&a=2&b=`` gives ``{"a": ["1", "2"], "b": [""]}``). Parsed on each access."""
         return parse_qs(self.query_string, keep_blank_values=True)
 
     def query_param(self, name: str, default: str | None = None) -> str | None:
+        """The first value of the query parameter ``name``, or ``default`` when it is absent
+        (``?token=`` gives ``""``, not the default)."""
         values = self.query.get(name)
         return values[0] if values else default
 
@@ -119,21 +139,32 @@ class Response:
     TypeError here, where it was made, not when the response is sent."""
 
     status: int = attrs.field(default=200, validator=_status)
+    """The status code, an int from 100 to 599."""
     body: bytes = attrs.field(default=b"", converter=_body)
+    """The body as bytes (a str given here was encoded as UTF-8)."""
     headers: dict[str, str] = attrs.field(factory=dict, converter=_headers)
+    """Header names and values (int values were turned into str). The server adds
+    ``content-length`` itself."""
 
     @classmethod
     def text(cls, text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """``text`` as a UTF-8 ``text/plain`` response; a ``content-type`` in ``headers``
+        replaces that one."""
         hdrs = {"content-type": "text/plain; charset=utf-8", **(headers or {})}
         return cls(status, text.encode(), hdrs)
 
     @classmethod
     def html(cls, html: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """``html`` as a UTF-8 ``text/html`` response; a ``content-type`` in ``headers``
+        replaces that one."""
         hdrs = {"content-type": "text/html; charset=utf-8", **(headers or {})}
         return cls(status, html.encode(), hdrs)
 
     @classmethod
     def json(cls, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """``value`` encoded with ``json.dumps`` (compact: no spaces after separators) as an
+        ``application/json`` response; a value ``json.dumps`` refuses raises here, not when
+        the response is sent."""
         hdrs = {"content-type": "application/json", **(headers or {})}
         return cls(status, json.dumps(value, separators=(",", ":")).encode(), hdrs)
 

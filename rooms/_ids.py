@@ -31,19 +31,29 @@ class RoomId:
     """
 
     hex: str
+    """The id: 64 lowercase hex characters."""
     name: str | None = attrs.field(default=None, eq=False, hash=False)
+    """The name given to ``from_name``; None for ``unique`` and ``from_string`` ids."""
 
     @classmethod
     def from_name(cls, name: str) -> RoomId:
+        """The id derived from ``name``: a SHA-256 digest of the name (behind a fixed
+        prefix), so one name always gives the same room, on any server and after any
+        restart. The name is kept in ``name`` (a room reads it as ``self.name``)."""
         digest = hashlib.sha256(b"rooms-id\0" + name.encode("utf-8", "surrogatepass")).hexdigest()
         return cls(digest, name)
 
     @classmethod
     def unique(cls) -> RoomId:
+        """A new random id, 256 bits from ``secrets``: nobody can guess it, so handing it
+        out is how a private room is shared. Its ``name`` is None."""
         return cls(secrets.token_hex(32))
 
     @classmethod
     def from_string(cls, text: str) -> RoomId:
+        """The id whose hex form (``str(room_id)``) is ``text``, e.g. one handed out by
+        ``unique`` earlier. Anything but 64 lowercase hex characters raises ValueError.
+        The name an id was derived from is not in its hex form, so ``name`` is None."""
         if not is_room_id(text):
             shown = text if len(text) <= 80 else text[:77] + "..."
             raise ValueError(

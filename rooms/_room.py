@@ -47,7 +47,11 @@ class Connection:
         self._link.send(message)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake with ``code`` and ``reason``."""
+        """Start the closing handshake with ``code`` and ``reason``. The Close frame goes out
+        after the messages sent to this client before it (and, like them, once the writes
+        before it are durable). ``code`` is one a Close frame may carry (1000-1003,
+        1007-1014 or 3000-4999; others raise ValueError); 4400-4499 tell
+        ``/_rooms/client.js`` and ``rooms.client`` not to reconnect."""
         if not is_valid_close_code(code):
             raise ValueError(
                 f"close code {code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999"
@@ -56,6 +60,9 @@ class Connection:
 
     @property
     def state(self) -> Any:
+        """A value kept with this connection for as long as it is open, across hibernation
+        and room restarts: anything msgpack encodes, at most 16 KiB encoded (a larger or
+        unencodable value raises ValueError or TypeError when assigned). Default None."""
         return self._state
 
     @state.setter
@@ -107,21 +114,22 @@ class Room:
     the room restarts (after an error, or when it hibernates or is unloaded while idle). Do
     setup in ``on_start``, which runs after every start.
 
-    Class settings:
-        namespace: the storage namespace of this class (default: the class name). Set it
-            explicitly to rename a class without losing its data.
-        max_name_length: longest room name ``resolve`` accepts (default 64).
-        allowed_origins: the ``Origin`` values a browser may connect from, e.g.
-            ``("https://example.com",)``; others get 403 at the upgrade. None (default):
-            any. A request without ``Origin`` (not a browser) is not checked.
-        hibernate_after: seconds without events after which a room that still has
-            connections hibernates: its instance leaves memory, its connections stay open
-            with their ``state`` and ``tags``, and the next event starts it again
-            (``on_start``, then the event). Not while timers run. None: never. Default 10.
-        auto_reply: a pair ``(request, reply)`` of text messages, e.g. ``("ping", "pong")``:
-            a message equal to ``request`` is answered with ``reply`` by the server itself,
-            without reaching ``on_message`` (a heartbeat for ``/_rooms/client.js``, which
-            costs the room nothing). Default None: every message reaches the room.
+    Class settings (class attributes of the subclass):
+
+    - ``namespace``: the storage namespace of this class (default: the class name). Set it
+      explicitly to rename a class without losing its data.
+    - ``max_name_length``: longest room name ``resolve`` accepts (default 64).
+    - ``allowed_origins``: the ``Origin`` values a browser may connect from, e.g.
+      ``("https://example.com",)``; others get 403 at the upgrade. None (default): any. A
+      request without ``Origin`` (not a browser) is not checked.
+    - ``hibernate_after``: seconds without events after which a room that still has
+      connections hibernates: its instance leaves memory, its connections stay open with
+      their ``state`` and ``tags``, and the next event starts it again (``on_start``, then
+      the event). Not while timers run. None: never. Default 10.
+    - ``auto_reply``: a pair ``(request, reply)`` of text messages, e.g. ``("ping",
+      "pong")``: a message equal to ``request`` is answered with ``reply`` by the server
+      itself, without reaching ``on_message`` (a heartbeat for ``/_rooms/client.js``, which
+      costs the room nothing). Default None: every message reaches the room.
     """
 
     hibernate_after: ClassVar[float | None] = 10.0

@@ -15,7 +15,7 @@ takes a ``Settings`` (re-exported here) for the limits and timeouts to test.
 
 Time: alarms, timers, hibernation and unloading follow trio's clock, so a test run with a
 virtual clock (``virtual_clock()``, or pytest-trio's ``mock_clock`` fixture with an
-``autojump_threshold``) sees an hour pass in an instant::
+``autojump_threshold``) sees an hour pass in an instant:
 
     async def test_abandoned_game_closes(mock_clock):
         mock_clock.autojump_threshold = 0.01

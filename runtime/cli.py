@@ -211,7 +211,7 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--data-dir", help="folder of the SQLite database (default ./data)")
-    parser.add_argument("--config", help="a TOML file of settings (see the README)")
+    parser.add_argument("--config", help="a TOML file of settings (docs/deployment.md)")
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], help="SQLite durability")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--certfile", help="PEM certificate chain: serve https and wss")

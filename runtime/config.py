@@ -22,7 +22,9 @@ class Settings:
     (see ``runtime.metrics``)."""
 
     host: str = "127.0.0.1"
+    """Address to listen on ("0.0.0.0" or "::" for every interface)."""
     port: int = 8000
+    """Port to listen on."""
     data_dir: str = "data"
     """Folder of the SQLite database (``rooms.sqlite3``); ":memory:" keeps nothing."""
     certfile: str = ""
@@ -90,14 +92,15 @@ class Settings:
     """Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-For``
     names the real client; from anyone else the header is ignored (it is trivially forged)."""
     usage_log: str = ""
-    """A file to append one JSON line to per closed WebSocket (see README, Accounting);
-    empty: none (the totals at /_rooms/usage are kept either way)."""
+    """A file to append one JSON line to per closed WebSocket (see the deployment guide,
+    Accounting); empty: none (the totals at /_rooms/usage are kept either way)."""
     upstream_timeout: float = 10.0
     """Seconds to connect to a proxied route's upstream and finish its WebSocket handshake;
     then the client gets 504 (an unreachable upstream gets 502 at once)."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
     log_file: str = ""
     """A file to append the server's log to; empty: standard error."""
     log_format: str = "text"

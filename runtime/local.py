@@ -29,8 +29,22 @@ from .http import sendable
 from .metrics import Metrics
 from .proxy import Upstream
 from .server import open_backend, run_engine
+from .storage import jobs_in_flight
 
-__all__ = ["Close", "FrameParser", "LocalServer", "Peer", "Settings", "Transport"]
+__all__ = [
+    "Close",
+    "FrameParser",
+    "LocalServer",
+    "Peer",
+    "Settings",
+    "Transport",
+    "storage_busy",
+]
+
+
+def storage_busy() -> bool:
+    """Whether any storage job of this trio run is still with a backend's thread."""
+    return jobs_in_flight()[0] > 0
 
 
 class LocalServer:

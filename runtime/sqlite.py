@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from .storage import AlarmChange, AlarmRows, Done, ListResult, StorageError
+from .storage import AlarmChange, AlarmRows, Done, ListResult, StorageError, jobs_in_flight
 
 log = logging.getLogger("rooms.storage")
 
@@ -66,6 +66,7 @@ class SqliteBackend:
         self.path = str(path)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
+        self._in_flight = jobs_in_flight()
         self._closed = False
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -154,8 +155,8 @@ class SqliteBackend:
             db.execute("RELEASE job")
         db.execute("COMMIT")
 
-    @staticmethod
-    def _deliver_batch(batch: list[_Job]) -> None:
+    def _deliver_batch(self, batch: list[_Job]) -> None:
+        self._in_flight[0] -= len(batch)
         for job in batch:
             job.deliver(job)
 
@@ -166,6 +167,7 @@ class SqliteBackend:
     ) -> None:
         if self._closed:
             raise StorageError("storage is closed (the server is shutting down)")
+        self._in_flight[0] += 1
         self._jobs.put(_Job(run, deliver))
 
     async def _call(self, run: Callable[[sqlite3.Connection], Any]) -> Any:

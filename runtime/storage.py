@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+import trio
+
 from rooms._engine import decode, encode
 
 Done = Callable[[BaseException | None], None]
@@ -19,6 +21,21 @@ AlarmChange = tuple[float | None, str | None]
 """An event's change to its room's alarm: (time, room name) to set it, (None, None) to delete."""
 AlarmRows = list[tuple[str, float, str | None]]
 """Every stored alarm: (room, time, room name)."""
+
+
+_IN_FLIGHT: trio.lowlevel.RunVar[list[int]] = trio.lowlevel.RunVar("rooms_storage_in_flight")
+
+
+def jobs_in_flight() -> list[int]:
+    """This trio run's count of storage jobs handed to a backend's thread and not answered
+    yet, as a one-item list every backend of the run updates: a test's virtual clock must not
+    jump while the disk is still working (``rooms.testing.virtual_clock``)."""
+    try:
+        return _IN_FLIGHT.get()
+    except LookupError:
+        counter = [0]
+        _IN_FLIGHT.set(counter)
+        return counter
 
 
 class StorageError(RuntimeError):

@@ -1,7 +1,7 @@
 """The README's complete room: a durable counter per room name.
 
-rooms serve examples.counter.app:app
-rooms connect ws://127.0.0.1:8000/counter/lobby -x hi -x hi -w 1
+rooms serve examples.counter.app:app --port 8003   (8000 is make chat's)
+rooms connect ws://127.0.0.1:8003/counter/lobby -x hi -x hi -w 1
 """
 
 from rooms import App, Connection, Request, Room
@@ -22,4 +22,4 @@ class Counter(Room):
 
 
 app = App()
-app.room("/counter/{name}", Counter)  # ws://127.0.0.1:8000/counter/<name>
+app.room("/counter/{name}", Counter)  # ws://127.0.0.1:8003/counter/<name>
