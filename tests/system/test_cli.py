@@ -436,3 +436,17 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
         assert trio.current_time() - started < 4  # not the 5 s close_timeout of a drain
         await stuck.aclose()
     assert "SIGTERM again: stopping now" in server_log(log)
+
+
+def test_a_folder_named_rooms_in_the_current_directory_does_not_hide_the_sdk(
+    tmp_path: Path,
+) -> None:
+    # e.g. a clone named "rooms" next to one's app, with the current directory first on the
+    # path as pytest and "python app.py" put it: the installed SDK must still win.
+    (tmp_path / "rooms").mkdir()
+    (tmp_path / "rooms" / "README.md").write_text("a clone, not a package")
+    code = "import sys; sys.path.insert(0, ''); from rooms import App; print(App.__module__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "rooms"), done.stderr
