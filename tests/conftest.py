@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 
+from rooms.testing import virtual_clock
 from runtime.config import Settings
 
 
@@ -20,3 +22,10 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as n:
         yield n
         n.cancel_scope.cancel()
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """A virtual clock (pytest-trio runs a test on a fixture's Clock): hours pass at once,
+    and it never jumps while the storage thread is working."""
+    return virtual_clock()

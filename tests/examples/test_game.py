@@ -17,8 +17,7 @@ from rooms.testing import ConnectionClosed, FakeClient, RoomsHarness
 
 
 @pytest.fixture(autouse=True)
-def virtual_time(mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    mock_clock.autojump_threshold = 0.01
+def virtual_time(clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
     random.seed(7)
     # Each tick of a running game is a clock jump: keep the waits short in ticks.
     monkeypatch.setattr(game, "ABANDON_SECONDS", 5.0)
@@ -43,7 +42,7 @@ def player(state: Any, name: str) -> Any:
 
 
 async def test_players_move_at_the_tick_rate_and_watchers_see_it(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(game.app) as rooms:
         alice = await rooms.connect("/game/t1")
@@ -65,7 +64,7 @@ async def test_players_move_at_the_tick_rate_and_watchers_see_it(
 
 
 async def test_picking_up_coins_scores_and_the_best_is_kept(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(game.app) as rooms:
         bob = await rooms.connect("/game/t2")
@@ -90,7 +89,7 @@ async def test_picking_up_coins_scores_and_the_best_is_kept(
 
 
 async def test_bad_frames_get_an_error_and_the_game_goes_on(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(game.app) as rooms:
         carol = await rooms.connect("/game/t3")
@@ -103,7 +102,7 @@ async def test_bad_frames_get_an_error_and_the_game_goes_on(
 
 
 async def test_an_abandoned_game_is_closed_by_its_alarm(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(game.app) as rooms:
         dave = await rooms.connect("/game/t4")
@@ -122,7 +121,7 @@ async def test_an_abandoned_game_is_closed_by_its_alarm(
 
 
 async def test_a_player_who_returns_in_time_keeps_the_game(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(game.app) as rooms:
         erin = await rooms.connect("/game/t5")
@@ -138,7 +137,7 @@ async def test_a_player_who_returns_in_time_keeps_the_game(
 
 
 async def test_a_board_with_only_watchers_hibernates_and_wakes(
-    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(game, "ABANDON_SECONDS", 300.0)  # not abandoned during the test
     async with RoomsHarness(game.app) as rooms:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from rooms import App, Connection, HTTPError, Request, Response, Room
@@ -140,3 +142,49 @@ async def test_websocket_upgrades_and_messages_match(
                 full_too.value.body,
             )
             assert harness.metrics.auto_replies_total == 1
+
+
+# -- the virtual clock waits for storage -------------------------------------------------------
+
+
+class Reader(Room):
+    async def on_request(self, request: Request) -> Response:
+        return Response.json(await self.storage.get("x", "nothing stored"))
+
+
+def reader_app() -> App:
+    app = App()
+    app.room("/reader/{name}", Reader)
+    return app
+
+
+async def slow_reads(harness: RoomsHarness, seconds: float) -> None:
+    """Every SELECT in the storage thread takes ``seconds`` of real time (a busy machine)."""
+
+    def trace(statement: str) -> None:
+        if statement.startswith("SELECT"):
+            time.sleep(seconds)
+
+    await harness._server.backend._call(lambda db: db.set_trace_callback(trace))
+
+
+async def test_the_virtual_clock_does_not_jump_while_storage_works(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with RoomsHarness(reader_app()) as rooms:
+        await slow_reads(rooms, 0.1)  # ten times the clock's idle threshold
+        with trio.fail_after(5):  # a deadline that a jump would pass
+            answer = await rooms.request("GET", "/reader/a")
+        assert answer.body == b'"nothing stored"'
+        assert trio.current_time() < 1
+
+
+async def test_a_plain_mock_clock_jumps_during_a_slow_read(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # What virtual_clock prevents: the same read, and the deadline passes during it.
+    mock_clock.autojump_threshold = 0.01
+    async with RoomsHarness(reader_app()) as rooms:
+        await slow_reads(rooms, 0.1)
+        with pytest.raises(trio.TooSlowError), trio.fail_after(5):
+            await rooms.request("GET", "/reader/a")

@@ -1,5 +1,5 @@
 """Room lifecycle: hibernation, unloading and the bound on rooms in memory, alarms, timers,
-start-up; on a virtual clock (pytest-trio's ``mock_clock``), so hours pass at once."""
+start-up; on a virtual clock (the ``clock`` fixture), so hours pass at once."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ LOG: list[str] = []
 
 
 @pytest.fixture(autouse=True)
-def virtual_time(mock_clock: trio.testing.MockClock) -> None:
-    mock_clock.autojump_threshold = 0.01  # storage (a thread) answers before time jumps
+def virtual_time(clock: trio.testing.MockClock) -> None:
     LOG.clear()
 
 
@@ -115,7 +114,7 @@ def app() -> App:
 
 
 async def test_an_idle_room_hibernates_and_its_connections_keep_state_and_tags(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(app()) as rooms:
         ann = await rooms.connect("/lobby/a?name=ann")
@@ -142,7 +141,7 @@ async def test_an_idle_room_hibernates_and_its_connections_keep_state_and_tags(
 
 
 async def test_a_hibernated_room_woken_by_a_call_reaches_its_clients(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     """Really out of memory (a second start), and still talking to its clients."""
     async with RoomsHarness(app()) as rooms:
@@ -156,7 +155,7 @@ async def test_a_hibernated_room_woken_by_a_call_reaches_its_clients(
         assert LOG == ["start", "start"]
 
 
-async def test_force_hibernate_needs_connections(mock_clock: trio.testing.MockClock) -> None:
+async def test_force_hibernate_needs_connections(clock: trio.testing.MockClock) -> None:
     async with RoomsHarness(app()) as rooms:
         await rooms.stub(Lobby, "empty").ring()
         with pytest.raises(ValueError, match="has no connections"):
@@ -167,7 +166,7 @@ async def test_force_hibernate_needs_connections(mock_clock: trio.testing.MockCl
 
 
 async def test_a_room_without_connections_unloads_after_room_idle_timeout(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     settings = Settings(room_idle_timeout=30.0)
     async with RoomsHarness(app(), settings=settings) as rooms:
@@ -182,7 +181,7 @@ async def test_a_room_without_connections_unloads_after_room_idle_timeout(
 
 
 async def test_rooms_in_memory_are_bounded_least_recently_used_first(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     settings = Settings(max_rooms_in_memory=2)
     async with RoomsHarness(app(), settings=settings) as rooms:
@@ -204,7 +203,7 @@ async def test_rooms_in_memory_are_bounded_least_recently_used_first(
 
 
 async def test_timers_tick_as_events_and_keep_the_room_awake(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(app()) as rooms:
         player = await rooms.connect("/clock/g")
@@ -227,7 +226,7 @@ async def test_timers_tick_as_events_and_keep_the_room_awake(
 
 
 async def test_a_one_shot_timer_fires_once_after_its_delay(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(app()) as rooms:
         player = await rooms.connect("/clock/h")
@@ -247,7 +246,7 @@ async def test_a_one_shot_timer_fires_once_after_its_delay(
 
 
 async def test_an_alarm_fires_at_its_time_and_can_be_read_and_deleted(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(app()) as rooms:
         assert (await rooms.request("POST", "/reminder/r?in=60")).status == 200
@@ -270,7 +269,7 @@ async def test_an_alarm_fires_at_its_time_and_can_be_read_and_deleted(
 
 
 async def test_an_alarm_fires_in_a_room_that_was_unloaded_and_wakes_its_clients(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     async with RoomsHarness(app()) as rooms:
         client = await rooms.connect("/reminder/u")
@@ -285,7 +284,7 @@ async def test_an_alarm_fires_in_a_room_that_was_unloaded_and_wakes_its_clients(
         assert LOG == ["alarm retry=0"]
 
 
-async def test_an_alarm_survives_a_restart(mock_clock: trio.testing.MockClock) -> None:
+async def test_an_alarm_survives_a_restart(clock: trio.testing.MockClock) -> None:
     async with RoomsHarness(app()) as rooms:
         await rooms.request("POST", "/reminder/s?in=600")
         client = await rooms.connect("/reminder/s")
@@ -301,7 +300,7 @@ async def test_an_alarm_survives_a_restart(mock_clock: trio.testing.MockClock) -
 
 
 async def test_an_alarm_missed_while_the_server_was_down_fires_at_start(
-    tmp_path: Any, mock_clock: trio.testing.MockClock
+    tmp_path: Any, clock: trio.testing.MockClock
 ) -> None:
     async with RoomsHarness(app(), data_dir=tmp_path) as rooms:
         await rooms.request("POST", "/reminder/m?in=60")
@@ -315,7 +314,7 @@ async def test_an_alarm_missed_while_the_server_was_down_fires_at_start(
 
 
 async def test_a_failing_alarm_is_retried_with_backoff_then_given_up(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     Reminder.fail = 3
     try:
@@ -358,7 +357,7 @@ class SlowStart(Room):
 
 
 async def test_events_wait_for_on_start_and_a_failed_start_is_retried(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     application = App()
     application.room("/slow/{name}", SlowStart)
@@ -407,7 +406,7 @@ async def test_the_edge_auto_reply_does_not_wake_a_hibernated_room(
 
 
 async def test_set_alarm_takes_aware_datetimes_and_refuses_naive_ones(
-    mock_clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock,
 ) -> None:
     class Dated(Room):
         async def on_request(self, request: Request) -> Response:
