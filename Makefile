@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat game test lint typecheck unit docs docs-build soak bench bench-quick bench-hibernation clean
+.PHONY: chat game test lint typecheck unit mutants docs docs-build soak bench bench-quick bench-hibernation clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(WSCAT): tests/system/wscat/package.json tests/system/wscat/package-lock.json
 unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
 	$(BIN)/python -m pytest -q
 
+# Each guarantee broken on purpose in a copy of the tree: the tests named with it must fail
+# (tests/mutants.py; about a minute).
+mutants: $(VENV)/.dev
+	$(BIN)/python -m tests.mutants $(MUTANTS)
+
 # The documentation site (mkdocs.yml, docs/): the reference pages are generated from the
 # docstrings, and docs/hooks.py checks the pages against the code. NO_MKDOCS_2_WARNING silences
 # the theme's notice about its end of life (not a build warning).
@@ -53,7 +58,7 @@ docs: $(VENV)/.dev  ## serve the documentation on http://127.0.0.1:8004, rebuilt
 docs-build: $(VENV)/.dev  ## build the documentation into site/; any warning fails
 	$(MKDOCS) build --strict --site-dir site
 
-test: lint typecheck docs-build unit  ## lint, strict type check, docs build, every test
+test: lint typecheck docs-build unit mutants  ## lint, strict type check, docs build, every test, the mutants
 
 soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
 	$(BIN)/python -m tests.system.soak $(SOAK_ARGS)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -155,3 +156,68 @@ def guarded_app() -> Any:
     app.room("/guarded/{name}", Guarded)
     app.room("/open/{name}", Open)
     return app
+
+
+class HeldCommits:
+    """While active, the backend's commits are parked instead of run: nothing written is
+    durable, so nothing sent after a write may reach anyone. ``release`` hands them on, in
+    order. (A seam for the output gate's tests: ``with HeldCommits(backend) as held:``.)"""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self._real = backend.commit
+        self.parked: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> HeldCommits:
+        self._backend.commit = lambda *args: self.parked.append(args)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._backend.commit = self._real
+        self.release()
+
+    def release(self) -> None:
+        parked, self.parked = self.parked, []
+        for args in parked:
+            self._real(*args)
+
+    async def wait_for(self, count: int) -> None:
+        """Until ``count`` commits are parked (a room reads storage before it writes)."""
+        with trio.fail_after(5):
+            while len(self.parked) < count:  # noqa: ASYNC110 - the backend has no event
+                await trio.sleep(0.001)
+
+
+class PausedCommit:
+    """Pauses the SQLite thread when it is about to ``COMMIT`` a transaction that wrote
+    (after the writes, before they are durable), until ``resume``: an acknowledgement
+    released meanwhile would be released before its write is durable. (Reads run in
+    transactions too: those pass.) Installed through the backend's own thread (a statement
+    trace), armed once installed."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self._go = threading.Event()
+        self._armed = False
+        self._wrote = False  # the running transaction changed something (not just a read)
+
+    def _trace(self, statement: str) -> None:
+        verb = statement.split(None, 1)[0].upper() if statement.strip() else ""
+        if verb == "BEGIN":
+            self._wrote = False
+        elif verb in ("INSERT", "REPLACE", "DELETE", "UPDATE"):
+            self._wrote = True
+        elif verb == "COMMIT" and self._armed and self._wrote:
+            self.reached.set()
+            self._go.wait(10)
+
+    async def install(self, backend: Any) -> None:
+        await backend._call(lambda db: db.set_trace_callback(self._trace))
+        self._armed = True
+
+    async def wait_reached(self) -> None:
+        assert await trio.to_thread.run_sync(self.reached.wait, 5), "no COMMIT came"
+
+    def resume(self) -> None:
+        self._armed = False
+        self._go.set()

@@ -11,6 +11,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
+from runtime.frames import Close, FrameParser
 from tests.support import guarded_app, raw_request, start_server, upgrade
 
 
@@ -148,6 +149,12 @@ async def test_a_client_that_stops_reading_is_closed_not_buffered(
                     assert await talker.get_message() == chunk
         metrics = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1)
         assert b"rooms_limit_outbox_overflow_total 1" in metrics
+        # The sleeper reads at last: what was kept of its backlog, then the Close that says why.
+        parser, last = FrameParser(max_message_size=1 << 30, client=True), None
+        with trio.fail_after(20):
+            while data := await sleeper.receive_some(1 << 20):
+                last = ([last, *parser.feed(data)])[-1]
+        assert last == Close(1008, "outbox overflow: the client is not reading fast enough")
 
 
 async def test_unknown_routes_and_rejected_upgrades_with_a_client(
