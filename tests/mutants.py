@@ -212,6 +212,14 @@ MUTANTS = [
         ("tests/runtime/test_edge.py::test_a_client_that_stops_reading_is_closed_not_buffered",),
     ),
     Mutant(
+        "bounded.inflight",
+        "bounded: a room waits for the disk past max_inflight_commits",
+        "runtime/activation.py",
+        "too_many_commits = gate.inflight >= max_inflight",
+        "too_many_commits = False",
+        (G + "test_a_room_waits_for_the_disk_past_max_inflight_commits",),
+    ),
+    Mutant(
         "rules.origin",
         "upgrade-time rules: allowed_origins",
         "runtime/admission.py",

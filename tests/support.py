@@ -96,17 +96,25 @@ def kill_9(proc: subprocess.Popen[bytes]) -> None:
     assert proc.wait(10) == -signal.SIGKILL
 
 
-async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+async def raw_request(
+    port: int, data: bytes, read_timeout: float = 5.0, closes: bool = False
+) -> bytes:
     """Send raw bytes on a new connection; everything the server sends until it closes (or
-    ``read_timeout`` passes: a keep-alive or upgraded connection is then closed by us)."""
+    ``read_timeout`` passes: a keep-alive or upgraded connection is then closed by us). With
+    ``closes``, the server must close the connection itself within ``read_timeout``."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     received = bytearray()
     async with stream:
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_all(data)  # (the server may answer and close before reading all)
-        with trio.move_on_after(read_timeout), contextlib.suppress(trio.BrokenResourceError):
+        with (
+            trio.move_on_after(read_timeout) as waited,
+            contextlib.suppress(trio.BrokenResourceError),
+        ):
             while chunk := await stream.receive_some(65536):
                 received += chunk
+    if closes and waited.cancelled_caught:
+        raise AssertionError(f"the server did not close the connection in {read_timeout} s")
     return bytes(received)
 
 

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio_websocket
+import trustme
 
 from runtime.connect import add_arguments, run
 from runtime.console import describe_binary
@@ -282,19 +282,11 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (skips when no openssl command)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl command to make a certificate")
+    """A certificate for 127.0.0.1 from a throwaway CA (trustme) that no client trusts."""
+    issued = trustme.CA().issue_cert("127.0.0.1")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    request = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
-    request += " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1"
-    subprocess.run(
-        [openssl, *request.split(), "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=TIME_LIMIT,
-    )
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
     return cert, key
 
 

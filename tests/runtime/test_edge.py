@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from functools import partial
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
 from runtime.frames import Close, FrameParser
-from tests.support import guarded_app, raw_request, start_server, upgrade
+from runtime.server import serve
+from tests.support import guarded_app, metric, raw_request, start_server, upgrade
 
 
 async def test_broadcast_room_and_echo_over_real_websockets(
@@ -49,7 +51,11 @@ async def test_many_clients_see_one_order(nursery: trio.Nursery, settings: Setti
             open_websocket_url(url) as w3,
         ):
             clients = [w0, w1, w2, w3]
-            await trio.sleep(0.1)  # every connection has joined
+            for i, ws in enumerate(clients):  # every connection has joined: it hears them all
+                await ws.send_message(f"joined {i}")
+            for ws in clients:
+                for _ in clients:
+                    assert str(await ws.get_message()).startswith("joined ")
 
             async def talk(i: int) -> None:
                 for j in range(50):
@@ -76,12 +82,12 @@ async def test_http_errors(nursery: trio.Nursery, settings: Settings) -> None:
     )
     plain = await raw_request(port, b"GET /room/a HTTP/1.1\r\nHost: x\r\n\r\n", 1)
     assert plain.startswith(b"HTTP/1.1 426")
-    bad_key = await raw_request(port, upgrade("/room/a", key="short"))
+    bad_key = await raw_request(port, upgrade("/room/a", key="short"), closes=True)
     assert bad_key.startswith(b"HTTP/1.1 400") and b"Sec-WebSocket-Key" in bad_key
-    bad_version = await raw_request(port, upgrade("/room/a", version="8"))
+    bad_version = await raw_request(port, upgrade("/room/a", version="8"), closes=True)
     assert bad_version.startswith(b"HTTP/1.1 426")
     assert b"sec-websocket-version: 13" in bad_version.lower()
-    garbage = await raw_request(port, b"\x16\x03\x01 not http at all\r\n\r\n")
+    garbage = await raw_request(port, b"\x16\x03\x01 not http at all\r\n\r\n", closes=True)
     assert garbage.startswith(b"HTTP/1.1 400")
     both = await raw_request(
         port,
@@ -193,8 +199,10 @@ async def test_total_connection_cap(nursery: trio.Nursery, tmp_path: Any) -> Non
             answer = await raw_request(port, upgrade("/room/c"), read_timeout=1)
             assert answer.startswith(b"HTTP/1.1 503")
             assert b"connection limit" in answer
-        await trio.sleep(0.2)  # the two clients' sockets are closed by now
-        metrics = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+        # the two clients' sockets close: a new connection is served again
+        get = b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        while not (metrics := await raw_request(port, get, 1)).startswith(b"HTTP/1.1 200"):  # noqa: ASYNC110
+            await trio.sleep(0.01)
     assert b"rooms_limit_connections_total 1" in metrics
 
 
@@ -365,7 +373,8 @@ async def test_connections_per_address(nursery: trio.Nursery, settings: Settings
             assert status_line(third) == "HTTP/1.1 429 Too Many Requests"
             assert b"retry-after: 5" in third and b"at most 2 connections per address" in third
             await first.aclose()
-            await trio.sleep(0.1)
+            while await metric(port, "websockets_open") > 1:  # noqa: ASYNC110 - polling
+                await trio.sleep(0.01)  # until the server has seen the close
             async with open_websocket_url(url) as again:  # a place was freed
                 assert await again.get_message() == "welcome"
 
@@ -408,14 +417,14 @@ async def test_each_closed_websocket_is_accounted_for(
             await big.send_all(upgrade("/echo/big"))
             await big.receive_some(4096)
             await big.send_all(bytes([0x82, 0xFE, 0x07, 0xD0]) + b"mask" + b"x" * 2000)
-            with trio.move_on_after(2):
-                while await big.receive_some(4096):
-                    pass
+            answer = b""
+            while chunk := await big.receive_some(4096):  # until the server closes
+                answer += chunk
+            closing = FrameParser(client=True).feed(answer)
+            assert closing == [Close(1009, "message exceeds 1000 bytes")]
             await big.aclose()
-            for _ in range(100):
-                if len(log.read_text().splitlines()) == 2:
-                    break
-                await trio.sleep(0.05)
+            while len(log.read_text().splitlines()) < 2:  # noqa: ASYNC110 - a file
+                await trio.sleep(0.01)
             usage = await raw_request(
                 port, b"GET /_rooms/usage HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             )
@@ -508,3 +517,35 @@ async def test_message_rate_per_connection(
                     await ws.get_message()
                 assert closed.value.reason is not None
                 assert closed.value.reason.code == 1008
+
+
+async def test_an_idle_keep_alive_connection_is_closed_at_keepalive_timeout(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, echo_app, settings.replace(keepalive_timeout=0.5))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\nnot found\n" not in answer:
+            answer += await stream.receive_some(4096)
+        start = trio.current_time()  # answered, kept alive: now idle
+        with trio.fail_after(5):
+            assert await stream.receive_some(4096) == b""
+    assert 0.4 <= trio.current_time() - start < 4
+
+
+async def test_a_drain_ends_at_drain_timeout_when_a_client_never_answers(
+    settings: Settings,
+) -> None:
+    config = settings.replace(drain_timeout=1.0, close_timeout=60.0)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve, shutdown=shutdown), echo_app, config)
+        mute = await trio.open_tcp_stream("127.0.0.1", port)  # upgrades, then never reads
+        await mute.send_all(upgrade("/room/mute"))
+        assert (await mute.receive_some(4096)).startswith(b"HTTP/1.1 101")
+        start = trio.current_time()
+        shutdown.set()  # the Close (1012) goes out; no answer ever comes
+    assert 0.9 <= trio.current_time() - start < 5  # drain_timeout, not close_timeout
+    await mute.aclose()

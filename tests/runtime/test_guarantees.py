@@ -284,3 +284,22 @@ async def test_a_failing_alarm_backs_off_1_2_4_8_16_32_then_is_deleted(
         assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
         assert json.loads((await h.request("GET", "/failing/a")).body) is None
         assert h.metrics.alarms_fired_total == 7
+
+
+# -- bounded ---------------------------------------------------------------------------------
+
+
+async def test_a_room_waits_for_the_disk_past_max_inflight_commits() -> None:
+    async with RoomsHarness(ledger_app(), settings=Settings(max_inflight_commits=2)) as h:
+        ada = await h.connect("/ledger/bounded")
+        with HeldCommits(h._server.backend) as held:
+            for _ in range(4):
+                await ada.send("write")
+            await held.wait_for(2)
+            await h.settle_events()
+            assert len(held.parked) == 2  # two commits in flight: the third event waits
+            held.release()  # they land: the room goes on, two more
+            await held.wait_for(2)
+            await h.settle_events()
+            assert len(held.parked) == 2
+        assert [await ada.receive() for _ in range(4)] == ["n=1", "n=2", "n=3", "n=4"]

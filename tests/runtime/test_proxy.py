@@ -34,6 +34,7 @@ class Upstream:
 
     def __init__(self, context: ssl.SSLContext | None = None) -> None:
         self.closes: queue.Queue[tuple[int | None, str | None]] = queue.Queue()
+        self.accepted = 0  # WebSocket handshakes the upstream completed
         self.server: Server = serve_upstream(
             self.handle,
             "127.0.0.1",
@@ -57,6 +58,7 @@ class Upstream:
         return None
 
     def handle(self, conn: ServerConnection) -> None:
+        self.accepted += 1
         path = conn.request.path if conn.request else ""
         try:
             if path.startswith("/headers"):
@@ -221,7 +223,12 @@ async def test_the_upgrade_rules_apply_to_proxied_routes(
             async with open_websocket_url(url, extra_headers=headers):
                 pass
         assert refused.value.status_code == 403
-    assert upstream.closes.empty()  # the upstream never saw either
+    async with open_websocket_url(  # an allowed client: the upstream counts it
+        url, extra_headers=[(b"Authorization", b"Bearer good")]
+    ) as ws:
+        await ws.send_message("hi")
+        assert await ws.get_message() == "hi"
+    assert upstream.accepted == 1  # the two refused clients never reached it
 
 
 async def test_an_upstream_refusal_passes_its_status_and_body_on(

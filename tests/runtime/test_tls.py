@@ -145,3 +145,17 @@ async def test_rooms_serve_with_certfile_and_keyfile(
             async with open_websocket_url(url, client_context(ca)) as ws:
                 await ws.send_message(b"\x00binary")
                 assert await ws.get_message() == b"\x00binary"
+
+
+async def test_a_tls_handshake_that_does_not_finish_is_cut_at_handshake_timeout(
+    nursery: trio.Nursery, tls_settings: Settings, ca: trustme.CA
+) -> None:
+    port = await start_server(nursery, app, tls_settings.replace(handshake_timeout=0.5))
+    silent = await trio.open_tcp_stream("127.0.0.1", port)  # connects, never says hello
+    start = trio.current_time()
+    async with silent:
+        with trio.fail_after(5):
+            assert await silent.receive_some(1024) == b""  # the server closed it
+    assert 0.4 <= trio.current_time() - start < 4
+    metrics = await https_get(port, "/_rooms/metrics", client_context(ca))
+    assert b"rooms_tls_handshake_failures_total 1" in metrics

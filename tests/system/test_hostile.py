@@ -229,14 +229,16 @@ BAD_HEADS = {
 @pytest.mark.parametrize("case", list(BAD_HEADS))
 async def test_malformed_requests_get_a_clear_status(srv: Server, case: str) -> None:
     data, expected = BAD_HEADS[case]
-    response = await raw_request(srv.port, data)
+    response = await raw_request(srv.port, data, closes=True)
     assert status(response) == expected, response[:300]
     assert b"connection: close" in response.lower()
 
 
 async def test_pipelined_garbage_after_a_good_request(srv: Server) -> None:
     good = b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n"
-    response = await raw_request(srv.port, good + good + b"\x00\xff\xfe garbage \r\n\r\n")
+    response = await raw_request(
+        srv.port, good + good + b"\x00\xff\xfe garbage \r\n\r\n", closes=True
+    )
     assert response.count(b"HTTP/1.1 200 ") == 2
     assert response.count(b"HTTP/1.1 400 ") == 1
     assert response.index(b"HTTP/1.1 400 ") > response.rindex(b"HTTP/1.1 200 ")
