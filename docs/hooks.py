@@ -9,6 +9,8 @@ Each problem is logged as a warning, so ``mkdocs build --strict`` (``make docs-b
 - every setting is named in the settings table of ``deployment.md``, and a setting without an
   attribute docstring in ``runtime/config.py`` is described in ``reference/settings.md``'s own
   text; every metric of ``runtime.metrics.Metrics`` is in the metrics table there;
+- the guarantees page names every mutant of ``tests/mutants.py``, and the mutants and tests
+  it names exist;
 - README.md's relative links point at files that exist, and README.md and
   ``quickstart.md`` show ``examples/counter/app.py`` exactly as the file is (the file is what
   ``tests/examples/test_examples.py`` runs).
@@ -40,6 +42,7 @@ EXPORTS = {
     "reference/client.md": ["rooms.client"],
 }
 SETTINGS_PAGE = "reference/settings.md"
+GUARANTEES_PAGE = "guarantees.md"
 SETTINGS_TABLE_PAGE = "deployment.md"
 SETTINGS_ANCHOR = "runtime.config.Settings."
 
@@ -72,6 +75,8 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
         for metric in attrs.fields(Metrics):
             if f"| `{metric.name}` |" not in rows:
                 log.warning("%s: the metrics table does not list %r", path, metric.name)
+    if path == GUARANTEES_PAGE:
+        check_guarantees(markdown)
     if path == SETTINGS_PAGE:
         text = markdown.split(":::", 1)[0]  # the page's own prose, before the generated part
         for name, documented in settings_fields().items():
@@ -82,6 +87,25 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
                     name,
                 )
     return markdown
+
+
+def check_guarantees(markdown: str) -> None:
+    """Every mutant of tests/mutants.py is named on the guarantees page, and every mutant and
+    test the page names exists (so the page and the checks cannot drift apart)."""
+    from tests.mutants import MUTANTS
+
+    lists = re.findall(r"\*Mutants?:\*(.*?)\.(?:\s|$)", markdown, re.S)
+    named = {name for text in lists for name in re.findall(r"`([a-z]+\.[a-z_]+)`", text)}
+    known = {m.name for m in MUTANTS}
+    for name in sorted(known - named):
+        log.warning("%s: the mutant %r is not named with its guarantee", GUARANTEES_PAGE, name)
+    for name in sorted(named - known):
+        log.warning("%s: names the mutant %r, which tests/mutants.py lacks", GUARANTEES_PAGE, name)
+    short = {"G": "runtime/test_guarantees.py", "H": "runtime/test_host.py"}
+    for where, test in re.findall(r"`([\w/.]+)::(test_\w+)`", markdown):
+        source = ROOT / "tests" / short.get(where, where)
+        if not source.is_file() or f"def {test}(" not in source.read_text():
+            log.warning("%s: names %s::%s, which does not exist", GUARANTEES_PAGE, where, test)
 
 
 def on_post_page(output: str, page: Any, **_: Any) -> str:
