@@ -1,25 +1,14 @@
-"""The SQLite backend: one database file per server, one table keyed by (room, key).
-
-A single thread owns the connection: rooms hand it jobs (reads, commits) through a queue, it
-runs everything queued in one transaction (group commit across rooms) and then wakes the
-rooms, so the event loop never touches the disk. Jobs run in queue order, so a read always
-sees every write that the same room submitted before it.
-"""
+"""The SQLite backend (embedded mode): one database file per server, one table keyed by
+(room, key), run on its own thread with group commit (``storage.ThreadedBackend``)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import sqlite3
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import trio
-
-from .storage import AlarmChange, AlarmRows, Done, ListResult, StorageError, jobs_in_flight
+from .storage import AlarmChange, AlarmRows, Done, Job, ListResult, StorageError, ThreadedBackend
 
 log = logging.getLogger("rooms.storage")
 
@@ -37,22 +26,8 @@ CREATE TABLE IF NOT EXISTS alarms (
 ) WITHOUT ROWID;
 """
 
-_BATCH_MAX = 1024  # jobs per transaction: bounds the latency of the first job in a batch
 
-
-class _Job:
-    __slots__ = ("deliver", "error", "result", "run")
-
-    def __init__(
-        self, run: Callable[[sqlite3.Connection], Any], deliver: Callable[[_Job], None]
-    ) -> None:
-        self.run = run
-        self.deliver = deliver
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-class SqliteBackend:
+class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
     """SQLite in WAL mode behind one writer thread with group commit.
 
     ``synchronous="NORMAL"`` (default) makes a commit survive the process being killed;
@@ -60,63 +35,32 @@ class SqliteBackend:
     ``path=":memory:"`` keeps everything in memory (tests).
     """
 
+    name = "sqlite"
+
     def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = str(path)
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._token = trio.lowlevel.current_trio_token()
-        self._in_flight = jobs_in_flight()
-        self._closed = False
-        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._main, args=(synchronous.upper(), ready), name="rooms-storage", daemon=True
-        )
-        self._thread.start()
-        error = ready.get()
-        if error is not None:
-            raise StorageError(f"cannot open the database {self.path!r}: {error}") from error
+        self._synchronous = synchronous.upper()
+        super().__init__()
+
+    def _open_failed(self, error: BaseException) -> str:
+        return f"cannot open the database {self.path!r}: {error}"
 
     # -- the thread ---------------------------------------------------------------------
 
-    def _open(self, synchronous: str) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         if self.path != ":memory:":
             db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
         db.executescript(_SCHEMA)
         return db
 
-    def _main(self, synchronous: str, ready: queue.SimpleQueue[BaseException | None]) -> None:
-        try:
-            db = self._open(synchronous)
-        except Exception as exc:
-            ready.put(exc)
-            return
-        ready.put(None)
-        try:
-            while True:
-                first = self._jobs.get()
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < _BATCH_MAX:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        stop = True
-                        break
-                    batch.append(job)
-                self._run_batch(db, batch)
-                if stop:
-                    return
-        finally:
-            db.close()
+    def _close(self, db: sqlite3.Connection) -> None:
+        db.close()
 
-    def _run_batch(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
+    def _run_batch(self, db: sqlite3.Connection, batch: list[Job[sqlite3.Connection]]) -> None:
         try:
             try:
                 # Fast path: the whole batch in one transaction, one statement per job.
@@ -136,11 +80,9 @@ class SqliteBackend:
                 db.execute("ROLLBACK")
             for job in batch:
                 job.error = job.error or exc
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._deliver_batch, batch)
 
     @staticmethod
-    def _run_isolated(db: sqlite3.Connection, batch: list[_Job]) -> None:
+    def _run_isolated(db: sqlite3.Connection, batch: list[Job[sqlite3.Connection]]) -> None:
         db.execute("BEGIN")
         for job in batch:
             job.result = None
@@ -155,37 +97,7 @@ class SqliteBackend:
             db.execute("RELEASE job")
         db.execute("COMMIT")
 
-    def _deliver_batch(self, batch: list[_Job]) -> None:
-        self._in_flight[0] -= len(batch)
-        for job in batch:
-            job.deliver(job)
-
     # -- the interface ------------------------------------------------------------------
-
-    def _submit(
-        self, run: Callable[[sqlite3.Connection], Any], deliver: Callable[[_Job], None]
-    ) -> None:
-        if self._closed:
-            raise StorageError("storage is closed (the server is shutting down)")
-        self._in_flight[0] += 1
-        self._jobs.put(_Job(run, deliver))
-
-    async def _call(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
-        finished = trio.Event()
-        outcome: list[_Job] = []
-
-        def deliver(job: _Job) -> None:
-            outcome.append(job)
-            finished.set()
-
-        self._submit(run, deliver)
-        with trio.CancelScope(shield=True):
-            # The thread will answer; leaving early would only orphan the answer.
-            await finished.wait()
-        job = outcome[0]
-        if job.error is not None:
-            raise StorageError(f"storage read failed: {job.error}") from job.error
-        return job.result
 
     async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
         def run(db: sqlite3.Connection) -> dict[str, bytes]:
@@ -243,6 +155,7 @@ class SqliteBackend:
         delete_all: bool,
         done: Done,
         alarm: AlarmChange | None = None,
+        epoch: int | None = None,
     ) -> None:
         puts = [(room, k, v) for k, v in writes.items() if v is not None]
         deletes = [(room, k) for k, v in writes.items() if v is None]
@@ -261,7 +174,7 @@ class SqliteBackend:
                 else:
                     db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?, ?)", (room, at, name))
 
-        def deliver(job: _Job) -> None:
+        def deliver(job: Job[sqlite3.Connection]) -> None:
             done(StorageError(f"commit failed: {job.error}") if job.error else None)
 
         self._submit(run, deliver)
@@ -280,14 +193,6 @@ class SqliteBackend:
 
         rows: AlarmRows = await self._call(run)
         return rows
-
-    async def aclose(self) -> None:
-        """Finish every queued job, then stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
-        await trio.to_thread.run_sync(self._thread.join)
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

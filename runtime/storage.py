@@ -1,15 +1,23 @@
-"""Durable storage: the narrow interface every backend implements, and each room's view.
+"""Durable storage: the narrow interface every backend implements, the thread machinery the
+backends share, and each room's view.
 
-A backend (``runtime.sqlite`` today) stores every room's keys and alarm, commits a room's
-writes as one atomic batch and says when it is durable. ``RoomStorage`` is ``Room.storage``:
-reads through a per-activation cache, writes buffered until the event ends, then handed to
-the backend as one commit (the output gate waits for it).
+A backend (``runtime.sqlite`` embedded, ``runtime.postgres`` in cluster mode) stores every
+room's keys and alarm, commits a room's writes as one atomic batch and says when it is
+durable. Their drivers block, so each runs on a thread of its own (``ThreadedBackend``):
+rooms hand it jobs through a queue, it runs everything queued as one transaction (group commit
+across rooms) and then wakes the rooms, so the event loop never waits on the disk. Jobs run in
+queue order, so a read always sees every write the same room submitted before it.
+``RoomStorage`` is ``Room.storage``: reads through a per-activation cache, writes buffered
+until the event ends, then handed to the backend as one commit (the output gate waits for it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -42,6 +50,143 @@ class StorageError(RuntimeError):
     """The storage backend failed (disk full, corrupt file, closed)."""
 
 
+class FencedError(StorageError):
+    """The node no longer holds the room at the epoch of these writes (another node took it
+    over): nothing was written, and nothing that waited on them may go out."""
+
+
+# ---------------------------------------------------------------------------------------
+# The thread machinery of a backend
+
+Db = TypeVar("Db")
+_BATCH_MAX = 1024  # jobs per transaction: bounds the latency of the first job in a batch
+
+
+class Job(Generic[Db]):
+    """One unit of work for a backend's thread; ``fence`` is a commit's (room, epoch)."""
+
+    __slots__ = ("deliver", "error", "fence", "result", "run")
+
+    def __init__(
+        self,
+        run: Callable[[Db], Any],
+        deliver: Callable[[Job[Db]], None],
+        fence: tuple[str, int] | None = None,
+    ) -> None:
+        self.run = run
+        self.deliver = deliver
+        self.fence = fence
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class ThreadedBackend(Generic[Db]):
+    """One thread that owns the database connection and runs the queued jobs in batches
+    (see the module's docstring). Subclasses open the connection and run a batch."""
+
+    name = "storage"
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Job[Db] | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._in_flight = jobs_in_flight()
+        self._closed = False
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._main, args=(ready,), name=f"rooms-{self.name}", daemon=True
+        )
+        self._thread.start()
+        error = ready.get()
+        if error is not None:
+            raise StorageError(self._open_failed(error)) from error
+
+    def _open(self) -> Db:
+        raise NotImplementedError
+
+    def _open_failed(self, error: BaseException) -> str:
+        return f"cannot open the {self.name} database: {error}"
+
+    def _close(self, db: Db) -> None:
+        raise NotImplementedError
+
+    def _run_batch(self, db: Db, batch: list[Job[Db]]) -> None:
+        """Run ``batch`` as one transaction, setting each job's result or error."""
+        raise NotImplementedError
+
+    def _main(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
+        try:
+            db = self._open()
+        except Exception as exc:
+            ready.put(exc)
+            return
+        ready.put(None)
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < _BATCH_MAX:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(db, batch)
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(self._deliver_batch, batch)
+                if stop:
+                    return
+        finally:
+            self._close(db)
+
+    def _deliver_batch(self, batch: list[Job[Db]]) -> None:
+        self._in_flight[0] -= len(batch)
+        for job in batch:
+            job.deliver(job)
+
+    def _submit(
+        self,
+        run: Callable[[Db], Any],
+        deliver: Callable[[Job[Db]], None],
+        fence: tuple[str, int] | None = None,
+    ) -> None:
+        if self._closed:
+            raise StorageError("storage is closed (the server is shutting down)")
+        self._in_flight[0] += 1
+        self._jobs.put(Job(run, deliver, fence))
+
+    async def _call(self, run: Callable[[Db], Any]) -> Any:
+        """Run ``run`` on the thread, in queue order; its result."""
+        finished = trio.Event()
+        outcome: list[Job[Db]] = []
+
+        def deliver(job: Job[Db]) -> None:
+            outcome.append(job)
+            finished.set()
+
+        self._submit(run, deliver)
+        with trio.CancelScope(shield=True):
+            # The thread will answer; leaving early would only orphan the answer.
+            await finished.wait()
+        job = outcome[0]
+        if job.error is not None:
+            raise StorageError(f"storage read failed: {job.error}") from job.error
+        return job.result
+
+    async def aclose(self) -> None:
+        """Finish every queued job, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        await trio.to_thread.run_sync(self._thread.join)
+
+
 class Backend(Protocol):
     """The narrow interface every storage backend implements (``runtime.sqlite`` today)."""
 
@@ -64,8 +209,12 @@ class Backend(Protocol):
         delete_all: bool,
         done: Done,
         alarm: AlarmChange | None = None,
+        epoch: int | None = None,
     ) -> None:
-        """Queue an atomic batch; ``done(error)`` is called on the trio thread once durable."""
+        """Queue an atomic batch; ``done(error)`` is called on the trio thread once durable.
+        ``epoch``: the ownership epoch under which the room made the writes (cluster mode);
+        a backend that fences refuses them with ``FencedError`` if the node no longer holds
+        the room at that epoch."""
         ...
 
     async def get_alarm(self, room: str) -> float | None: ...

@@ -348,9 +348,14 @@ async def test_messages_wait_until_the_writes_before_them_are_durable() -> None:
         parked: list[Any] = []
 
         def slow_commit(
-            room: str, writes: Any, delete_all: bool, done: Any, alarm: Any = None
+            room: str,
+            writes: Any,
+            delete_all: bool,
+            done: Any,
+            alarm: Any = None,
+            epoch: Any = None,
         ) -> None:
-            parked.append((room, writes, delete_all, done, alarm))
+            parked.append((room, writes, delete_all, done, alarm, epoch))
 
         backend.commit = slow_commit  # type: ignore[method-assign]
         c = await h.connect("/count/g")
