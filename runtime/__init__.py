@@ -4,15 +4,19 @@ General layout. Four layers; a module imports only from its own layer or an earl
 (``tests/test_layers.py`` checks it, and that there is no import cycle):
 
 1. sans-I/O, no sockets and no tasks: ``frames`` (the RFC 6455 codec), ``handshake`` (the
-   opening handshake both ways, the closing states), ``config`` (settings), ``metrics``.
+   opening handshake both ways, the closing states), ``config`` (settings), ``metrics``,
+   ``placement`` (where a room lives in a cluster: the terms host, cluster and links share).
 2. the engine core, trio but no sockets: ``gate`` (the output gate and the burst batch),
    ``events`` (a room's events, one class per kind), ``activation`` (one room: mailbox,
    task, instance), ``host`` (every room: lifecycle, calls, alarms), ``storage`` (the
-   backend interface and a room's view), ``sqlite`` (the embedded backend).
+   backend interface and a room's view), ``sqlite`` (the embedded backend); cluster mode's
+   ``postgres`` (the fenced backend) and ``cluster`` (membership, leases, who holds which
+   room), the only modules that import psycopg (an optional extra).
 3. I/O: ``stream`` (socket bytes, TLS, the epoll read set), ``websocket`` (one connection's
    data path), ``http`` (the HTTP/1.1 phase), ``router`` (which answer a request gets),
-   ``admission`` (upgrade-time rules), ``proxy`` (proxied routes), ``usage``, and ``edge``,
-   which takes each connection through those phases.
+   ``admission`` (upgrade-time rules), ``proxy`` (proxied routes), ``usage``, ``link`` (the
+   links between a cluster's nodes), and ``edge``, which takes each connection through those
+   phases.
 4. assembly: ``server`` (``run_engine``, the one assembly, and ``serve``), ``local`` (the
    engine in process, for ``rooms.testing``), ``cli``, ``connect`` and ``console`` (the
    ``rooms connect`` client).

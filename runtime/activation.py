@@ -22,10 +22,11 @@ import trio
 from rooms import Connection, Request, Room, RoomId
 from rooms._engine import new_room
 
-from .events import Closed, Mailbox, Message, RoomEvent, Tick
+from .events import MOVED, Closed, Mailbox, Message, RoomEvent, Tick
 from .frames import encode_message
 from .gate import Batch, OutputGate, Transport
-from .storage import RoomStorage
+from .placement import NotHere
+from .storage import FencedError, RoomStorage
 
 if TYPE_CHECKING:
     from .host import Host
@@ -159,7 +160,9 @@ class Activation:
         "_storage",
         "attached",
         "batch",
+        "chain",
         "evict_requested",
+        "fenced",
         "gate",
         "host",
         "instance",
@@ -186,8 +189,11 @@ class Activation:
         self.attached = 0  # peers attached, including those whose connect is still queued
         self.waiting_on: set[Activation] = set()  # rooms whose calls this room awaits
         self.key = f"{room_class.namespace}/{room_id.hex}"
+        self.chain: list[str] = []  # the rooms waiting on the call this room handles now
+        self.fenced = False  # another node holds the room now (cluster mode)
         self.gate = OutputGate()
-        self._storage = RoomStorage(host.backend, self.key, self.gate.wrote, room_id.name)
+        epoch = None if host.directory is None else host.directory.epochs.get(self.key)
+        self._storage = RoomStorage(host.backend, self.key, self.gate.wrote, room_id.name, epoch)
         self.mailbox = Mailbox(host.settings.mailbox_size, host.metrics)
         self._drained: trio.Event | None = None  # set when commits in flight fall below max
         self._busy = False
@@ -285,6 +291,10 @@ class Activation:
     def _storage_failed(self, error: BaseException) -> None:
         """A commit failed: what clients were told may be lost. Drop the held outputs, close
         every connection (1011) so clients resync, and restart the room from storage."""
+        if isinstance(error, FencedError):
+            self.host.metrics.cluster_fenced_commits_total += 1
+            self.host.fence(self, str(error))
+            return
         self.host.metrics.storage_errors_total += 1
         log.error(
             "room %s: a storage commit failed (%s); closing its %d connections with 1011 and "
@@ -298,6 +308,25 @@ class Activation:
         self._drop_instance()
         for peer in list(self.peers.values()):
             peer.transport.close(1011, "storage failure: reconnect to resync")
+
+    def fence(self, why: str) -> None:
+        """Another node holds the room now (``Host.fence``): what passed the gate goes out,
+        nothing held does (its writes were refused, or may be); every client is closed with
+        1012 and the events still queued are turned away."""
+        log.warning(
+            "room %s: %s; closing its %d connections with 1012 (they reconnect to the node "
+            "that holds it now)",
+            self.label,
+            why,
+            len(self.peers),
+        )
+        self.fenced = True
+        self.batch.flush()
+        self.gate.fail(NotHere(f"room {self.label} moved to another node"))
+        self._drop_instance()
+        for peer in list(self.peers.values()):
+            peer.transport.close(1012, MOVED)
+        self.mailbox.wake()
 
     # -- the mailbox ---------------------------------------------------------------------
 
@@ -384,13 +413,16 @@ class Activation:
             self.evict_requested = False
             self._drop_instance()
             self.running = False
-            if unload or not self.peers:
+            if unload or not self.peers or self.fenced:
                 self.host.forget(self)
             else:
                 self.host.hibernated(self)
 
     async def _handle(self, event: RoomEvent) -> None:
         if not event.arrive(self):  # bookkeeping first: it happens even if the room fails
+            return
+        if self.fenced:
+            event.moved(self)
             return
         try:
             room = self.instance

@@ -1,5 +1,5 @@
 """The ``rooms`` command: ``rooms serve MODULE:APP``, ``rooms dev MODULE:APP`` (restart on
-change) and ``rooms connect URL``."""
+change), ``rooms connect URL`` and ``rooms cluster status``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         "log_level": args.log_level,
         "certfile": args.certfile,
         "keyfile": args.keyfile,
+        "cluster": args.cluster,
+        "node_address": args.node_address,
+        # A secret: from the environment rather than the command line, which ps shows.
+        "cluster_token": args.cluster_token or os.environ.get("ROOMS_CLUSTER_TOKEN"),
     }
     return load_settings(args.config, **overrides)
 
@@ -169,10 +173,18 @@ def _serve(args: argparse.Namespace) -> int:
     code = 0
     try:
         trio.run(_serve_until_signal, app, settings, listener)
-    except* StorageError as failed:  # e.g. a database file that cannot be opened
-        print(f"rooms serve: {failed.exceptions[0]}", file=sys.stderr)
+    except* (StorageError, ConfigError) as failed:  # e.g. a database that cannot be used
+        print(f"rooms serve: {_sole(failed)}", file=sys.stderr)
         code = 2
     return code
+
+
+def _sole(group: BaseExceptionGroup[Exception]) -> BaseException:
+    """The one exception of a group (trio's nurseries wrap what their tasks raised)."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -193,7 +205,19 @@ def _dev(args: argparse.Namespace) -> int:
     return dev.run(serve_argv, listener, settings)
 
 
-_OPTIONS = ("host", "port", "data_dir", "config", "synchronous", "log_level", "certfile", "keyfile")
+_OPTIONS = (
+    "host",
+    "port",
+    "data_dir",
+    "config",
+    "synchronous",
+    "log_level",
+    "certfile",
+    "keyfile",
+    "cluster",
+    "node_address",
+    "cluster_token",
+)
 
 
 def _options(args: argparse.Namespace) -> list[str]:
@@ -216,6 +240,43 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--certfile", help="PEM certificate chain: serve https and wss")
     parser.add_argument("--keyfile", help="PEM private key of --certfile")
+    parser.add_argument(
+        "--cluster", help="serve as a node of a cluster on this PostgreSQL (postgresql://...)"
+    )
+    parser.add_argument(
+        "--node-address", help="host:port the other nodes reach this one at (default: its own)"
+    )
+    parser.add_argument(
+        "--cluster-token",
+        help="the shared secret of the links between nodes (better: ROOMS_CLUSTER_TOKEN)",
+    )
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    try:
+        from .cluster import status  # (psycopg: the optional extra)
+    except ImportError:
+        print("rooms cluster: needs psycopg (pip install 'trio-rooms[postgres]')", file=sys.stderr)
+        return 2
+    import psycopg
+
+    try:
+        report = status(args.cluster)
+    except psycopg.Error as exc:
+        print(f"rooms cluster: cannot read the cluster database: {exc}".strip(), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'NODE':<18} {'ADDRESS':<22} {'STATUS':<8} {'LEASE LEFT':>10} {'ROOMS':>7}")
+    for node in report["nodes"]:
+        left = f"{node['lease_left_s']:.1f} s" if node["status"] == "alive" else "-"
+        print(
+            f"{node['node']:<18} {node['address']:<22} {node['status']:<8} {left:>10} "
+            f"{node['rooms']:>7}"
+        )
+    print(f"rooms without a live node: {report['rooms_without_live_owner']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     connect_parser = commands.add_parser("connect", help="a wscat-like WebSocket client")
     connect.add_arguments(connect_parser)
     connect_parser.set_defaults(run=lambda args: trio.run(connect.run, args))
+
+    cluster_parser = commands.add_parser("cluster", help="look at a cluster: rooms cluster status")
+    cluster_commands = cluster_parser.add_subparsers(dest="cluster_command", required=True)
+    status_parser = cluster_commands.add_parser(
+        "status", help="the nodes, their state and lease, and the rooms each holds"
+    )
+    status_parser.add_argument("--cluster", required=True, help="the cluster's postgresql:// DSN")
+    status_parser.add_argument("--json", action="store_true", help="print it as JSON")
+    status_parser.set_defaults(run=_cluster_status)
     return parser
 
 

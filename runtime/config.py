@@ -97,6 +97,20 @@ class Settings:
     upstream_timeout: float = 10.0
     """Seconds to connect to a proxied route's upstream and finish its WebSocket handshake;
     then the client gets 504 (an unreachable upstream gets 502 at once)."""
+    cluster: str = ""
+    """A PostgreSQL connection string (``postgresql://USER@HOST/DB``): serve as one node of a
+    cluster whose nodes share that database; empty: embedded mode (SQLite, one process)."""
+    node_address: str = ""
+    """``host:port`` at which the other nodes reach this one (its own listener); empty: this
+    node's ``host`` and ``port`` (which must then be a concrete address, not 0.0.0.0)."""
+    cluster_token: str = ""
+    """The shared secret of the links between nodes (required in cluster mode)."""
+    cluster_lease_seconds: float = 3.0
+    """How long a node's lease lasts (renewed three times as often): a node cut off from the
+    database stops serving its rooms just before, and others may take them just after."""
+    max_link_queue_bytes: int = 16 * MiB
+    """Messages queued on a link to another node; past it the clients that sent them are
+    closed with 1008, as a client that is not reading would be."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
     log_level: str = "INFO"
@@ -157,7 +171,39 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"setting 'port' must be at most 65535, got {values['port']}")
     settings = Settings(**values)
     tls_context(settings)  # a missing or wrong certificate is reported now, naming the key
+    if settings.cluster:
+        check_cluster(settings)
     return settings
+
+
+def check_cluster(settings: Settings) -> None:
+    """What cluster mode needs, checked before serving (ConfigError naming the key)."""
+    if not settings.cluster.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("setting 'cluster' must be a postgresql:// connection string")
+    if not settings.cluster_token:
+        raise ConfigError(
+            "setting 'cluster_token' is required with 'cluster': the shared secret of the "
+            "links between nodes"
+        )
+    node_address(settings)
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "setting 'cluster': cluster mode needs psycopg (pip install 'trio-rooms[postgres]')"
+        ) from None
+
+
+def node_address(settings: Settings) -> str:
+    """The ``host:port`` the other nodes reach this one at."""
+    if settings.node_address:
+        return settings.node_address
+    if settings.host in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"setting 'node_address' is required when listening on {settings.host!r}: the "
+            "address the other nodes reach this one at, e.g. 10.0.0.5:8000"
+        )
+    return f"{settings.host}:{settings.port}"
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -6,6 +6,10 @@ upgrade-time rules (``admission``) and, on a proxied route, the upstream (``prox
 ``join``: a place in the room and the 101; then the WebSocket's data path (``websocket``) or
 the relay (``proxy``) until it closes. The edge also drains (every WebSocket closed with 1012
 in its room's output order) and writes each closed WebSocket's usage record (``usage``).
+
+In cluster mode a room may live on another node: ``join`` then attaches the client over the
+link to that node (``link.Forwarded`` is its target), and the links from other nodes are
+WebSockets served here too (``/_rooms/cluster``, ``link.InLink``).
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import trio
 from rooms import App, Request, Response
 from rooms._engine import ProxyRoute, text_error
 
-from .activation import Peer
+from .activation import Activation, Peer
 from .admission import Admission
 from .config import Settings, tls_context
 from .gate import Transport
 from .handshake import accept_response, check_upgrade, is_upgrade
 from .host import Host
 from .http import HttpServer, raw_response
+from .link import LINK_PATH, Forwarded, InLink, Links, PeerNode, check_link, link_settings
 from .metrics import Metrics
+from .placement import ClusterUnavailable, NotHere
 from .proxy import Upstream, relay
 from .proxy import connect as connect_upstream
 from .router import RoomTarget, Router
@@ -46,17 +52,29 @@ class Upgrade:
     """A checked WebSocket upgrade, ready to join: where it goes, and its 101."""
 
     request: Request
-    target: RoomTarget | Upstream
+    target: RoomTarget | Upstream | PeerNode
     accept: bytes
+
+
+_JOIN_ATTEMPTS = 3  # a room that moved while the client was joining it is looked up again
 
 
 class Edge:
     """Serves an ``App``: plain HTTP answered here or by rooms, upgrades handed to rooms."""
 
-    def __init__(self, app: App, settings: Settings, host: Host, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: App,
+        settings: Settings,
+        host: Host,
+        metrics: Metrics,
+        links: Links | None = None,
+    ) -> None:
         self.settings = settings
         self.host = host
         self.metrics = metrics
+        self.links = links  # cluster mode: this node's links to the others
+        self._link_settings = link_settings(settings)
         self.admission = Admission(settings, metrics)
         self.usage = Usage(settings)
         self.router = Router(app, settings, metrics, host, self.usage, self._live_usage)
@@ -156,6 +174,8 @@ class Edge:
         self, request: Request, http_version: bytes, secure: bool
     ) -> Response | Upgrade:
         """What one request gets: a response, or (a valid WebSocket upgrade) the upgrade."""
+        if request.path == LINK_PATH and self.links is not None:
+            return self._link_upgrade(request, http_version)
         routed = await self.router.route(request, upgrade=is_upgrade(request))
         if isinstance(routed, Response):
             return routed
@@ -189,12 +209,24 @@ class Edge:
             return upstream
         return Upgrade(request, upstream, accept_response(request, upstream.subprotocol))
 
+    def _link_upgrade(self, request: Request, http_version: bytes) -> Upgrade | Response:
+        """A link from another node of the cluster (``runtime.link``)."""
+        assert self.links is not None
+        refused = check_link(request, self.links.token) or check_upgrade(request, http_version)
+        if refused is not None:
+            if refused.status == 401:
+                self.metrics.cluster_link_refusals_total += 1
+                log.warning("refused a node link from %s: %s", request.client[0], refused.body)
+            return refused
+        node = PeerNode(request.header("x-rooms-node") or "?")
+        return Upgrade(request, node, accept_response(request))
+
     async def join(
         self, upgrade: Upgrade, transport: Transport, send: Callable[[bytes], Awaitable[None]]
-    ) -> Peer | Upstream | Response:
+    ) -> Peer | Forwarded | Upstream | InLink | Response:
         """Take the connection's place (in its room, with ``transport``) and ``send`` the
-        101; the room then gets its connect event. A 503 if the server is draining or the
-        room is full."""
+        101; the room then gets its connect event. A 503 if the server is draining, the room
+        is full or cannot be reached."""
         if self._draining:
             return text_error(503, "server restarting: retry shortly")
         target = upgrade.target
@@ -202,16 +234,42 @@ class Edge:
             self.metrics.proxied_websockets_total += 1
             await send(upgrade.accept)
             return target
-        peer = self.host.attach(*target, transport, upgrade.request)
-        if peer is None:
+        if isinstance(target, PeerNode):
+            await send(upgrade.accept)
+            return InLink(self.host, transport, target.node_id)
+        joined = await self._place(target, transport, upgrade.request)
+        if joined is None:
             return text_error(503, "room is full")
+        if isinstance(joined, Response):
+            return joined
         try:
             await send(upgrade.accept)
         except ConnectionBroken:
-            peer.end(1006, "")
+            joined.end(1006, "")
             raise
-        await self.host.connected(peer)
-        return peer
+        if isinstance(joined, Forwarded):
+            joined.connected()
+        else:
+            await self.host.connected(joined)
+        return joined
+
+    async def _place(
+        self, target: RoomTarget, transport: Transport, request: Request
+    ) -> Peer | Forwarded | Response | None:
+        """A place in the room, here or on the node that holds it; None if it is full."""
+        host = self.host
+        for _ in range(_JOIN_ATTEMPTS):
+            try:
+                placed = await host.place(*target)
+                if isinstance(placed, Activation):
+                    return host.attach(placed, transport, request)
+                assert self.links is not None
+                return await self.links.attach(placed, *target, transport, request)
+            except NotHere:
+                host.moved(*target)
+            except ClusterUnavailable as exc:
+                return text_error(503, str(exc))
+        return text_error(503, "the room is moving between nodes: retry shortly")
 
     # -- the WebSocket ---------------------------------------------------------------------
 
@@ -219,7 +277,9 @@ class Edge:
         """Serve an upgraded connection (``data``: what the client sent after its request)."""
         try:
             async with trio.open_nursery() as nursery:
-                ws = WebSocket(stream, self.settings, self.metrics, nursery)
+                link = isinstance(upgrade.target, PeerNode)
+                settings = self._link_settings if link else self.settings
+                ws = WebSocket(stream, settings, self.metrics, nursery)
                 joined = await self.join(upgrade, ws, stream.send_all)
                 if isinstance(joined, Response):
                     await self._refuse(stream, joined)

@@ -23,6 +23,7 @@ from rooms._engine import decode, encode, error_response
 
 from .gate import Reply
 from .metrics import Metrics
+from .placement import NotHere
 
 if TYPE_CHECKING:
     from .activation import Activation, Peer, Timer
@@ -32,6 +33,7 @@ log = logging.getLogger("rooms.host")
 ALARM_RETRIES = 6
 """Times a failing on_alarm is retried (after 1, 2, 4... seconds) before it is given up."""
 
+MOVED = "room moved to another node: reconnect"
 _START_FAILED = "the room failed to start"
 _HOOK_FAILED = "internal error in the room"
 
@@ -63,6 +65,10 @@ class _Event:
     def tell(self, act: Activation, problem: str) -> None:
         pass
 
+    def moved(self, act: Activation) -> None:
+        """The room moved to another node before this event ran (cluster mode): tell the
+        origin to look for it there."""
+
 
 @attrs.define(slots=True, eq=False)
 class Connect(_Event):
@@ -80,6 +86,9 @@ class Connect(_Event):
     def tell(self, act: Activation, problem: str) -> None:
         act.peers.pop(self.peer.conn.id, None)
         self.peer.close(1011, problem)
+
+    def moved(self, act: Activation) -> None:
+        self.peer.transport.close(1012, MOVED)
 
 
 @attrs.define(slots=True, eq=False)
@@ -143,6 +152,9 @@ class Http(_Event):
     def tell(self, act: Activation, problem: str) -> None:
         act.gate.emit(self.reply.set, Response.text(problem, 500))
 
+    def moved(self, act: Activation) -> None:
+        self.reply.fail(NotHere(MOVED))
+
 
 @attrs.define(slots=True, eq=False)
 class Call(_Event):
@@ -152,12 +164,18 @@ class Call(_Event):
     method: str
     payload: bytes
     reply: Reply
+    chain: list[str]
+    """The rooms whose calls wait on this one (the cycle check's, across nodes)."""
 
     async def run(self, act: Activation, room: Room) -> Any:
         args, kwargs = decode(self.payload)
-        result = getattr(room, self.method)(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
+        act.chain = self.chain
+        try:
+            result = getattr(room, self.method)(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        finally:
+            act.chain = []
         return decode(pack(result, f"the result of {self.method}()"))
 
     def done(self, act: Activation, result: Any) -> None:
@@ -167,6 +185,9 @@ class Call(_Event):
         # The caller gets the exception itself; it is the caller's to handle or log.
         log.info("room %s: %s for call %s() raised %r", act.label, hook, self.method, exc)
         act.gate.emit(self.reply.fail, exc)
+
+    def moved(self, act: Activation) -> None:
+        self.reply.fail(NotHere(MOVED))
 
 
 @attrs.define(slots=True, eq=False)

@@ -6,6 +6,11 @@ for a plain HTTP request to a room), keeps the number of rooms in
 memory bounded (least recently used idle rooms leave first, and a sweeper unloads or
 hibernates rooms idle past their deadline), runs calls between rooms with a cycle check, and
 fires alarms (``AlarmClock``). Each room itself is an ``Activation``.
+
+In cluster mode (``directory`` set) a room's events go where the room lives: ``place`` finds
+or claims it (``runtime.cluster``); the rooms this node holds run here, the others are reached
+over the links to their nodes (``links``, ``runtime.link``). A room this node stops holding
+is fenced: its clients are closed with 1012 and its activation leaves the host.
 """
 
 from __future__ import annotations
@@ -28,9 +33,13 @@ from .config import Settings
 from .events import Alarm, Call, Connect, Http, pack
 from .gate import Reply, Transport
 from .metrics import Metrics
+from .placement import ClusterUnavailable, Directory, NotHere, Owner, RemoteRooms
 from .storage import Backend
 
 log = logging.getLogger("rooms.host")
+
+
+_PLACE_ATTEMPTS = 3  # a room that moved while it was being reached is looked up again
 
 
 def is_stub_callable(room_class: type[Room], method: str) -> bool:
@@ -51,8 +60,11 @@ class Host:
         metrics: Metrics,
         nursery: trio.Nursery,
         room_classes: Iterable[type[Room]] = (),
+        directory: Directory | None = None,
     ) -> None:
         self.backend = backend
+        self.directory = directory
+        self.links: RemoteRooms | None = None  # cluster mode: set by the server
         self.settings = settings
         self.metrics = metrics
         self.nursery = nursery
@@ -68,6 +80,8 @@ class Host:
         self.alarms = AlarmClock(self)
         nursery.start_soon(self._sweeper, name="rooms: idle sweeper")
         nursery.start_soon(self.alarms.run, name="rooms: alarms")
+        if directory is not None:
+            nursery.start_soon(self.alarms.orphans, name="rooms: alarms of dead nodes' rooms")
 
     @staticmethod
     def now() -> float:
@@ -106,6 +120,49 @@ class Host:
 
     def room_class(self, namespace: str) -> type[Room] | None:
         return self._classes.get(namespace)
+
+    # -- where rooms live (cluster mode) -------------------------------------------------
+
+    async def place(self, room_class: type[Room], room_id: RoomId) -> Activation | Owner:
+        """Where that room's events go: its activation here, or (cluster mode) the node that
+        holds it. A room claimed here brings its stored alarm along."""
+        directory = self.directory
+        if directory is None:
+            return self.activation(room_class, room_id)
+        key = f"{room_class.namespace}/{room_id.hex}"
+        claimed = key not in directory.epochs
+        owner = await directory.locate(key)
+        if owner.node_id != directory.node_id:
+            return owner
+        act = self.activation(room_class, room_id)
+        if claimed:
+            at = await self.backend.get_alarm(key)
+            if at is not None and directory.epochs.get(key) == owner.epoch:
+                self.alarms.schedule(act, at)
+        return act
+
+    def held(self, namespace: str, hex_id: str, name: str | None) -> Activation | None:
+        """The activation of a room this node holds (for a peer's request); None if it does
+        not hold it, or has no class of that namespace."""
+        room_class = self._classes.get(namespace)
+        if room_class is None or self.directory is None:
+            return None
+        if f"{namespace}/{hex_id}" not in self.directory.epochs:
+            return None
+        return self.activation(room_class, RoomId(hex_id, name))
+
+    def fence(self, act: Activation, why: str) -> None:
+        """This node no longer holds ``act``'s room: it leaves the host, its clients are
+        closed with 1012 (they reconnect and reach the room where it lives now)."""
+        self.forget(act)
+        if self.directory is not None:
+            self.directory.forget(act.key)
+        act.fence(why)
+
+    def fence_all(self, why: str) -> None:
+        """This node stopped holding every room (it lost its lease)."""
+        for act in list(self._activations.values()):
+            self.fence(act, why)
 
     def forget(self, act: Activation) -> None:
         key = (act.room_class.namespace, act.room_id.hex)
@@ -209,11 +266,8 @@ class Host:
 
     # -- entry points for the edge -------------------------------------------------------
 
-    def attach(
-        self, room_class: type[Room], room_id: RoomId, transport: Transport, request: Request
-    ) -> Peer | None:
+    def attach(self, act: Activation, transport: Transport, request: Request) -> Peer | None:
         """Reserve a place for a new connection in the room; None if the room is full."""
-        act = self.activation(room_class, room_id)
         if act.attached >= self.settings.max_connections_per_room:
             self.metrics.limit_room_connections_total += 1
             return None
@@ -224,10 +278,29 @@ class Host:
         await peer.activation.post(Connect(peer))
 
     async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:
+        """A plain HTTP request to a room, wherever it lives."""
+        for _ in range(_PLACE_ATTEMPTS):
+            placed = await self.place(room_class, room_id)
+            try:
+                if isinstance(placed, Activation):
+                    return await self.request_here(placed, request)
+                assert self.links is not None
+                room = (room_class.namespace, room_id.hex, room_id.name)
+                return await self.links.request(placed, room, request)
+            except NotHere:
+                self.moved(room_class, room_id)
+        raise ClusterUnavailable(f"room {room_id.hex[:12]} keeps moving: retry")
+
+    async def request_here(self, act: Activation, request: Request) -> Response:
         reply = Reply()
-        await self.activation(room_class, room_id).post(Http(request, reply))
+        await act.post(Http(request, reply))
         response: Response = await reply.wait()
         return response
+
+    def moved(self, room_class: type[Room], room_id: RoomId) -> None:
+        """The room was not where it was thought to be: look it up again next time."""
+        assert self.directory is not None  # (only a cluster's rooms move)
+        self.directory.forget(f"{room_class.namespace}/{room_id.hex}")
 
     # -- calls between rooms -------------------------------------------------------------
 
@@ -246,18 +319,42 @@ class Host:
                 "stub (public methods defined by the room class only)"
             )
         payload = pack((list(args), kwargs), f"the arguments of {method}()")
-        target = self.activation(room_class, room_id_of(room))
+        room_id = room_id_of(room)
+        # The rooms whose calls wait on this one: a call back to any of them is a cycle,
+        # wherever they live (the chain travels with calls between nodes).
+        chain = [*caller.chain, caller.key] if caller is not None else []
+        for _ in range(_PLACE_ATTEMPTS):
+            placed = await self.place(room_class, room_id)
+            try:
+                if isinstance(placed, Activation):
+                    return await self.call_here(placed, method, payload, chain, caller)
+                assert self.links is not None
+                where = (room_class.namespace, room_id.hex, room_id.name)
+                return await self.links.call(placed, where, method, payload, chain)
+            except NotHere:
+                self.moved(room_class, room_id)
+        raise ClusterUnavailable(f"room {room_id.hex[:12]} keeps moving: retry the call")
+
+    async def call_here(
+        self,
+        target: Activation,
+        method: str,
+        payload: bytes,
+        chain: list[str],
+        caller: Activation | None = None,
+    ) -> Any:
+        """A call to a room of this host, from ``caller`` here or (``chain``) elsewhere."""
+        if caller is target or target.key in chain or (caller and _waits_for(target, caller)):
+            where = caller.label if caller is not None else chain[-1]
+            raise CallCycleError(
+                f"room {where} calling {method}() on {target.label} would wait on itself (a "
+                "call cycle); restructure the calls, e.g. return data instead of calling back"
+            )
         if caller is not None:
-            if caller is target or _waits_for(target, caller):
-                raise CallCycleError(
-                    f"room {caller.label} calling {method}() on {target.label} would wait on "
-                    "itself (a call cycle); restructure the calls, e.g. return data instead of "
-                    "calling back"
-                )
             caller.waiting_on.add(target)
         try:
             reply = Reply()
-            await target.post(Call(method, payload, reply))
+            await target.post(Call(method, payload, reply, chain))
             return await reply.wait()
         finally:
             if caller is not None:
@@ -281,6 +378,9 @@ def _wall_origin() -> float:
         origin = time.time() - trio.current_time()
         _WALL_ORIGIN.set(origin)
         return origin
+
+
+_ORPHAN_SWEEP_SECONDS = 1.0
 
 
 class AlarmClock:
@@ -321,6 +421,27 @@ class AlarmClock:
     def retry(self, act: Activation, delay: float, attempt: int) -> None:
         self._schedule(act.key, self.host.now() + delay, attempt, act.room_class, act.room_id)
 
+    def schedule(self, act: Activation, at: float) -> None:
+        """``act``'s room, claimed here, has its alarm stored for ``at``."""
+        self._schedule(act.key, at, 0, act.room_class, act.room_id)
+
+    async def orphans(self) -> None:
+        """Cluster mode: every second, claim the rooms whose alarm is due and whose node
+        died (the claim schedules the alarm here), so that it fires, at least once."""
+        host = self.host
+        assert host.directory is not None
+        while True:
+            await trio.sleep(_ORPHAN_SWEEP_SECONDS)
+            try:
+                due = await host.directory.due_alarms()
+                for key, _, name in due:
+                    namespace, _, hex_id = key.partition("/")
+                    room_class = host.room_class(namespace)
+                    if room_class is not None:
+                        await host.place(room_class, RoomId(hex_id, name))
+            except Exception as exc:  # the database is away: the next sweep tries again
+                log.warning("cannot look for the due alarms of dead nodes' rooms: %s", exc)
+
     def _schedule(
         self, key: str, at: float, attempt: int, room_class: type[Room], room_id: RoomId
     ) -> None:
@@ -337,6 +458,9 @@ class AlarmClock:
             if entry is None or entry[0] != at:
                 continue  # deleted or moved since
             del self._due[key]
+            directory = self.host.directory
+            if directory is not None and key not in directory.epochs:
+                continue  # the room moved: its alarm fires where it lives now
             _, attempt, room_class, room_id = entry
             self.host.metrics.alarms_fired_total += 1
             self.host.activation(room_class, room_id).post_unbounded(Alarm(attempt))

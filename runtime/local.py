@@ -27,7 +27,6 @@ from .frames import Close, FrameParser
 from .gate import Transport
 from .http import sendable
 from .metrics import Metrics
-from .proxy import Upstream
 from .server import open_backend, run_engine
 from .storage import jobs_in_flight
 
@@ -111,7 +110,7 @@ class LocalServer:
         if isinstance(upgrade, Response):
             return upgrade
         joined = await edge.join(upgrade, fake, _discard)
-        assert not isinstance(joined, Upstream)  # (a room route)
+        assert isinstance(joined, (Peer, Response))  # (a room route, embedded mode)
         return joined
 
     async def request(

@@ -31,6 +31,7 @@ from rooms._engine import (
 from .config import Settings
 from .host import Host
 from .metrics import Metrics
+from .placement import ClusterUnavailable
 from .usage import Usage
 
 log = logging.getLogger("rooms.edge")
@@ -84,6 +85,8 @@ class Router:
             return await self._function(route, request)
         except HTTPError as exc:
             return error_response(exc)
+        except ClusterUnavailable as exc:
+            return text_error(503, str(exc))
         except Exception:
             log.exception("%s %s: the handler raised; answered 500", request.method, request.path)
             return text_error(500, "internal server error")

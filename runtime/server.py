@@ -1,12 +1,21 @@
-"""Assemble a server: storage, host and edge (``run_engine``), listening on a socket."""
+"""Assemble a server: storage, host and edge (``run_engine``), listening on a socket.
+
+Embedded mode (the default): SQLite under ``data_dir``, every room in this process. Cluster
+mode (``cluster`` set): this process is one node; the cluster (``runtime.cluster``) says which
+rooms it holds, PostgreSQL stores every node's rooms (``runtime.postgres``), and the links
+reach the rooms of the other nodes (``runtime.link``). psycopg is imported in cluster mode
+only: it is an optional extra.
+"""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import resource
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -15,9 +24,13 @@ from rooms import App
 from .config import ConfigError, Settings
 from .edge import Edge
 from .host import Host
+from .link import Links
 from .metrics import Metrics
 from .sqlite import SqliteBackend
 from .storage import Backend
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger("rooms.server")
 
@@ -75,6 +88,7 @@ async def run_engine(
     metrics: Metrics,
     listener: socket.socket | None = None,
     *,
+    cluster: Cluster | None = None,
     task_status: trio.TaskStatus[Edge] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The engine of one server: a host for ``app``'s rooms over ``backend`` and the edge in
@@ -82,12 +96,21 @@ async def run_engine(
     ``task_status.started`` gets the edge (``edge.host`` is the host). ``serve`` runs it
     behind a listener, ``runtime.local`` in process for the test harness (again over the
     same backend to simulate a restart): one assembly for both. Connections and rooms share
-    one nursery, so a connection ending during shutdown can still tell its room."""
+    one nursery, so a connection ending during shutdown can still tell its room. With
+    ``cluster`` (started), this engine is that node of a cluster."""
     edge: Edge | None = None
     try:
         async with trio.open_nursery() as nursery:
-            host = Host(backend, settings, metrics, nursery, app.room_classes())
-            edge = Edge(app, settings, host, metrics)
+            host = Host(backend, settings, metrics, nursery, app.room_classes(), cluster)
+            links = None
+            if cluster is not None:
+                token, queue = settings.cluster_token, settings.max_link_queue_bytes
+                links = host.links = Links(cluster, token, queue, metrics)
+                await nursery.start(links.run)
+                cluster.on_fenced = lambda: host.fence_all("this node lost its cluster lease")
+                cluster.on_node_dead = links.node_dead
+                nursery.start_soon(cluster.run)
+            edge = Edge(app, settings, host, metrics, links)
             if listener is not None:
                 nursery.start_soon(edge.serve, listener)
             task_status.started(edge)
@@ -121,11 +144,28 @@ async def serve(
     host and port."""
     if listener is None:
         listener = listen(settings.host, settings.port)
-    backend = open_backend(settings)
     metrics = Metrics()
+    cluster: Cluster | None = None
+    backend: Backend
+    if settings.cluster:
+        from .cluster import Cluster  # (psycopg: the optional extra)
+        from .postgres import PgBackend
+
+        cluster = Cluster(settings, metrics)
+        await cluster.start()
+        backend = PgBackend(settings.cluster, cluster)
+    else:
+        backend = open_backend(settings)
     try:
         async with trio.open_nursery() as nursery:
-            edge: Edge = await nursery.start(run_engine, app, settings, backend, metrics, listener)
+            edge: Edge = await nursery.start(
+                functools.partial(run_engine, cluster=cluster),
+                app,
+                settings,
+                backend,
+                metrics,
+                listener,
+            )
             port: int = listener.getsockname()[1]
             scheme = "https" if settings.certfile else "http"
             log.info("serving on %s://%s:%d (data: %s)", scheme, settings.host, port, backend.path)
@@ -137,6 +177,8 @@ async def serve(
             with trio.move_on_after(settings.drain_timeout) as drain:
                 await edge.drain()
                 await edge.host.wait_idle()  # running events and their commits
+                if cluster is not None:
+                    await cluster.leave()  # the others take its rooms at once
             if drain.cancelled_caught:
                 log.warning(
                     "drain_timeout (%g s) reached with %d WebSockets still open; stopping",
@@ -148,3 +190,5 @@ async def serve(
         _close(listener)
         with trio.CancelScope(shield=True):
             await backend.aclose()
+        if cluster is not None:
+            cluster.close()

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
+from .config import ConfigError
 from .storage import AlarmChange, AlarmRows, Done, Job, ListResult, StorageError, ThreadedBackend
 
 log = logging.getLogger("rooms.storage")
@@ -42,7 +46,17 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = str(path)
         self._synchronous = synchronous.upper()
-        super().__init__()
+        self._lock = None if self.path == ":memory:" else _lock(self.path + ".lock")
+        try:
+            super().__init__()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (the lock goes with the file descriptor)
+            self._lock = None
 
     def _open_failed(self, error: BaseException) -> str:
         return f"cannot open the database {self.path!r}: {error}"
@@ -59,6 +73,7 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
 
     def _close(self, db: sqlite3.Connection) -> None:
         db.close()
+        self._unlock()
 
     def _run_batch(self, db: sqlite3.Connection, batch: list[Job[sqlite3.Connection]]) -> None:
         try:
@@ -205,3 +220,28 @@ def _prefix_upper_bound(prefix: str) -> str | None:
             return "".join(chars)
         chars.pop()
     return None
+
+
+def _lock(path: str) -> IO[str] | None:
+    """This process's claim on a database: SQLite would let a second server open the file
+    too, and both would then serve the same rooms. Released when the process ends, however
+    it ends."""
+    try:
+        file = open(path, "a+")  # noqa: SIM115 (held as long as the backend)
+    except OSError:
+        return None  # (no such folder: opening the database says so)
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        folder = os.path.dirname(path) or "."
+        raise ConfigError(
+            f"setting 'data_dir': {folder!r} is in use by another rooms server ({holder} holds "
+            f"{path}); stop it, or give this server its own data_dir"
+        ) from None
+    file.truncate(0)
+    file.write(f"pid {os.getpid()}\n")
+    file.flush()
+    return file

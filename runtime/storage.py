@@ -241,6 +241,7 @@ class RoomStorage:
         "_cache",
         "_deleted_all",
         "_dirty",
+        "_epoch",
         "_name",
         "_on_first_write",
         "_room",
@@ -252,9 +253,11 @@ class RoomStorage:
         room: str,
         on_first_write: Callable[[], None],
         name: str | None = None,
+        epoch: int | None = None,
     ) -> None:
         self._backend = backend
         self._room = room
+        self._epoch = epoch  # cluster mode: this node's claim on the room, checked at commit
         self._name = name  # the room's name, kept with its alarm to start it again
         self._on_first_write = on_first_write
         self._cache: dict[str, bytes | None] = {}
@@ -390,7 +393,7 @@ class RoomStorage:
         self._remember(writes)
         if alarm is not None:
             self._alarm = alarm[0]
-        self._backend.commit(self._room, writes, deleted_all, done, alarm)
+        self._backend.commit(self._room, writes, deleted_all, done, alarm, epoch=self._epoch)
 
     def rollback(self) -> None:
         """Forget this event's writes and everything cached (the room restarts)."""

@@ -297,7 +297,7 @@ class Sessions:
         assert target is not None
         stream, sock = ws.stream, ws.sock
         tls, wait_readable = stream.tls, self.reads.wait_readable
-        parser = FrameParser(max_message_size=self.settings.max_message_bytes)
+        parser = FrameParser(max_message_size=ws.settings.max_message_bytes)  # (links' own)
         code, reason = 1006, ""
         self.reads.register(sock)
         try:
@@ -355,6 +355,8 @@ class Sessions:
 
     def _within_rate(self, ws: WebSocket) -> bool:
         """Spend one of ``ws``'s message tokens; past the rate, apply the action."""
+        if ws.settings is not self.settings:
+            return True  # a node link: it carries many clients, each limited at its node
         now = trio.current_time()
         ws.tokens, wait = self._rate.take(ws.tokens, ws.tokens_at, now)
         ws.tokens_at = now
@@ -400,7 +402,7 @@ class Sessions:
                     continue
                 if settings.ping_interval:
                     self._keepalive(ws, now)
-                if settings.idle_timeout:
+                if settings.idle_timeout and ws.settings.idle_timeout:  # (not a node link)
                     self._idle(ws, now)
 
     def _keepalive(self, ws: WebSocket, now: float) -> None:

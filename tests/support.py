@@ -174,10 +174,10 @@ class HeldCommits:
     def __init__(self, backend: Any) -> None:
         self._backend = backend
         self._real = backend.commit
-        self.parked: list[tuple[Any, ...]] = []
+        self.parked: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def __enter__(self) -> HeldCommits:
-        self._backend.commit = lambda *args: self.parked.append(args)
+        self._backend.commit = lambda *args, **kwargs: self.parked.append((args, kwargs))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,8 +186,8 @@ class HeldCommits:
 
     def release(self) -> None:
         parked, self.parked = self.parked, []
-        for args in parked:
-            self._real(*args)
+        for args, kwargs in parked:
+            self._real(*args, **kwargs)
 
     async def wait_for(self, count: int) -> None:
         """Until ``count`` commits are parked (a room reads storage before it writes)."""

@@ -7,15 +7,20 @@ Read from the source (the AST), so a forbidden import fails here even if nothing
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support import REPO
 
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("frames", "handshake", "config", "metrics"), 1),  # sans-I/O
-    **dict.fromkeys(("gate", "events", "activation", "host", "storage", "sqlite"), 2),  # core
+    **dict.fromkeys(("frames", "handshake", "config", "metrics", "placement"), 1),  # sans-I/O
     **dict.fromkeys(
-        ("stream", "websocket", "http", "router", "admission", "proxy", "usage", "edge"), 3
+        ("gate", "events", "activation", "host", "storage", "sqlite", "postgres", "cluster"), 2
+    ),  # core
+    **dict.fromkeys(
+        ("stream", "websocket", "http", "router", "admission", "proxy", "usage", "link", "edge"),
+        3,
     ),  # I/O
     **dict.fromkeys(("server", "local", "cli", "connect", "console", "dev"), 4),  # assembly
 }
@@ -107,3 +112,13 @@ def test_the_checks_see_imports() -> None:
     assert found["runtime.gate"] is True
     assert found["runtime.activation"] is False
     assert found["rooms._engine"] is True
+
+
+def test_embedded_mode_runs_without_psycopg() -> None:
+    # psycopg is the optional extra of cluster mode: serving, the CLI and the test harness
+    # load without it (cluster mode imports it when it starts).
+    code = (
+        "import sys, runtime.server, runtime.cli, rooms.testing; "
+        "assert 'psycopg' not in sys.modules, 'psycopg was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,0 +1,62 @@
+"""Where a room lives, in cluster mode: what the host, the cluster's directory
+(``runtime.cluster``) and the links between nodes (``runtime.link``) agree on.
+
+Embedded mode has no placement: every room lives in the one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attrs
+
+from rooms import Request, Response
+
+
+@attrs.frozen
+class Owner:
+    """Where a room lives in a cluster: its node (``address`` is how peers reach it) and the
+    epoch of the node's claim."""
+
+    node_id: str
+    address: str
+    epoch: int
+
+
+class ClusterUnavailable(Exception):
+    """A room cannot be placed now (this node lost the cluster database, or the room's node
+    cannot be reached): the client gets 503 or 1012 and retries."""
+
+
+class NotHere(Exception):
+    """The node asked does not hold the room (any more): find where it lives and retry."""
+
+
+class Directory(Protocol):
+    """Where rooms live (``runtime.cluster.Cluster``)."""
+
+    node_id: str
+    epochs: dict[str, int]  # the rooms this node holds, and the epoch of each claim
+
+    async def locate(self, key: str) -> Owner: ...
+
+    def forget(self, key: str) -> None: ...
+
+    async def due_alarms(self) -> list[tuple[str, float, str | None]]: ...
+
+
+class RemoteRooms(Protocol):
+    """The rooms other nodes hold, as this node reaches them (``runtime.link.Links``)."""
+
+    async def call(
+        self,
+        owner: Owner,
+        room: tuple[str, str, str | None],
+        method: str,
+        payload: bytes,
+        chain: list[str],
+    ) -> Any: ...
+
+    async def request(
+        self, owner: Owner, room: tuple[str, str, str | None], request: Request
+    ) -> Response: ...
