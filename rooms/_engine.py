@@ -53,7 +53,8 @@ class Storage(Protocol):
     together, when the current event's handler returns. Reads see the room's own pending
     writes. Messages sent after a write are held until that write is durable (output gate).
     Values are anything msgpack can encode (None, bool, int, float, str, bytes, lists,
-    dicts); tuples come back as lists.
+    dicts); tuples come back as lists. Keys are str of at most 2048 bytes in UTF-8 (as
+    Durable Objects'), listed in code point order.
     """
 
     async def get(self, key: str, default: Any = None) -> Any:

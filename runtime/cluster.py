@@ -37,11 +37,14 @@ from .storage import StorageError
 log = logging.getLogger("rooms.cluster")
 
 _SELF_FENCE_MARGIN = 0.5  # seconds before the lease ends that a cut-off node stops
-_DETECT_EVERY = 0.5  # seconds between looks for nodes whose lease ran out
+_DETECT_EVERY = 1.0  # seconds between looks for nodes whose lease ran out
 
 
 class _Session:
-    """One database connection used from worker threads, one call at a time."""
+    """One database connection used from worker threads, one call at a time. A call that is
+    cancelled (a renewal past its deadline, a server stopping) abandons its connection: a
+    database that stopped answering can hold a socket forever (its TCP peer still acks),
+    and the next call must not queue behind it."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -50,16 +53,24 @@ class _Session:
 
     async def run(self, work: Callable[[Conn], Any]) -> Any:
         def call() -> Any:
-            if self.conn is None or self.conn.closed:
-                self.conn = connect(self.dsn)
+            conn = self.conn
+            if conn is None or conn.closed:
+                conn = self.conn = connect(self.dsn)
             try:
-                return work(self.conn)
+                return work(conn)
             except psycopg.OperationalError:
-                if self.conn.broken:
-                    self.conn.close()
+                if conn.broken:
+                    conn.close()
                 raise
 
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(
+                call, limiter=self._limiter, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            # (its thread ends when its socket does; the connection closes with it)
+            self.conn, self._limiter = None, trio.CapacityLimiter(1)
+            raise
 
     def close(self) -> None:
         if self.conn is not None:
@@ -237,27 +248,29 @@ class Cluster:
             return cached
         node_id, address = self.node_id, self.address
 
-        def claim_or_find(conn: Conn) -> Owner | None:
+        def claim_or_find(conn: Conn) -> tuple[Owner, bool] | None:
             with conn.transaction():
                 row = conn.execute(_CLAIM, {"room": key, "me": node_id}).fetchone()
                 if row is not None:
-                    return Owner(node_id, address, row[0])
+                    return Owner(node_id, address, row[0]), True
                 row = conn.execute(_OWNER, (key,)).fetchone()
-                return None if row is None else Owner(*row)
+                return None if row is None else (Owner(*row), False)
 
-        owner: Owner | None = None
+        found: tuple[Owner, bool] | None = None
         for _ in range(5):  # the owner may die between the claim and the look-up: again
             try:
-                owner = await self._directory.run(claim_or_find)
+                found = await self._directory.run(claim_or_find)
             except psycopg.errors.LockNotAvailable:
-                owner = None  # a takeover waiting for a batch: again
-            if owner is not None:
+                found = None  # a takeover waiting for a batch: again
+            if found is not None:
                 break
-        if owner is None:
+        if found is None:
             raise ClusterUnavailable(f"room {key} could not be placed (busy): retry")
+        owner, claimed = found
+        if claimed:
+            self.metrics.cluster_claims_total += 1
         if owner.node_id == self.node_id:
             self.epochs[key] = owner.epoch
-            self.metrics.cluster_claims_total += 1
         else:
             self._owners[key] = owner
         return owner
@@ -280,7 +293,7 @@ class Cluster:
         def leave(conn: Conn) -> None:
             with conn.transaction():
                 conn.execute(
-                    "UPDATE rooms_owners SET node_id = NULL, epoch = epoch + 1 WHERE node_id = %s",
+                    "UPDATE rooms_owners SET node_id = NULL WHERE node_id = %s",
                     (node_id,),
                 )
                 conn.execute(

@@ -20,11 +20,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
-from .placement import Directory
 from .storage import (
     AlarmChange,
     AlarmRows,
@@ -60,10 +59,11 @@ _SCHEMA = (
         epoch      bigint NOT NULL,
         claimed_at timestamptz NOT NULL
     ) WITH (fillfactor = 80)""",
-    # Keys in code point order, as Python sorts them (RoomStorage.list merges both).
+    # Keys as UTF-8 bytes: their order is code point order, as Python sorts them
+    # (RoomStorage.list merges both), and unlike text they may hold NUL, as in SQLite.
     """CREATE TABLE IF NOT EXISTS rooms_kv (
         room  text NOT NULL,
-        key   text COLLATE "C" NOT NULL,
+        key   bytea NOT NULL,
         value bytea NOT NULL,
         PRIMARY KEY (room, key)
     ) WITH (fillfactor = 80)""",
@@ -143,13 +143,19 @@ class _Link:
         self.conn, self.failed_at = None, time.monotonic()
 
 
+class Node(Protocol):
+    """The node whose commits a backend fences (``cluster.Cluster``)."""
+
+    node_id: str
+
+
 class PgBackend(ThreadedBackend[Conn]):
     """Cluster storage for this node (``directory``: whose ``node_id`` a commit's rooms must
     be held by; it changes when the node joins again). See the module's docstring."""
 
     name = "postgres"
 
-    def __init__(self, dsn: str, directory: Directory) -> None:
+    def __init__(self, dsn: str, directory: Node) -> None:
         self.dsn = dsn
         self.directory = directory
         self.path = without_password(dsn)
@@ -176,11 +182,11 @@ class PgBackend(ThreadedBackend[Conn]):
             conn = link.get()
             try:
                 self._run_in_one(conn, batch, isolated=False)
-            except psycopg.Error:
+            except Exception:
                 if conn.broken:
                     raise
                 # One job failed: nothing is committed; again, each job in a savepoint, so
-                # that the bad one fails alone.
+                # that the bad one fails alone (and never the thread: every room needs it).
                 self._run_in_one(conn, batch, isolated=True)
         except psycopg.Error as exc:
             # The connection is gone (or the server refused the batch): its outcome is
@@ -206,7 +212,7 @@ class PgBackend(ThreadedBackend[Conn]):
                 try:
                     with conn.transaction():  # a savepoint
                         job.result = job.run(conn)
-                except psycopg.Error as exc:
+                except Exception as exc:
                     if conn.broken:
                         raise
                     job.error = exc
@@ -229,11 +235,13 @@ class PgBackend(ThreadedBackend[Conn]):
     # -- the interface ------------------------------------------------------------------
 
     async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
+        wanted = [key.encode() for key in keys]
+
         def run(db: Conn) -> dict[str, bytes]:
             rows = db.execute(
-                "SELECT key, value FROM rooms_kv WHERE room = %s AND key = ANY(%s)", (room, keys)
+                "SELECT key, value FROM rooms_kv WHERE room = %s AND key = ANY(%s)", (room, wanted)
             )
-            return {key: bytes(value) for key, value in rows}
+            return {bytes(key).decode(): bytes(value) for key, value in rows}
 
         result: dict[str, bytes] = await self._call(run)
         return result
@@ -247,23 +255,24 @@ class PgBackend(ThreadedBackend[Conn]):
         reverse: bool,
         limit: int | None,
     ) -> ListResult:
-        where, params = ["room = %s"], [room]
+        where, params = ["room = %s"], list[str | bytes]([room])
         if prefix:
-            where.append("starts_with(key, %s)")
-            params.append(prefix)
+            # The keys that start with it: from it to it + 0xFF (a byte UTF-8 never has).
+            where.append("key >= %s AND key < %s")
+            params += [prefix.encode(), prefix.encode() + b"\xff"]
         if start is not None:
             where.append("key >= %s")
-            params.append(start)
+            params.append(start.encode())
         if end is not None:
             where.append("key < %s")
-            params.append(end)
+            params.append(end.encode())
         sql = f"SELECT key, value FROM rooms_kv WHERE {' AND '.join(where)} ORDER BY key"
         sql += " DESC" if reverse else ""
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
 
         def run(db: Conn) -> ListResult:
-            return [(key, bytes(value)) for key, value in db.execute(sql, params)]
+            return [(bytes(key).decode(), bytes(value)) for key, value in db.execute(sql, params)]
 
         result: ListResult = await self._call(run)
         return result
@@ -279,10 +288,11 @@ class PgBackend(ThreadedBackend[Conn]):
     ) -> None:
         if epoch is None:
             raise StorageError(f"room {room}: a cluster commit needs the room's epoch")
-        puts = [(room, k, v) for k, v in writes.items() if v is not None]
-        deletes = [(room, k) for k, v in writes.items() if v is None]
 
         def run(db: Conn) -> None:
+            # (encoded here: a key that cannot be fails this job alone, on the thread)
+            puts = [(room, k.encode(), v) for k, v in writes.items() if v is not None]
+            deletes = [(room, k.encode()) for k, v in writes.items() if v is None]
             cursor = db.cursor()
             if delete_all:
                 cursor.execute("DELETE FROM rooms_kv WHERE room = %s", (room,))

@@ -415,13 +415,23 @@ class _Unknown:
 _UNKNOWN = _Unknown()
 
 
+MAX_KEY_BYTES = 2048
+"""A storage key's bound (UTF-8), in both backends: PostgreSQL's indexes take no more than
+about 2.7 KB per entry; Durable Objects have the same 2 KiB."""
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str):
         raise TypeError(f"storage keys are str, not {type(key).__name__} ({key!r})")
     try:
-        key.encode()
+        size = len(key.encode())
     except UnicodeEncodeError:
         raise ValueError(f"storage key {key!r} is not valid Unicode (a lone surrogate)") from None
+    if size > MAX_KEY_BYTES:
+        raise ValueError(
+            f"storage key {key[:40]!r}... is {size} bytes in UTF-8; keys are at most "
+            f"{MAX_KEY_BYTES}: store long names in the value, under a shorter key"
+        )
 
 
 def _in_range(key: str, prefix: str | None, start: str | None, end: str | None) -> bool:

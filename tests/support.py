@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -229,3 +230,46 @@ class PausedCommit:
     def resume(self) -> None:
         self._armed = False
         self._go.set()
+
+
+# -- PostgreSQL (cluster mode) --------------------------------------------------------------
+
+POSTGRES = os.environ.get("ROOMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+"""The server the cluster tests use: each test gets a database of its own on it."""
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty database on ``POSTGRES`` (its DSN), dropped afterwards."""
+    import psycopg
+
+    name = f"rooms_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class Holder:
+    """A node as the PostgreSQL backend sees it (``node_id``) for tests of the backend alone;
+    ``hold`` makes it the owner of rooms, at an epoch."""
+
+    def __init__(self, dsn: str, node_id: str = "node-a") -> None:
+        self.dsn = dsn
+        self.node_id = node_id
+        self.epochs: dict[str, int] = {}
+
+    def hold(self, room: str, epoch: int = 1) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO rooms_owners (room, node_id, epoch, claimed_at) "
+                "VALUES (%s, %s, %s, now()) ON CONFLICT (room) DO UPDATE "
+                "SET node_id = excluded.node_id, epoch = excluded.epoch",
+                (room, self.node_id, epoch),
+            )
+        self.epochs[room] = epoch

@@ -1,7 +1,9 @@
-"""Storage: the SQLite backend and a room's view of it (cache, pending writes, list)."""
+"""Storage: the backends and a room's view of them (cache, pending writes, list). The tests
+of the ``backend`` fixture run against both SQLite and PostgreSQL (cluster mode)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -11,8 +13,10 @@ from typing import Any
 import pytest
 import trio
 
+from runtime.postgres import PgBackend
 from runtime.sqlite import SqliteBackend
-from runtime.storage import RoomStorage, StorageError
+from runtime.storage import MAX_KEY_BYTES, Backend, RoomStorage, StorageError, ThreadedBackend
+from tests.support import Holder
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -56,14 +60,29 @@ class Outcomes:
             await self.all.wait()
 
 
-def view(backend: SqliteBackend, room: str = "ns/room") -> RoomStorage:
-    """A fresh room view (empty cache) of ``room`` on ``backend``."""
-    return RoomStorage(backend, room, lambda: None)
+def view(
+    backend: Backend, room: str = "ns/room", on_first_write: Callable[[], None] = lambda: None
+) -> RoomStorage:
+    """A fresh room view (empty cache) of ``room`` on ``backend`` (held by the node, on
+    PostgreSQL: its commits are fenced)."""
+    epoch = None
+    if isinstance(backend, PgBackend):
+        holder = backend.directory
+        assert isinstance(holder, Holder)
+        if room not in holder.epochs:
+            holder.hold(room)
+        epoch = holder.epochs[room]
+    return RoomStorage(backend, room, on_first_write, epoch=epoch)
 
 
-@pytest.fixture
-async def backend() -> AsyncIterator[SqliteBackend]:
-    b = SqliteBackend(":memory:")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    b: Backend
+    if request.param == "sqlite":
+        b = SqliteBackend(":memory:")
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        b = PgBackend(dsn, Holder(dsn))
     try:
         yield b
     finally:
@@ -98,7 +117,7 @@ VALUES: list[tuple[str, Any, Any]] = [
 ]
 
 
-async def test_values_round_trip_through_the_database(backend: SqliteBackend) -> None:
+async def test_values_round_trip_through_the_database(backend: Backend) -> None:
     s = view(backend)
     for key, value, _ in VALUES:
         s.put(key, value)
@@ -114,7 +133,7 @@ async def test_values_round_trip_through_the_database(backend: SqliteBackend) ->
     assert type(await fresh.get("bytes")) is bytes and type(await fresh.get("str")) is str
 
 
-async def test_get_of_a_missing_key_returns_the_default(backend: SqliteBackend) -> None:
+async def test_get_of_a_missing_key_returns_the_default(backend: Backend) -> None:
     s = view(backend)
     assert await s.get("missing") is None
     assert await s.get("missing", "default") == "default"
@@ -126,7 +145,7 @@ async def test_get_of_a_missing_key_returns_the_default(backend: SqliteBackend) 
 
 
 async def test_get_many_returns_only_the_keys_found_in_the_order_asked(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     s = view(backend)
     s.put_many({"a": 1, "b": 2, "c": 3})
@@ -142,7 +161,7 @@ async def test_get_many_returns_only_the_keys_found_in_the_order_asked(
     assert got == {f"k{i:04}": i for i in range(1200)}
 
 
-async def test_delete_removes_a_stored_key(backend: SqliteBackend) -> None:
+async def test_delete_removes_a_stored_key(backend: Backend) -> None:
     s = view(backend)
     s.put_many({"a": 1, "b": 2})
     await commit(s)
@@ -156,7 +175,7 @@ async def test_delete_removes_a_stored_key(backend: SqliteBackend) -> None:
 
 
 async def test_a_value_that_msgpack_cannot_encode_is_a_type_error_naming_the_key(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     s = view(backend)
     for value in [object(), {"nested": {1, 2}}, [1, object()], 2**64, -(2**63) - 1]:
@@ -169,13 +188,13 @@ async def test_a_value_that_msgpack_cannot_encode_is_a_type_error_naming_the_key
     assert await s.get("profile") is None and await s.get("good") is None
 
 
-async def test_a_value_that_cannot_be_read_back_is_refused_at_put(backend: SqliteBackend) -> None:
+async def test_a_value_that_cannot_be_read_back_is_refused_at_put(backend: Backend) -> None:
     s = view(backend)
     with pytest.raises(TypeError, match="'pairs'"):
         s.put("pairs", {(1, 2): "x"})
 
 
-async def test_keys_must_be_str(backend: SqliteBackend) -> None:
+async def test_keys_must_be_str(backend: Backend) -> None:
     s = view(backend)
     bad_keys: list[Any] = [5, b"k", None, ("a",)]
     for key in bad_keys:
@@ -190,9 +209,19 @@ async def test_keys_must_be_str(backend: SqliteBackend) -> None:
     assert not s.has_writes
 
 
-async def test_odd_but_valid_keys(backend: SqliteBackend) -> None:
+async def test_a_key_over_2048_bytes_is_refused_naming_its_size(backend: Backend) -> None:
     s = view(backend)
-    keys = ["", " ", "a\x00b", "\x00", "é", "\U0010ffff", "with/slash", "x" * 10_000]
+    for key in ["x" * (MAX_KEY_BYTES + 1), "é" * (MAX_KEY_BYTES // 2 + 1)]:
+        with pytest.raises(ValueError, match=f"{len(key.encode())} bytes in UTF-8"):
+            s.put(key, 1)
+        with pytest.raises(ValueError, match="at most 2048"):
+            await s.get(key)
+    assert not s.has_writes
+
+
+async def test_odd_but_valid_keys(backend: Backend) -> None:
+    s = view(backend)
+    keys = ["", " ", "a\x00b", "\x00", "é", "\U0010ffff", "with/slash", "x" * MAX_KEY_BYTES]
     s.put_many({k: i for i, k in enumerate(keys)})
     await commit(s)
     assert await view(backend).get_many(keys) == {k: i for i, k in enumerate(keys)}
@@ -204,7 +233,7 @@ async def test_odd_but_valid_keys(backend: SqliteBackend) -> None:
 
 
 async def test_reads_see_pending_writes_and_rollback_forgets_them(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     s = view(backend)
     s.put_many({"a": 1, "b": 2})
@@ -222,7 +251,7 @@ async def test_reads_see_pending_writes_and_rollback_forgets_them(
 
 
 async def test_delete_all_is_seen_by_reads_and_undone_by_rollback(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     s = view(backend)
     s.put_many({"a": 1, "b": 2})
@@ -239,7 +268,7 @@ async def test_delete_all_is_seen_by_reads_and_undone_by_rollback(
 
 
 async def test_delete_all_then_put_in_one_event_keeps_only_the_new_key(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     s = view(backend)
     s.put_many({"a": 1, "b": 2})
@@ -256,7 +285,7 @@ async def test_delete_all_then_put_in_one_event_keeps_only_the_new_key(
     assert await fresh.get_many(["a", "b", "z"]) == {"z": 26}
 
 
-async def test_put_then_delete_of_the_same_key_in_one_event(backend: SqliteBackend) -> None:
+async def test_put_then_delete_of_the_same_key_in_one_event(backend: Backend) -> None:
     s = view(backend)
     s.put("k", "old")
     await commit(s)
@@ -272,10 +301,10 @@ async def test_put_then_delete_of_the_same_key_in_one_event(backend: SqliteBacke
 
 
 async def test_on_first_write_is_called_once_per_batch_of_writes(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     calls: list[int] = []
-    s = RoomStorage(backend, "ns/room", lambda: calls.append(1))
+    s = view(backend, "ns/room", lambda: calls.append(1))
     await s.get("a")
     assert calls == []  # reads are not writes
     s.put("a", 1)
@@ -291,7 +320,7 @@ async def test_on_first_write_is_called_once_per_batch_of_writes(
     assert len(calls) == 3
 
 
-async def test_reads_see_writes_whose_commit_is_still_in_flight(backend: SqliteBackend) -> None:
+async def test_reads_see_writes_whose_commit_is_still_in_flight(backend: Backend) -> None:
     s = view(backend)
     outcomes = Outcomes(1)
     s.put("k", "v")
@@ -308,7 +337,7 @@ async def test_reads_see_writes_whose_commit_is_still_in_flight(backend: SqliteB
 
 
 @pytest.fixture
-async def letters(backend: SqliteBackend) -> RoomStorage:
+async def letters(backend: Backend) -> RoomStorage:
     """A view on a room that stores a, b, c, msg:1, msg:2, msg:3 (values upper-cased)."""
     s = view(backend)
     s.put_many({k: k.upper() for k in ["a", "b", "c", "msg:1", "msg:2", "msg:3"]})
@@ -380,7 +409,7 @@ async def test_list_merges_pending_writes_with_stored_rows(letters: RoomStorage)
     assert await s.list() == before
 
 
-async def test_list_prefix_ending_with_the_last_code_point(backend: SqliteBackend) -> None:
+async def test_list_prefix_ending_with_the_last_code_point(backend: Backend) -> None:
     s = view(backend)
     top = "\U0010ffff"
     s.put_many({"a": 1, "b": 2, "b" + top: 3, "b" + top + "x": 4, top: 5, top + top: 6, "c": 7})
@@ -400,7 +429,7 @@ async def test_list_prefix_ending_with_the_last_code_point(backend: SqliteBacken
 # rooms, durability, group commit, errors
 
 
-async def test_rooms_do_not_see_each_others_data(backend: SqliteBackend) -> None:
+async def test_rooms_do_not_see_each_others_data(backend: Backend) -> None:
     one, two = view(backend, "ns/one"), view(backend, "ns/two")
     one.put_many({"k": "one", "only-one": 1})
     two.put("k", "two")
@@ -472,7 +501,7 @@ async def test_bad_backend_arguments(tmp_path: Path) -> None:
         SqliteBackend(":memory:", synchronous="SOMETIMES")
 
 
-async def test_group_commit_of_many_rooms(backend: SqliteBackend) -> None:
+async def test_group_commit_of_many_rooms(backend: Backend) -> None:
     outcomes = Outcomes(200)
     for i in range(200):
         s = view(backend, f"ns/{i}")
@@ -485,15 +514,19 @@ async def test_group_commit_of_many_rooms(backend: SqliteBackend) -> None:
     assert await view(backend, "ns/7").list() == {"n": 7, "only-7": True}
 
 
-async def test_a_failing_commit_fails_alone_in_its_batch(backend: SqliteBackend) -> None:
-    """Three commits in one transaction; the middle one writes a blob over SQLite's length
-    limit: it alone fails, with a StorageError, and the other two are durable."""
+async def test_a_failing_commit_fails_alone_in_its_batch(backend: Backend) -> None:
+    """Three commits in one transaction; the database refuses the middle one (SQLite: a
+    blob over its length limit; PostgreSQL: a trigger): it alone fails, with a
+    StorageError, and the other two are durable."""
     started, release = threading.Event(), threading.Event()
 
-    def block(db: sqlite3.Connection) -> None:
-        # Runs on the storage thread: lower the limit and hold the thread until every
-        # commit below is queued, so that they all land in the next batch.
-        db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
+    def block(db: Any) -> None:
+        # Runs on the storage thread: make the database refuse the bad room's big value and
+        # hold the thread until every commit below is queued, so that they land in one batch.
+        if isinstance(db, sqlite3.Connection):
+            db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
+        else:
+            db.execute(_REFUSE_BIG_VALUES)
         started.set()
         release.wait(5)
 
@@ -503,6 +536,7 @@ async def test_a_failing_commit_fails_alone_in_its_batch(backend: SqliteBackend)
     bad.put("big", b"x" * 5000)
     last.put("k", "last")
     outcomes = Outcomes(3)
+    assert isinstance(backend, ThreadedBackend)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend._call, block)
         assert await trio.to_thread.run_sync(started.wait, 5)
@@ -514,7 +548,7 @@ async def test_a_failing_commit_fails_alone_in_its_batch(backend: SqliteBackend)
     assert outcomes.errors["first"] is None
     assert outcomes.errors["last"] is None
     assert isinstance(outcomes.errors["bad"], StorageError)
-    assert "too big" in str(outcomes.errors["bad"])
+    assert re.search("too big|refused: too big", str(outcomes.errors["bad"]))
     assert await view(backend, "ns/first").get("k") == "first"
     assert await view(backend, "ns/last").get("k") == "last"
     assert await view(backend, "ns/bad").list() == {}  # atomic: not even the small key
@@ -524,8 +558,18 @@ async def test_a_failing_commit_fails_alone_in_its_batch(backend: SqliteBackend)
     assert await commit(after) is None
 
 
+_REFUSE_BIG_VALUES = """
+CREATE FUNCTION refuse_big() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF length(NEW.value) > 1000 THEN RAISE EXCEPTION 'refused: too big'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_big BEFORE INSERT ON rooms_kv FOR EACH ROW EXECUTE FUNCTION refuse_big();
+"""
+
+
 async def test_a_key_sqlite_cannot_store_is_refused_and_never_kills_the_thread(
-    backend: SqliteBackend,
+    backend: Backend,
 ) -> None:
     with pytest.raises(ValueError, match="surrogate"):
         view(backend).put("\ud800", 1)
@@ -535,7 +579,9 @@ async def test_a_key_sqlite_cannot_store_is_refused_and_never_kills_the_thread(
     outcomes = Outcomes(2)
     good = view(backend, "ns/good")
     good.put("k", "fine")
-    backend.commit("ns/bad", {"\ud800": b"x"}, False, outcomes.callback("bad"))
+    epoch = 1 if isinstance(backend, PgBackend) else None
+    view(backend, "ns/bad")  # (held, on PostgreSQL)
+    backend.commit("ns/bad", {"\ud800": b"x"}, False, outcomes.callback("bad"), epoch=epoch)
     good.commit(outcomes.callback("good"))
     await outcomes.wait()
     assert isinstance(outcomes.errors["bad"], StorageError)
