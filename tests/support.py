@@ -273,3 +273,72 @@ class Holder:
                 (room, self.node_id, epoch),
             )
         self.epochs[room] = epoch
+
+
+class Node:
+    """One node of a cluster as a process: ``rooms serve APP --cluster DSN`` on its own
+    port, its log in ``log``. Killed on ``close``."""
+
+    def __init__(self, dsn: str, app: str, port: int, log: Path, env: dict[str, str]) -> None:
+        self.dsn, self.app, self.port, self.log, self.env = dsn, app, port, log, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "runtime.cli", "serve", self.app]
+        command += ["--port", str(self.port), "--cluster", self.dsn, "--log-level", "INFO"]
+        env = {**self.env, "ROOMS_TEST_NODE": str(self.port)}  # (cluster_app.py reports it)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=log)
+
+    async def ready(self) -> None:
+        assert self.proc is not None
+        await wait_for_port(self.port, self.proc)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signum)
+
+    def kill_9(self) -> None:
+        assert self.proc is not None
+        kill_9(self.proc)
+
+    async def stop(self) -> int:
+        """SIGTERM (a drain), and its exit code."""
+        assert self.proc is not None
+        self.signal(signal.SIGTERM)
+        code: int = await trio.to_thread.run_sync(self.proc.wait, 30)
+        return code
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@asynccontextmanager
+async def cluster_of(
+    dsn: str, count: int, logs: Path, app: str = "examples.chat.app:app", **env: str
+) -> AsyncIterator[list[Node]]:
+    """``count`` nodes of ``app`` on ``dsn``, started and ready; ``env`` for their process
+    (the cluster's token is set)."""
+    environ = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "ROOMS_CLUSTER_TOKEN": "test-token",
+        **env,
+    }
+    nodes = [Node(dsn, app, free_port(), logs / f"node-{i}.log", environ) for i in range(count)]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            await node.ready()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()

@@ -1,0 +1,384 @@
+"""Cluster mode end to end: real node processes on loopback, one real PostgreSQL, real
+WebSocket clients. Rooms are reached through any node; nodes are killed (``kill -9``), paused
+(SIGSTOP past their lease) and restarted one by one (SIGTERM) under load, and the chat's
+history must hold every acknowledged message exactly once, at contiguous ``seq``, with
+nothing a client saw missing from it. (The control plane and the fence alone are in
+tests/runtime/test_cluster.py and test_postgres.py.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+import trio_websocket
+
+from rooms import RoomId
+from tests.support import REPO, Node, cluster_of, metric, raw_request
+
+QUIET = {"CHAT_SECONDS_PER_MESSAGE": "0"}  # the rate limiter allows everything
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+
+async def joined(
+    nursery: trio.Nursery, url: str, room: str, name: str, after: int | None = None
+) -> Any:
+    """A chat client in ``room`` through ``url`` (a node), after its ``ready``."""
+    ws = await trio_websocket.connect_websocket_url(nursery, f"{url}/api/room/{room}/websocket")
+    hello: dict[str, Any] = {"name": name}
+    if after is not None:
+        hello["after"] = after
+    await ws.send_message(json.dumps(hello))
+    while "ready" not in json.loads(await ws.get_message()):
+        pass
+    return ws
+
+
+async def next_chat(ws: Any) -> dict[str, Any]:
+    while True:
+        data = json.loads(await ws.get_message())
+        if "message" in data:
+            return data  # type: ignore[no-any-return]
+
+
+async def http(node: Node, method: str, path: str) -> tuple[int, Any]:
+    """A plain request to ``node``: the status and the JSON body."""
+    head = f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close"
+    answer = await raw_request(node.port, f"{head}\r\n\r\n".encode(), closes=True)
+    status_line, _, body = answer.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(body) if body else None
+
+
+async def history(node: Node, room: str) -> list[dict[str, Any]]:
+    _, page = await http(node, "GET", f"/api/room/{room}/history?limit=1000")
+    return page["messages"]  # type: ignore[no-any-return]
+
+
+def chat_key(room: str) -> str:
+    """The storage key of the chat room ``room`` (as ``rooms_owners`` names it)."""
+    return f"chat/{RoomId.from_name(room).hex}"
+
+
+def owners(dsn: str) -> dict[str, str]:
+    """Room key -> the port of the node that holds it."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT o.room, n.address FROM rooms_owners o JOIN rooms_nodes n USING (node_id) "
+            "WHERE n.status = 'alive'"
+        ).fetchall()
+    return {room: address.rsplit(":", 1)[1] for room, address in rows}
+
+
+# -- the data path across nodes -----------------------------------------------------------------
+
+
+async def test_clients_on_different_nodes_chat_in_one_room(
+    pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    async with cluster_of(pg_dsn, 3, tmp_path, **QUIET) as (home, far, third):
+        ada = await joined(nursery, home.url, "lobby", "ada")  # the room is claimed here
+        bob = await joined(nursery, far.url, "lobby", "bob")  # and reached from there
+        await bob.send_message(json.dumps({"message": "hi from far"}))
+        for ws in (ada, bob):
+            assert (await next_chat(ws))["seq"] == 1
+        await ada.send_message(json.dumps({"message": "hi from home"}))
+        for ws in (ada, bob):
+            got = await next_chat(ws)
+            assert (got["seq"], got["name"], got["message"]) == (2, "ada", "hi from home")
+        # The room's heartbeat is answered at the client's node; the room never sees it.
+        await bob.send_message("ping")
+        assert await bob.get_message() == "pong"
+        assert await metric(far.port, "auto_replies_total") == 1
+        assert await metric(home.port, "auto_replies_total") == 0
+        # Plain HTTP to the room, through a third node.
+        assert [m["message"] for m in await history(third, "lobby")] == [
+            "hi from far",
+            "hi from home",
+        ]
+        assert await metric(far.port, "cluster_forwarded_websockets") == 1
+        assert await metric(home.port, "cluster_remote_peers") == 1
+        assert set(owners(pg_dsn).values()) == {str(home.port)}  # the chat and its limiter
+        report = subprocess.run(  # noqa: ASYNC221 - a short command
+            [sys.executable, "-m", "runtime.cli", "cluster", "status", "--cluster", pg_dsn],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rows = {line.split()[1]: line.split() for line in report.splitlines()[1:4]}
+        assert {row[2] for row in rows.values()} == {"alive"}
+        assert rows[f"127.0.0.1:{home.port}"][-1] == "2"  # rooms held
+        assert rows[f"127.0.0.1:{far.port}"][-1] == "0"
+        assert "rooms without a live node: 0" in report
+        # Bob leaves: the room hears it (on_close) and tells Ada.
+        await bob.aclose()
+        assert json.loads(await ada.get_message()) == {"quit": "bob"}
+        with trio.fail_after(5):
+            while await metric(far.port, "cluster_forwarded_websockets"):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert await metric(home.port, "cluster_remote_peers") == 0
+
+
+async def test_fifty_clients_joining_a_new_room_through_three_nodes_start_it_once(
+    pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    async with cluster_of(pg_dsn, 3, tmp_path, **QUIET) as nodes:
+        clients: list[Any] = []
+
+        async def join(i: int) -> None:
+            clients.append(await joined(nursery, nodes[i % 3].url, "crowd", f"user{i}"))
+
+        async with trio.open_nursery() as joining:
+            for i in range(50):
+                joining.start_soon(join, i)
+        assert len(clients) == 50
+        activations = [await metric(n.port, "room_activations_total") for n in nodes]
+        assert sum(activations) == 1
+        assert len(owners(pg_dsn)) == 1
+        await clients[7].send_message(json.dumps({"message": "one room"}))
+        for ws in clients:  # every client is in the same room, wherever it connected
+            assert (await next_chat(ws))["message"] == "one room"
+
+
+async def test_calls_alarms_and_http_reach_rooms_on_other_nodes(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    app = "tests.system.cluster_app:app"
+    async with cluster_of(pg_dsn, 3, tmp_path, app=app) as (a, b, c):
+        ports = [str(n.port) for n in (a, b, c)]
+        # Each Ring room is claimed where its first event arrives: r1 on a, r2 on b, r3 on c.
+        for node, name in ((a, "r1"), (b, "r2"), (c, "r3")):
+            assert (await http(node, "GET", f"/hop/{name}"))[1]["nodes"] == [str(node.port)]
+        status, body = await http(a, "GET", "/hop/r1?path=r2,r3")
+        assert (status, body["nodes"]) == (200, ports)  # a -> b -> c, a call per hop
+        status, body = await http(c, "GET", "/hop/r3?path=r1,r2,r3")
+        assert status == 409 and "call cycle" in body["cycle"]  # detected across nodes
+        # Plain HTTP to a room on another node, and a stub call from a route on a third.
+        assert (await http(a, "POST", "/counter/hits"))[1] == {"n": 1, "node": ports[0]}
+        assert (await http(b, "POST", "/counter/hits"))[1] == {"n": 2, "node": ports[0]}
+        assert (await http(c, "POST", "/add/hits"))[1] == {"n": 3, "node": ports[0]}
+        # The alarm of a room whose node died fires on another node, once.
+        assert (await http(b, "POST", "/timer/t?in=1.5"))[1] == {"node": ports[1]}
+        b.kill_9()
+        with trio.fail_after(15):
+            while (await http(a, "GET", "/timer/t"))[1].get("fired") is None:  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        _, fired = await http(c, "GET", "/timer/t")
+        assert fired["set_on"] == ports[1] and fired["fired"] == 1
+        assert fired["fired_on"] in (ports[0], ports[2])
+        # The counter's node still serves it, and nothing of it was lost.
+        assert (await http(c, "GET", "/counter/hits"))[1] == {"n": 3, "node": ports[0]}
+
+
+# -- failures under load ----------------------------------------------------------------------
+
+
+class Chatter:
+    """A chat client that keeps talking through the nodes it is given: it sends a message,
+    waits for its echo (the acknowledgement: the room stored it), and on any failure
+    reconnects (to the next node) and resumes after the last ``seq`` it saw. It records
+    what was acknowledged, what it saw, and any ``seq`` it saw twice."""
+
+    def __init__(self, room: str, name: str, nodes: list[Node], first: int) -> None:
+        self.room, self.name, self.nodes, self.turn = room, name, nodes, first
+        self.last_seq = 0
+        self.acked: dict[str, int] = {}  # text -> seq
+        self.seen: dict[int, str] = {}  # seq -> text
+        self.twice: list[int] = []
+        self.ack_times: list[float] = []
+        self.closes: list[tuple[float, int]] = []  # (when, code) of the ends it saw
+        self._sent = 0
+
+    async def run(self, until: trio.Event) -> None:
+        while not until.is_set():
+            node = self.nodes[self.turn % len(self.nodes)]
+            try:
+                await self._session(node, until)
+            except (OSError, trio_websocket.HandshakeError, trio.TooSlowError):
+                self.turn += 1  # that node is unreachable or stuck: another one
+            except trio_websocket.ConnectionClosed as exc:
+                self.closes.append((trio.current_time(), exc.reason.code))
+                if exc.reason.code != 1012:
+                    self.turn += 1
+            await trio.sleep(0.1)
+
+    async def _session(self, node: Node, until: trio.Event) -> None:
+        url = f"{node.url}/api/room/{self.room}/websocket"
+        async with trio_websocket.open_websocket_url(url, connect_timeout=3) as ws:
+            await ws.send_message(json.dumps({"name": self.name, "after": self.last_seq}))
+            with trio.fail_after(3):
+                while True:
+                    data = json.loads(await ws.get_message())
+                    if "ready" in data:
+                        break
+                    self._saw(data)
+            while not until.is_set():
+                self._sent += 1
+                text = f"{self.name}/{self._sent}"
+                await ws.send_message(json.dumps({"message": text}))
+                with trio.fail_after(3):
+                    while text not in self.acked:
+                        data = json.loads(await ws.get_message())
+                        self._saw(data)
+                await trio.sleep(0.03)
+
+    def _saw(self, data: dict[str, Any]) -> None:
+        if "seq" not in data or "message" not in data:
+            return
+        seq, text = data["seq"], data["message"]
+        if seq <= self.last_seq:
+            self.twice.append(seq)
+        self.last_seq = max(self.last_seq, seq)
+        self.seen[seq] = text
+        if text.startswith(f"{self.name}/"):
+            self.acked[text] = seq
+            self.ack_times.append(trio.current_time())
+
+
+async def load(nodes: list[Node], rooms: int, during: Any, settle: float = 2.0) -> list[Chatter]:
+    """Two chatters per room (each room claimed by node ``i % len(nodes)``, its chatters on
+    that node and the next); ``during(chatters)`` runs meanwhile; then the history is
+    checked. The chatters, for more checks."""
+    chatters: list[Chatter] = []
+    for i in range(rooms):
+        room = f"room{i}"
+        async with trio.open_nursery() as nursery:
+            await (await joined(nursery, nodes[i % len(nodes)].url, room, "claim")).aclose()
+        chatters += [Chatter(room, f"c{i}a", nodes, i), Chatter(room, f"c{i}b", nodes, i + 1)]
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for chatter in chatters:
+            nursery.start_soon(chatter.run, stop)
+        await during(chatters)
+        await trio.sleep(settle)
+        stop.set()
+    await check_histories(nodes, chatters)
+    return chatters
+
+
+async def check_histories(nodes: list[Node], chatters: list[Chatter]) -> None:
+    """Every acknowledged message is in its room's history exactly once at its seq, the
+    seqs are contiguous, nothing a client saw is missing, no client saw a seq twice."""
+    alive = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+    rooms = {c.room for c in chatters}
+    for room in sorted(rooms):
+        stored = await history(alive[0], room)
+        at = {m["seq"]: m["message"] for m in stored}
+        assert sorted(at) == list(range(1, len(stored) + 1)), f"{room}: seq not contiguous"
+        texts = [m["message"] for m in stored]
+        assert len(texts) == len(set(texts)), f"{room}: a message stored twice"
+        for chatter in (c for c in chatters if c.room == room):
+            assert chatter.acked, f"{chatter.name} never got a message through"
+            for text, seq in chatter.acked.items():
+                assert at.get(seq) == text, f"{room}: acknowledged {text!r} lost"
+            for seq, text in chatter.seen.items():
+                assert at.get(seq) == text, f"{room}: {chatter.name} saw {text!r}, not stored"
+            assert chatter.twice == [], f"{chatter.name} saw seqs twice"
+
+
+def gap_after(chatters: list[Chatter], rooms: set[str], since: float) -> float:
+    """The longest any of ``rooms`` went without an acknowledgement after ``since``."""
+    worst = 0.0
+    for room in rooms:
+        times = sorted(t for c in chatters if c.room == room for t in c.ack_times if t > since)
+        assert times, f"{room} was never served again"
+        worst = max(worst, times[0] - since)
+    return worst
+
+
+async def test_kill_9_of_a_node_under_load_loses_nothing_acknowledged(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    async with cluster_of(pg_dsn, 3, tmp_path, **QUIET) as nodes:
+        victim = nodes[0]
+        measured: dict[str, float] = {}
+
+        async def kill(chatters: list[Chatter]) -> None:
+            await trio.sleep(2)
+            held = {key for key, port in owners(pg_dsn).items() if port == str(victim.port)}
+            victim.kill_9()
+            killed_at = trio.current_time()
+            await trio.sleep(4)
+            rooms = {c.room for c in chatters if chat_key(c.room) in held}
+            assert len(rooms) == 4  # rooms 0, 3, 6 and 9
+            measured["takeover"] = gap_after(chatters, rooms, killed_at)
+
+        await load(nodes, 12, kill)
+    assert measured["takeover"] < 5.0  # (the dead node's session is gone: well under 1 s)
+
+
+class Listener:
+    """A chat client that only reads, from one node, until that node closes it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}
+        self.closed: tuple[float, int] | None = None
+
+    async def run(self, node: Node, room: str, task_status: trio.TaskStatus[None]) -> None:
+        async with trio_websocket.open_websocket_url(f"{node.url}/api/room/{room}/websocket") as ws:
+            await ws.send_message(json.dumps({"name": "listener", "after": 0}))
+            task_status.started()
+            try:
+                while True:
+                    data = json.loads(await ws.get_message())
+                    if "seq" in data and "message" in data:
+                        self.seen[data["seq"]] = data["message"]
+            except trio_websocket.ConnectionClosed as exc:
+                self.closed = (trio.current_time(), exc.reason.code)
+
+
+async def test_a_paused_node_is_taken_over_and_fenced_when_it_wakes(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    async with cluster_of(pg_dsn, 3, tmp_path, **QUIET) as nodes:
+        sleeper = nodes[0]
+        listener = Listener()
+        woke: list[float] = []
+
+        async def pause(chatters: list[Chatter]) -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listener.run, sleeper, "room0")  # a room it holds
+                await trio.sleep(2)
+                sleeper.signal(signal.SIGSTOP)
+                await trio.sleep(5)  # past its 3 s lease: its rooms are served elsewhere
+                sleeper.signal(signal.SIGCONT)
+                woke.append(trio.current_time())
+                await trio.sleep(3)
+
+        await load(nodes, 12, pause)
+        # Its clients are closed with 1012 as soon as it wakes, and nothing it sent them
+        # is missing from the history the new owner kept.
+        assert listener.closed is not None
+        when, code = listener.closed
+        assert code == 1012 and when - woke[0] < 2
+        stored = {m["seq"]: m["message"] for m in await history(nodes[1], "room0")}
+        assert listener.seen and all(stored.get(s) == t for s, t in listener.seen.items())
+        assert await metric(sleeper.port, "cluster_self_fences_total") == 1
+        assert await metric(sleeper.port, "cluster_registrations_total") == 2  # joined again
+
+
+async def test_a_rolling_restart_of_every_node_under_load_loses_nothing(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    async with cluster_of(pg_dsn, 3, tmp_path, **QUIET) as nodes:
+        gaps: list[float] = []
+
+        async def roll(chatters: list[Chatter]) -> None:
+            await trio.sleep(1.5)
+            for node in nodes:
+                stopped_at = trio.current_time()
+                assert await node.stop() == 0
+                node.start()
+                await node.ready()
+                await trio.sleep(1.5)
+                gaps.append(gap_after(chatters, {c.room for c in chatters}, stopped_at))
+
+        await load(nodes, 9, roll)
+    assert max(gaps) < 3.0  # per room, while each node drained and came back
