@@ -8,7 +8,9 @@ commits for ``FOR SHARE`` and keeps the writes of the rooms this node still hold
 each was made under; the others fail with ``FencedError`` and write nothing. The lock makes a
 takeover (an update of that row) wait until the batch is over, and a takeover that came first
 makes the batch see the new epoch. ``FOR KEY SHARE`` would not block the takeover's update: a
-stale write could then commit after the new owner loaded its state.
+stale write could then commit after the new owner loaded its state. The commits of a batch are
+merged (the last write of each key wins) and written in a few array statements, whatever the
+number of rooms and commits: per statement, psycopg costs more than the database does.
 
 A lost connection fails the batch (``StorageError``: the rooms restart from storage) and is
 opened again for the next one. The schema is versioned (``rooms_schema``); the first node to
@@ -48,7 +50,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rooms_nodes (
         node_id     text PRIMARY KEY,
         address     text NOT NULL,
-        status      text NOT NULL CHECK (status IN ('alive', 'leaving', 'dead')),
+        status      text NOT NULL CHECK (status IN ('alive', 'left', 'dead')),
         lease_until timestamptz NOT NULL,
         started_at  timestamptz NOT NULL DEFAULT now()
     )""",
@@ -181,7 +183,8 @@ class PgBackend(ThreadedBackend[Conn]):
         try:
             conn = link.get()
             try:
-                self._run_in_one(conn, batch, isolated=False)
+                with conn.pipeline():  # the writes and the COMMIT in one round trip
+                    self._run_in_one(conn, batch, isolated=False)
             except Exception:
                 if conn.broken:
                     raise
@@ -200,12 +203,18 @@ class PgBackend(ThreadedBackend[Conn]):
     def _run_in_one(self, conn: Conn, batch: list[Job[Conn]], isolated: bool) -> None:
         with conn.transaction():
             fenced = self._fenced(conn, [job.fence for job in batch if job.fence is not None])
+            commits: list[_Commit] = []  # consecutive commits, written together
             for job in batch:
                 job.result, job.error = None, None
                 if job.fence is not None and job.fence in fenced:
                     room, epoch = job.fence
                     job.error = FencedError(f"room {room} is no longer held at epoch {epoch}")
                     continue
+                if not isolated and isinstance(job.run, _Commit):
+                    commits.append(job.run)
+                    continue
+                _write(conn, commits)  # (before a read that may follow them)
+                commits = []
                 if not isolated:
                     job.result = job.run(conn)
                     continue
@@ -216,6 +225,7 @@ class PgBackend(ThreadedBackend[Conn]):
                     if conn.broken:
                         raise
                     job.error = exc
+            _write(conn, commits)
 
     def _fenced(self, conn: Conn, fences: list[tuple[str, int]]) -> set[tuple[str, int]]:
         """The (room, epoch) of ``fences`` this node does not hold: their rows are locked
@@ -289,39 +299,13 @@ class PgBackend(ThreadedBackend[Conn]):
         if epoch is None:
             raise StorageError(f"room {room}: a cluster commit needs the room's epoch")
 
-        def run(db: Conn) -> None:
-            # (encoded here: a key that cannot be fails this job alone, on the thread)
-            puts = [(room, k.encode(), v) for k, v in writes.items() if v is not None]
-            deletes = [(room, k.encode()) for k, v in writes.items() if v is None]
-            cursor = db.cursor()
-            if delete_all:
-                cursor.execute("DELETE FROM rooms_kv WHERE room = %s", (room,))
-            if deletes:
-                cursor.executemany("DELETE FROM rooms_kv WHERE room = %s AND key = %s", deletes)
-            if puts:
-                cursor.executemany(
-                    "INSERT INTO rooms_kv VALUES (%s, %s, %s) "
-                    "ON CONFLICT (room, key) DO UPDATE SET value = excluded.value",
-                    puts,
-                )
-            if alarm is not None:
-                at, name = alarm
-                if at is None:
-                    cursor.execute("DELETE FROM rooms_alarms WHERE room = %s", (room,))
-                else:
-                    cursor.execute(
-                        "INSERT INTO rooms_alarms VALUES (%s, %s, %s) ON CONFLICT (room) "
-                        "DO UPDATE SET at = excluded.at, name = excluded.name",
-                        (room, at, name),
-                    )
-
         def deliver(job: Job[Conn]) -> None:
             error = job.error
             if error is not None and not isinstance(error, StorageError):
                 error = StorageError(f"commit failed: {error}")
             done(error)
 
-        self._submit(run, deliver, fence=(room, epoch))
+        self._submit(_Commit(room, writes, delete_all, alarm), deliver, fence=(room, epoch))
 
     async def get_alarm(self, room: str) -> float | None:
         def run(db: Conn) -> float | None:
@@ -345,6 +329,77 @@ class PgBackend(ThreadedBackend[Conn]):
 
         rows: AlarmRows = await self._call(run)
         return rows
+
+
+class _Commit:
+    """One room's commit, as a job's ``run`` (alone, in a savepoint, when its batch failed
+    once); a batch writes its consecutive commits together (``_write``)."""
+
+    __slots__ = ("alarm", "delete_all", "room", "writes")
+
+    def __init__(
+        self,
+        room: str,
+        writes: Mapping[str, bytes | None],
+        delete_all: bool,
+        alarm: AlarmChange | None,
+    ) -> None:
+        self.room, self.writes, self.delete_all, self.alarm = room, writes, delete_all, alarm
+
+    def __call__(self, db: Conn) -> None:
+        _write(db, [self])
+
+
+def _write(db: Conn, commits: list[_Commit]) -> None:
+    """Write ``commits`` in their order: what each key ends as, in at most five statements.
+    (Keys are encoded here, on the thread: one that cannot be fails the batch, which then
+    runs each commit alone, so that it fails alone.)"""
+    if not commits:
+        return
+    wiped: list[str] = []
+    final: dict[str, dict[bytes, bytes | None]] = {}  # room -> key -> value (None: deleted)
+    alarms: dict[str, AlarmChange] = {}
+    for commit in commits:
+        if commit.delete_all:
+            wiped.append(commit.room)
+            final[commit.room] = {}
+        keys = final.setdefault(commit.room, {})
+        for key, value in commit.writes.items():
+            keys[key.encode()] = value
+        if commit.alarm is not None:
+            alarms[commit.room] = commit.alarm
+    puts = [(room, k, v) for room, keys in final.items() for k, v in keys.items() if v is not None]
+    deletes = [(room, k) for room, keys in final.items() for k, v in keys.items() if v is None]
+    cursor = db.cursor()
+    if wiped:
+        cursor.execute("DELETE FROM rooms_kv WHERE room = ANY(%s)", (wiped,))
+    if deletes:
+        cursor.execute(
+            "DELETE FROM rooms_kv k USING unnest(%s::text[], %s::bytea[]) AS d(room, key) "
+            "WHERE k.room = d.room AND k.key = d.key",
+            _columns(deletes, 2),
+        )
+    if puts:
+        cursor.execute(
+            "INSERT INTO rooms_kv SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[]) "
+            "ON CONFLICT (room, key) DO UPDATE SET value = excluded.value",
+            _columns(puts, 3),
+        )
+    cleared = [room for room, (at, _) in alarms.items() if at is None]
+    if cleared:
+        cursor.execute("DELETE FROM rooms_alarms WHERE room = ANY(%s)", (cleared,))
+    set_ = [(room, at, name) for room, (at, name) in alarms.items() if at is not None]
+    if set_:
+        cursor.execute(
+            "INSERT INTO rooms_alarms SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[]) "
+            "ON CONFLICT (room) DO UPDATE SET at = excluded.at, name = excluded.name",
+            _columns(set_, 3),
+        )
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists (unnest's arguments)."""
+    return [[row[i] for row in rows] for i in range(width)]
 
 
 def without_password(dsn: str) -> str:

@@ -7,6 +7,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -512,6 +513,65 @@ async def test_group_commit_of_many_rooms(backend: Backend) -> None:
     assert list(outcomes.errors.values()) == [None] * 200
     assert [await view(backend, f"ns/{i}").get("n") for i in range(200)] == list(range(200))
     assert await view(backend, "ns/7").list() == {"n": 7, "only-7": True}
+
+
+async def test_many_commits_of_one_room_in_one_batch_apply_in_order(backend: Backend) -> None:
+    """Commits queued together land in one transaction (PostgreSQL merges them): each key
+    ends as the last commit left it, a delete_all in the middle wipes only what came
+    before it, and the last alarm change of each room wins."""
+    a, b = view(backend, "ns/a"), view(backend, "ns/b")
+    outcomes = Outcomes(6)
+    async with one_batch(backend):
+        queue_six_commits(a, b, outcomes)
+    await outcomes.wait()
+    assert list(outcomes.errors.values()) == [None] * 6
+    assert await view(backend, "ns/a").list() == {"after": True, "seq": 4}
+    assert await view(backend, "ns/b").list() == {"k": "b2"}
+    assert await backend.get_alarm("ns/a") == 200.0
+    assert await backend.get_alarm("ns/b") is None
+
+
+@asynccontextmanager
+async def one_batch(backend: Backend) -> AsyncIterator[None]:
+    """Hold the backend's thread while the body queues jobs: they run as one batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def block(db: Any) -> None:
+        started.set()
+        release.wait(5)
+
+    assert isinstance(backend, ThreadedBackend)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend._call, block)
+        assert await trio.to_thread.run_sync(started.wait, 5)
+        try:
+            yield
+        finally:
+            release.set()
+
+
+def queue_six_commits(a: RoomStorage, b: RoomStorage, outcomes: Outcomes) -> None:
+    a.put("seq", 1)
+    a.put("old", "x")
+    a.set_alarm(100.0)
+    a.commit(outcomes.callback("1"))
+    b.put("k", "b1")
+    b.set_alarm(50.0)
+    b.commit(outcomes.callback("2"))
+    a.put("seq", 2)
+    a.delete("old")
+    a.put("gone", "y")
+    a.commit(outcomes.callback("3"))
+    a.delete_all()
+    a.put("seq", 3)
+    a.put("after", True)
+    a.commit(outcomes.callback("4"))
+    b.put("k", "b2")
+    b.delete_alarm()
+    b.commit(outcomes.callback("5"))
+    a.put("seq", 4)
+    a.set_alarm(200.0)
+    a.commit(outcomes.callback("6"))
 
 
 async def test_a_failing_commit_fails_alone_in_its_batch(backend: Backend) -> None:
