@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat game test lint typecheck unit mutants docs docs-build soak bench bench-quick bench-hibernation clean
+.PHONY: chat cluster game test lint typecheck unit mutants docs docs-build soak bench bench-quick bench-hibernation clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ $(VENV)/.dev: $(BIN)/rooms
 
 chat: $(BIN)/rooms  ## serve the example chat on http://127.0.0.1:8000
 	$(BIN)/rooms serve examples.chat.app:app --host 127.0.0.1 --port 8000 --data-dir data/chat
+
+# The chat as three nodes (ports 8000-8002) on the local PostgreSQL, database rooms_chat
+# (created if missing); CLUSTER_DSN for another server. See docs/cluster.md.
+CLUSTER_DSN ?= postgresql://postgres@127.0.0.1:5432/rooms_chat
+
+$(VENV)/.postgres: $(BIN)/rooms
+	$(BIN)/python -m pip install -q -e '.[postgres]'
+	touch $@
+
+cluster: $(VENV)/.postgres  ## serve the example chat as a 3-node cluster on PostgreSQL
+	$(BIN)/python -m examples.chat.cluster --dsn $(CLUSTER_DSN)
 
 game: $(BIN)/rooms  ## serve the example game on http://127.0.0.1:8001
 	$(BIN)/rooms serve examples.game.app:app --host 127.0.0.1 --port 8001 --data-dir data/game
@@ -63,7 +74,8 @@ test: lint typecheck docs-build unit mutants  ## lint, strict type check, docs b
 soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
 	$(BIN)/python -m tests.system.soak $(SOAK_ARGS)
 
-# The benchmark: Rooms against websockets and Node ws, built here (bench/.venv, node_modules,
+# The benchmark: Rooms against websockets and Node ws (and in cluster mode on the local
+# PostgreSQL, ROOMS_BENCH_POSTGRES for another), built here (bench/.venv, node_modules,
 # the C load generator), one table of medians and ratios; see bench/run.py.
 bench/.ready: bench/requirements.txt bench/package.json bench/wsload.c
 	$(PYTHON) -m venv bench/.venv
@@ -72,10 +84,10 @@ bench/.ready: bench/requirements.txt bench/package.json bench/wsload.c
 	cc -O2 -Wall -o bench/wsload bench/wsload.c
 	touch $@
 
-bench: $(BIN)/rooms bench/.ready  ## about 8 minutes
+bench: $(VENV)/.postgres bench/.ready  ## about 13 minutes
 	bench/.venv/bin/python bench/run.py $(BENCH_ARGS)
 
-bench-quick: $(BIN)/rooms bench/.ready  ## under 3 minutes
+bench-quick: $(VENV)/.postgres bench/.ready  ## about 4 minutes
 	bench/.venv/bin/python bench/run.py --quick $(BENCH_ARGS)
 
 bench-hibernation: $(VENV)/.dev  ## memory per connection while rooms hibernate

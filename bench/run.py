@@ -5,7 +5,11 @@
 
 Servers: ``rooms`` (``examples.echo``: broadcast and echo rooms, no storage), ``rooms-stored``
 (``bench/apps.py``: the chat's data path, every message stored before it is broadcast),
-``websockets`` (Python websockets 17, asyncio) and ``node-ws`` (Node + ws 8). They speak one
+``websockets`` (Python websockets 17, asyncio) and ``node-ws`` (Node + ws 8); and in cluster mode,
+on a fresh PostgreSQL database each run (``--postgres``, default the local server):
+``rooms-cluster`` (``bench/apps.py`` on a one-node cluster, against ``rooms-stored``),
+``cluster-3-spread`` and ``cluster-3-owner`` (``examples.echo`` on three nodes, with each room's
+clients spread over the nodes or all on the node that owns it). They speak one
 protocol: ``/room/<name>`` broadcasts each message to everyone in the room, sender included;
 ``/echo/<x>`` echoes to the sender.
 
@@ -18,6 +22,8 @@ the generator is not the bottleneck; its CPU is reported):
               p50 / p99 latency of every delivery.
     echo      100 connections ping-pong: messages/s.
     conns:N   N idle connections: upgrades/s while opening them, server RSS per connection.
+    idle      a three-node cluster serving nothing: the transactions/s it puts on PostgreSQL
+              (pg_stat_database; every statement of a node is its own transaction).
 
 Every measurement starts a fresh server process; servers are interleaved and their order
 rotated each repetition, because the machine is shared and noisy: only figures from the same
@@ -39,6 +45,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +69,44 @@ SERVERS: dict[str, tuple[str, list[str]]] = {
     "node-ws": ("Node + ws 8", [shutil.which("node") or "node", "servers/node_ws_server.js"]),
 }
 REFERENCES = ("websockets", "node-ws")
+# cluster servers: (nodes, whether each room's clients are spread over the nodes)
+CLUSTERS = {
+    "rooms-cluster": (1, False),
+    "cluster-3-spread": (3, True),
+    "cluster-3-owner": (3, False),
+}
+SERVERS["rooms-cluster"] = ("Rooms, stored, one-node cluster", rooms_server("bench.apps:app"))
+SERVERS["cluster-3-spread"] = ("Rooms, 3 nodes, clients spread", SERVERS["rooms"][1])
+SERVERS["cluster-3-owner"] = ("Rooms, 3 nodes, clients on the owner", SERVERS["rooms"][1])
+# a cluster figure next to the figure it is judged against
+COMPARED = (("rooms-cluster", "rooms-stored"), ("cluster-3-spread", "cluster-3-owner"))
 CHECKOUTS: dict[str, Path] = {}  # server name -> the checkout it runs from
-FULL = ["sat:1x200", "sat:10x50", "sat:100x10", "lat:10x50", "lat:100x10", "echo", "conns:10000"]
-QUICK = ["sat:10x50", "lat:10x50", "echo", "conns:2000"]
-# the stored variant only where storage is on the path: broadcasts
-STORED_CASES = ("sat:", "lat:")
+FULL = [
+    "sat:1x200",
+    "sat:10x50",
+    "sat:100x10",
+    "lat:10x50",
+    "lat:100x10",
+    "echo",
+    "conns:10000",
+    "idle",
+]
+QUICK = ["sat:10x50", "lat:10x50", "echo", "conns:2000", "idle"]
+DEFAULT_SERVERS = (
+    "rooms,rooms-stored,websockets,node-ws,rooms-cluster,cluster-3-spread,cluster-3-owner"
+)
+
+
+def runs_case(server: str, case: str) -> bool:
+    """Which server runs which workload: the stored variants where storage is on the path
+    (broadcasts), the three-node clusters on saturated fan-out (and idle), idle only there."""
+    if case == "idle":
+        return server == "cluster-3-spread"
+    if server in ("rooms-stored", "rooms-cluster"):
+        return case.startswith(("sat:", "lat:"))
+    if server in ("cluster-3-spread", "cluster-3-owner"):
+        return case in ("sat:10x50", "sat:100x10")
+    return True
 
 
 def log(*parts: object) -> None:
@@ -108,49 +149,145 @@ def wsload_args(case: str, cfg: argparse.Namespace, lat_rates: dict[str, float])
     raise SystemExit(f"unknown case {case!r}")
 
 
+@contextmanager
+def cluster_database(admin_dsn: str) -> Iterator[str]:
+    """A fresh database beside ``admin_dsn``'s, dropped afterwards: its DSN."""
+    import psycopg  # (bench/requirements.txt; only the cluster servers need it)
+
+    name = f"rooms_bench_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield admin_dsn.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def transactions(dsn: str) -> int:
+    """Transactions PostgreSQL counted in ``dsn``'s database so far."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+            "WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def measure(
     server: str, case: str, cfg: argparse.Namespace, lat: dict[str, float]
 ) -> dict[str, Any]:
-    """One fresh server process, one wsload run against it: wsload's JSON record."""
-    port = free_port()
-    command = [*SERVERS[server][1], "--port", str(port)]
-    rooms = server.startswith("rooms") or server in CHECKOUTS
-    if rooms:
-        command += ["--data-dir", str(Path(cfg.out) / "data" / f"{server}-{port}")]
-    cwd = HERE if server == "node-ws" else CHECKOUTS.get(server, REPO)
-    with open(Path(cfg.out) / "servers.log", "a") as errors:
-        proc = subprocess.Popen(
-            command,
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            start_new_session=True,
-        )
+    """Fresh server processes (one, or a cluster's nodes on a fresh database), one wsload
+    run against them: wsload's JSON record."""
     record: dict[str, Any] = {"server": server, "case": case}
+    if server not in CLUSTERS:
+        return start_and_load(server, case, cfg, lat, record, [])
+    nodes, _ = CLUSTERS[server]
     try:
-        if not wait_port(port, proc):
+        import psycopg
+    except ImportError:
+        return {**record, "error": "no psycopg in bench/.venv (make bench installs it)"}
+    try:
+        with cluster_database(cfg.postgres) as dsn:
+            flags = ["--cluster", dsn]
+            if case == "idle":
+                return idle_cluster(server, dsn, nodes, flags, cfg, record)
+            return start_and_load(server, case, cfg, lat, record, flags, nodes)
+    except psycopg.OperationalError as exc:
+        return {**record, "error": f"no PostgreSQL at {cfg.postgres}: {exc}"[:300]}
+
+
+def start_and_load(
+    server: str,
+    case: str,
+    cfg: argparse.Namespace,
+    lat: dict[str, float],
+    record: dict[str, Any],
+    flags: list[str],
+    nodes: int = 1,
+) -> dict[str, Any]:
+    with servers(server, cfg, flags, nodes) as started:
+        if started is None:
             return {**record, "error": "the server did not start (see servers.log)"}
-        time.sleep(0.15)
-        args = [str(WSLOAD), *wsload_args(case, cfg, lat), "--port", str(port)]
+        ports, pids = started
+        if server in CLUSTERS and not CLUSTERS[server][1]:
+            ports = ports[:1]  # every client on one node: it owns every room
+        args = [str(WSLOAD), *wsload_args(case, cfg, lat), "--port", ",".join(ports)]
         done = subprocess.run(
-            [*args, "--server-pid", str(proc.pid)],
+            [*args, "--server-pid", ",".join(pids)],
             capture_output=True,
             text=True,
             timeout=cfg.duration + cfg.warmup + 180,
         )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if not lines:
-            return {**record, "error": f"wsload: {done.stderr.strip()[-300:]}"}
-        return {**record, **json.loads(lines[-1])}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {**record, "error": f"wsload: {done.stderr.strip()[-300:]}"}
+    return {**record, **json.loads(lines[-1])}
+
+
+def idle_cluster(
+    server: str,
+    dsn: str,
+    nodes: int,
+    flags: list[str],
+    cfg: argparse.Namespace,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    seconds = 10.0 if cfg.quick else 30.0
+    with servers(server, cfg, flags, nodes) as started:
+        if started is None:
+            return {**record, "error": "the cluster did not start (see servers.log)"}
+        time.sleep(3)  # joined, first renewals done
+        before = transactions(dsn)
+        time.sleep(seconds)
+        after = transactions(dsn)
+    return {**record, "nodes": nodes, "db_tx_per_s": (after - before) / seconds}
+
+
+@contextmanager
+def servers(
+    server: str, cfg: argparse.Namespace, flags: list[str], count: int
+) -> Iterator[tuple[list[str], list[str]] | None]:
+    """``count`` processes of ``server``, each on its own port, ready: their ports and PIDs
+    (None if one did not start); all stopped afterwards."""
+    rooms = server.startswith("rooms") or server in CHECKOUTS or server in CLUSTERS
+    cwd = HERE if server == "node-ws" else CHECKOUTS.get(server, REPO)
+    env = {**os.environ, "ROOMS_CLUSTER_TOKEN": "bench"}
+    procs: list[tuple[int, subprocess.Popen[bytes], Path]] = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            data = Path(cfg.out) / "data" / f"{server}-{port}"
+            command = [*SERVERS[server][1], "--port", str(port), *flags]
+            if rooms:
+                command += ["--data-dir", str(data)]
+            with open(Path(cfg.out) / "servers.log", "a") as errors:
+                proc = subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    start_new_session=True,
+                )
+            procs.append((port, proc, data))
+        if not all(wait_port(port, proc) for port, proc, _ in procs):
+            yield None
+            return
+        time.sleep(0.15)
+        yield [str(port) for port, _, _ in procs], [str(proc.pid) for _, proc, _ in procs]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if rooms:
-            shutil.rmtree(Path(cfg.out) / "data" / f"{server}-{port}", ignore_errors=True)
+        for _, proc, _ in procs:
+            proc.terminate()
+        for _, proc, data in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            shutil.rmtree(data, ignore_errors=True)
 
 
 # what each workload reports: (label, extractor, higher is better)
@@ -171,6 +308,7 @@ METRICS: dict[str, list[tuple[str, Any, bool]]] = {
         ("server RSS KiB / connection", lambda r: r["rss_per_conn_kib"], False),
         ("upgrades/s", lambda r: r["upgrades_per_s"], True),
     ],
+    "idle": [("PostgreSQL transactions/s", lambda r: r["db_tx_per_s"], False)],
 }
 
 
@@ -202,12 +340,12 @@ def summarize(
                 for s in servers
             }
             ratios = {}
-            for ref in REFERENCES:
-                pairs = [
-                    r["rooms"] / r[ref] for r in per_rep.values() if r.get(ref) and "rooms" in r
-                ]
+            for server, ref in [*(("rooms", ref) for ref in REFERENCES), *COMPARED]:
+                pairs = [r[server] / r[ref] for r in per_rep.values() if r.get(ref) and server in r]
                 if pairs:
-                    ratios[ref] = statistics.median(pairs)
+                    ratios[ref if server == "rooms" else f"{server}/{ref}"] = statistics.median(
+                        pairs
+                    )
             rows.append(
                 {
                     "case": case,
@@ -222,7 +360,8 @@ def summarize(
 
 def table(rows: list[dict[str, Any]], servers: list[str], lat_loads: dict[str, float]) -> str:
     refs = [r for r in REFERENCES if r in servers]
-    head = ["workload", "metric", *servers, *(f"Rooms / {r}" for r in refs)]
+    refs += [f"{a}/{b}" for a, b in COMPARED if a in servers and b in servers]
+    head = ["workload", "metric", *servers, *(f"Rooms / {r}" if "/" not in r else r for r in refs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         case = row["case"]
@@ -232,6 +371,7 @@ def table(rows: list[dict[str, Any]], servers: list[str], lat_loads: dict[str, f
             "lat": f"fan-out {arg} at {fmt(lat_loads.get(arg))} deliveries/s",
             "echo": "echo, 100 connections",
             "conns": f"{arg} idle connections",
+            "idle": "idle three-node cluster",
         }[kind]
         cells = [fmt(row["median"][s]) for s in servers]
         better = "higher" if row["higher_is_better"] else "lower"
@@ -293,7 +433,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter workloads (< 3 min)")
-    parser.add_argument("--servers", default="rooms,rooms-stored,websockets,node-ws")
+    parser.add_argument("--servers", default=DEFAULT_SERVERS)
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "ROOMS_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="a PostgreSQL to create the cluster servers' databases on (ROOMS_BENCH_POSTGRES)",
+    )
     parser.add_argument("--cases", help="comma list, e.g. sat:10x50,lat:10x50,echo,conns:1000")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--duration", type=float, help="measured seconds per run (4; quick 1)")
@@ -353,7 +500,7 @@ def main() -> None:
                 raise SystemExit(f"{case} needs sat:{topology} in the same run")
             lat_loads[topology] = 0.5 * min(saturations)
             lat_rates[topology] = lat_loads[topology] / (rooms * clients * clients)
-        here = [s for s in servers if s != "rooms-stored" or case.startswith(STORED_CASES)]
+        here = [s for s in servers if runs_case(s, case)]
         for rep in range(cfg.reps):
             for server in here[rep % len(here) :] + here[: rep % len(here)]:
                 run = {**measure(server, case, cfg, lat_rates), "rep": rep}

@@ -222,7 +222,7 @@ class Cluster:
                 return False  # its session still holds it: alive, only the link broke
             conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             row = conn.execute(
-                "UPDATE rooms_nodes SET status = 'dead' WHERE node_id = %s AND status <> 'dead' "
+                "UPDATE rooms_nodes SET status = 'dead' WHERE node_id = %s AND status = 'alive' "
                 "RETURNING 1",
                 (node_id,),
             ).fetchone()
@@ -297,7 +297,7 @@ class Cluster:
                     (node_id,),
                 )
                 conn.execute(
-                    "UPDATE rooms_nodes SET status = 'dead' WHERE node_id = %s", (node_id,)
+                    "UPDATE rooms_nodes SET status = 'left' WHERE node_id = %s", (node_id,)
                 )
 
         self.registered, self._left = False, True
@@ -323,19 +323,23 @@ VALUES (%(room)s, %(me)s, 1, now())
 ON CONFLICT (room) DO UPDATE
    SET node_id = excluded.node_id, epoch = o.epoch + 1, claimed_at = now()
  WHERE o.node_id IS NULL
-    OR NOT EXISTS (SELECT 1 FROM rooms_nodes n WHERE n.node_id = o.node_id AND n.status <> 'dead')
+    OR NOT EXISTS (SELECT 1 FROM rooms_nodes n WHERE n.node_id = o.node_id AND n.status = 'alive')
 RETURNING epoch
 """
 
 _OWNER = """
 SELECT o.node_id, n.address, o.epoch FROM rooms_owners o JOIN rooms_nodes n USING (node_id)
- WHERE o.room = %s AND n.status <> 'dead'
+ WHERE o.room = %s AND n.status = 'alive'
 """
 
 
 def _declare_expired(conn: Conn) -> list[str]:
+    # (In the same statement, the rows of nodes gone for a day are deleted: a room whose
+    # owner has no row is unowned, as it is when the row says dead.)
     rows = conn.execute(
-        "UPDATE rooms_nodes SET status = 'dead' WHERE status <> 'dead' AND lease_until < now() "
+        "WITH gone AS (DELETE FROM rooms_nodes WHERE status <> 'alive' "
+        "AND lease_until < now() - interval '1 day') "
+        "UPDATE rooms_nodes SET status = 'dead' WHERE status = 'alive' AND lease_until < now() "
         "RETURNING node_id"
     ).fetchall()
     return [row[0] for row in rows]
@@ -346,7 +350,7 @@ def _due_orphan_alarms(conn: Conn) -> list[tuple[str, float, str | None]]:
         "SELECT a.room, a.at, a.name FROM rooms_alarms a "
         "LEFT JOIN rooms_owners o USING (room) LEFT JOIN rooms_nodes n ON n.node_id = o.node_id "
         "WHERE a.at <= extract(epoch FROM now()) "
-        "AND (o.node_id IS NULL OR n.node_id IS NULL OR n.status = 'dead')"
+        "AND (o.node_id IS NULL OR n.node_id IS NULL OR n.status <> 'alive')"
     ).fetchall()
     return [(room, float(at), name) for room, at, name in rows]
 
@@ -360,12 +364,12 @@ def status(dsn: str) -> dict[str, Any]:
             "extract(epoch FROM n.lease_until - now())::float, "
             "(SELECT count(*) FROM rooms_owners o WHERE o.node_id = n.node_id) "
             "FROM rooms_nodes n "
-            "WHERE n.status <> 'dead' OR n.lease_until > now() - interval '1 hour' "
+            "WHERE n.status = 'alive' OR n.lease_until > now() - interval '1 hour' "
             "ORDER BY n.started_at"
         ).fetchall()
         unowned = conn.execute(
             "SELECT count(*) FROM rooms_owners o WHERE o.node_id IS NULL OR NOT EXISTS "
-            "(SELECT 1 FROM rooms_nodes n WHERE n.node_id = o.node_id AND n.status <> 'dead')"
+            "(SELECT 1 FROM rooms_nodes n WHERE n.node_id = o.node_id AND n.status = 'alive')"
         ).fetchone()
     return {
         "nodes": [

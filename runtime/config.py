@@ -109,8 +109,9 @@ class Settings:
     """How long a node's lease lasts (renewed three times as often): a node cut off from the
     database stops serving its rooms just before, and others may take them just after."""
     max_link_queue_bytes: int = 16 * MiB
-    """Messages queued on a link to another node; past it the clients that sent them are
-    closed with 1008, as a client that is not reading would be."""
+    """Bytes queued on the link to another node; past it the edge stops reading the sockets
+    of the clients sending through that link until it drains (backpressure, as a full
+    mailbox does)."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
     log_level: str = "INFO"

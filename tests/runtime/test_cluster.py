@@ -153,7 +153,7 @@ async def test_a_node_that_leaves_gives_its_rooms_back_at_once(pg_dsn: str) -> N
             taken = await other.locate("Chat/a")
         assert (taken.node_id, taken.epoch) == (other.node_id, 2)
         states = {n["node"]: n["status"] for n in status(pg_dsn)["nodes"]}
-        assert states == {leaving.node_id: "dead", other.node_id: "alive"}
+        assert states == {leaving.node_id: "left", other.node_id: "alive"}
 
 
 class Cuttable:

@@ -193,7 +193,7 @@ class Chatter:
         self.seen: dict[int, str] = {}  # seq -> text
         self.twice: list[int] = []
         self.ack_times: list[float] = []
-        self.closes: list[tuple[float, int]] = []  # (when, code) of the ends it saw
+        self.closes: list[tuple[float, int | None]] = []  # (when, code) of the ends it saw
         self._sent = 0
 
     async def run(self, until: trio.Event) -> None:
@@ -204,8 +204,9 @@ class Chatter:
             except (OSError, trio_websocket.HandshakeError, trio.TooSlowError):
                 self.turn += 1  # that node is unreachable or stuck: another one
             except trio_websocket.ConnectionClosed as exc:
-                self.closes.append((trio.current_time(), exc.reason.code))
-                if exc.reason.code != 1012:
+                code = exc.reason.code if exc.reason else None
+                self.closes.append((trio.current_time(), code))
+                if code != 1012:
                     self.turn += 1
             await trio.sleep(0.1)
 
@@ -319,7 +320,7 @@ class Listener:
 
     def __init__(self) -> None:
         self.seen: dict[int, str] = {}
-        self.closed: tuple[float, int] | None = None
+        self.closed: tuple[float, int | None] | None = None
 
     async def run(self, node: Node, room: str, task_status: trio.TaskStatus[None]) -> None:
         async with trio_websocket.open_websocket_url(f"{node.url}/api/room/{room}/websocket") as ws:
@@ -331,7 +332,7 @@ class Listener:
                     if "seq" in data and "message" in data:
                         self.seen[data["seq"]] = data["message"]
             except trio_websocket.ConnectionClosed as exc:
-                self.closed = (trio.current_time(), exc.reason.code)
+                self.closed = (trio.current_time(), exc.reason.code if exc.reason else None)
 
 
 async def test_a_paused_node_is_taken_over_and_fenced_when_it_wakes(
