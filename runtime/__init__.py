@@ -14,9 +14,9 @@ General layout. Four layers; a module imports only from its own layer or an earl
    room), the only modules that import psycopg (an optional extra).
 3. I/O: ``stream`` (socket bytes, TLS, the epoll read set), ``websocket`` (one connection's
    data path), ``http`` (the HTTP/1.1 phase), ``router`` (which answer a request gets),
-   ``admission`` (upgrade-time rules), ``proxy`` (proxied routes), ``usage``, ``link`` (the
-   links between a cluster's nodes), and ``edge``, which takes each connection through those
-   phases.
+   ``admission`` (upgrade-time rules), ``dial`` (WebSockets the engine opens as a client),
+   ``proxy`` (proxied routes), ``usage``, ``link`` (the links between a cluster's nodes),
+   and ``edge``, which takes each connection through those phases.
 4. assembly: ``server`` (``run_engine``, the one assembly, and ``serve``), ``local`` (the
    engine in process, for ``rooms.testing``), ``cli``, ``connect`` and ``console`` (the
    ``rooms connect`` client).

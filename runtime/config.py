@@ -171,9 +171,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if values.get("port", 0) > 65535:
         raise ConfigError(f"setting 'port' must be at most 65535, got {values['port']}")
     settings = Settings(**values)
-    tls_context(settings)  # a missing or wrong certificate is reported now, naming the key
     if settings.cluster:
         check_cluster(settings)
+    tls_context(settings)  # a missing or wrong certificate is reported now, naming the key
     return settings
 
 
@@ -185,6 +185,11 @@ def check_cluster(settings: Settings) -> None:
         raise ConfigError(
             "setting 'cluster_token' is required with 'cluster': the shared secret of the "
             "links between nodes"
+        )
+    if settings.certfile:
+        raise ConfigError(
+            "setting 'certfile': cluster mode's links between nodes speak plain WebSocket; "
+            "terminate TLS at the load balancer and keep the nodes on a private network"
         )
     node_address(settings)
     try:

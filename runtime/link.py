@@ -35,16 +35,18 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import msgpack
 import trio
-import trio_websocket
 
 from rooms import CallCycleError, Request, Response, Room, RoomCallError, RoomId
 from rooms._engine import text_error
 
+from .dial import ClientSocket, connect
 from .events import Connect
-from .frames import ProtocolError, encode_message
+from .frames import Close, Ping, ProtocolError, encode_message
 from .gate import Reply, Transport
+from .handshake import HandshakeError
 from .metrics import Metrics
 from .placement import ClusterUnavailable, NotHere, Owner
+from .stream import ConnectionBroken
 
 if TYPE_CHECKING:
     from .activation import Peer
@@ -248,7 +250,7 @@ class OutLink:
         self._queued_bytes = 0
         self._wake = trio.Event()
         self._space = trio.Event()
-        self.ws: trio_websocket.WebSocketConnection | None = None
+        self.ws: ClientSocket | None = None
         self.ready = trio.Event()
         self.closed = False
 
@@ -278,50 +280,64 @@ class OutLink:
             raise ClusterUnavailable(f"the link to node {self.owner.node_id} was lost")
         self.post(*items)
 
-    async def _writer(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _writer(self, ws: ClientSocket) -> None:
         while True:
             while not self._queue:
                 self._wake = trio.Event()
                 await self._wake.wait()
-            data = self._queue.popleft()
-            self._queued_bytes -= len(data)
-            self.links.metrics.cluster_link_queue_bytes -= len(data)
+            batch = list(self._queue)  # everything queued meanwhile: one write
+            self._queue.clear()
+            size = sum(map(len, batch))
+            self._queued_bytes -= size
+            self.links.metrics.cluster_link_queue_bytes -= size
             self._space.set()
-            await ws.send_message(data)
+            await ws.send_all(batch)
 
     # -- the link's life -----------------------------------------------------------------
 
     async def run(self) -> None:
         url = f"ws://{self.owner.address}{LINK_PATH}"
         headers = [
-            (b"authorization", f"Bearer {self.links.token}".encode()),
-            (b"x-rooms-node", self.links.cluster.node_id.encode()),
-            (b"x-rooms-protocol", str(PROTOCOL).encode()),
+            ("authorization", f"Bearer {self.links.token}"),
+            ("x-rooms-node", self.links.cluster.node_id),
+            ("x-rooms-protocol", str(PROTOCOL)),
         ]
+        ws: ClientSocket | None = None
         try:
-            async with trio_websocket.open_websocket_url(
-                url,
-                extra_headers=headers,
-                connect_timeout=5,
-                disconnect_timeout=1,
-                max_message_size=1 << 30,
-            ) as ws:
-                self.ws = ws
-                self.ready.set()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, ws)
-                    while True:
-                        self._receive(unpack(await ws.get_message()))
-        except* (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as lost:
+            with trio.fail_after(5):
+                ws = await connect(url, headers, max_message_size=1 << 30)
+            self.ws = ws
+            self.ready.set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, ws)
+                await self._read(ws)
+        except* (OSError, HandshakeError, ConnectionBroken, trio.TooSlowError) as lost:
             log.warning(
                 "link to node %s at %s: %s", self.owner.node_id, self.owner.address, _one(lost)
             )
-        except* LinkError as broken:
+        except* ProtocolError as broken:
             log.error("link to node %s broke the protocol: %s", self.owner.node_id, _one(broken))
+            if ws is not None:
+                error = _one(broken)
+                assert isinstance(error, ProtocolError)
+                await ws.close(error.code, error.reason)
         except* Exception as bug:  # a bug costs this link (its clients reconnect), not the node
             log.error("link to node %s failed", self.owner.node_id, exc_info=_one(bug))
         finally:
             self._lost()
+            if ws is not None:
+                await ws.aclose()
+
+    async def _read(self, ws: ClientSocket) -> None:
+        while True:
+            for item in await ws.receive():
+                if isinstance(item, (str, bytes)):
+                    self._receive(unpack(item))
+                elif isinstance(item, Ping):
+                    await ws.pong(item.payload)
+                elif isinstance(item, Close):
+                    await ws.close(item.code, item.reason)
+                    raise ConnectionBroken(f"the node closed the link: {item.code} {item.reason}")
 
     def _lost(self) -> None:
         self.closed = True

@@ -11,13 +11,9 @@ and reasons travel both ways.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import secrets
-import ssl
 from typing import Any
-from urllib.parse import urlsplit
 
 import h11
 import trio
@@ -25,29 +21,22 @@ import trio
 from rooms import Request, Response
 from rooms._engine import ProxyRoute, text_error
 
+from .dial import ClientSocket, check_switch, next_event, open_stream, send_upgrade
 from .frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PONG,
-    OP_TEXT,
     Close,
-    FrameParser,
     Ping,
     ProtocolError,
-    Received,
-    close_payload,
-    encode_frame,
     encode_message,
 )
-from .handshake import HandshakeError, check_accept, client_headers, client_key
-from .stream import RECV_SIZE, ConnectionBroken
+from .handshake import HandshakeError
+from .stream import ConnectionBroken
 from .websocket import Sessions, WebSocket
 
 _MAX_REFUSAL_BODY = 64 * 1024  # of an upstream's refusal, passed on to the client
 _RELAY_BACKLOG = 256 * 1024  # bytes queued for a proxied client before the upstream waits
 
 
-class Upstream:
+class Upstream(ClientSocket):
     """A client WebSocket to the upstream of one proxied connection; the ``Target`` of
     that connection (``client``, once it joined)."""
 
@@ -60,15 +49,11 @@ class Upstream:
         leftover: bytes,
         max_message_size: int,
     ) -> None:
+        super().__init__(stream, leftover, max_message_size)
         self.request = request
         self.url = url
         self.subprotocol = subprotocol
         self.id = secrets.token_hex(8)
-        self._stream = stream
-        self._parser = FrameParser(max_message_size=max_message_size, client=True)
-        self._leftover = leftover
-        self._sending = trio.StrictFIFOLock()  # the relay's two directions both send
-        self.close_sent = False
         self.client: WebSocket | None = None
 
     # -- Target (what the client's read loop calls) --------------------------------------
@@ -95,49 +80,6 @@ class Upstream:
             "client_ip": self.request.client[0],
         }
 
-    # -- the upstream's side -------------------------------------------------------------
-
-    async def send(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            await self._send(OP_TEXT, message.encode())
-        else:
-            await self._send(OP_BINARY, message)
-
-    async def pong(self, payload: bytes) -> None:
-        await self._send(OP_PONG, payload)
-
-    async def close(self, code: int | None, reason: str = "") -> None:
-        """Send a Close frame (once); an empty one for ``code`` None."""
-        if self.close_sent:
-            return
-        self.close_sent = True
-        await self._send(OP_CLOSE, close_payload(code, reason))
-
-    async def _send(self, opcode: int, payload: bytes) -> None:
-        """Send one frame. A lost connection is not raised here: the receiving side finds
-        it and closes the client (1011)."""
-        frame = encode_frame(opcode, payload, mask=os.urandom(4))
-        async with self._sending:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._stream.send_all(frame)
-
-    async def receive(self) -> list[Received]:
-        """The next events from the upstream; ConnectionBroken at its end, ProtocolError
-        when it breaks the protocol."""
-        if self._leftover:
-            data, self._leftover = self._leftover, b""
-        else:
-            try:
-                data = bytes(await self._stream.receive_some(RECV_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionBroken(f"upstream connection lost: {exc}") from None
-            if not data:
-                raise ConnectionBroken("the upstream closed the connection without a Close")
-        return self._parser.feed(data)
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self._stream)
-
 
 async def connect(
     route: ProxyRoute, request: Request, secure: bool, timeout: float, max_message_size: int
@@ -149,7 +91,7 @@ async def connect(
     result: Upstream | Response
     try:
         with trio.fail_after(timeout):
-            stream = await _open(url, route.ssl_context)
+            stream = await open_stream(url, route.ssl_context)
             result = await _handshake(stream, route, request, url, secure, max_message_size)
     except trio.TooSlowError:
         result = _bad_gateway(504, url, f"no answer within upstream_timeout ({timeout:g} s)")
@@ -163,22 +105,6 @@ async def connect(
     return result
 
 
-async def _open(url: str, context: ssl.SSLContext | None) -> trio.abc.Stream:
-    parts = urlsplit(url)
-    tls = parts.scheme == "wss"
-    host = parts.hostname or ""
-    tcp = await trio.open_tcp_stream(host, parts.port or (443 if tls else 80))
-    if not tls:
-        return tcp
-    stream = trio.SSLStream(tcp, context or ssl.create_default_context(), server_hostname=host)
-    try:
-        await stream.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tcp)
-        raise
-    return stream
-
-
 async def _handshake(
     stream: trio.abc.Stream,
     route: ProxyRoute,
@@ -187,20 +113,13 @@ async def _handshake(
     secure: bool,
     max_message_size: int,
 ) -> Upstream | Response:
-    parts = urlsplit(url)
-    key = client_key()
     offered = request.header("sec-websocket-protocol")
     forwarded = [(k, v) for k, v in request.headers if k.lower() in route.forward_headers]
     forwarded.append(("x-forwarded-for", request.client[0]))
     forwarded.append(("x-forwarded-proto", "https" if secure else "http"))
-    headers = client_headers(parts.netloc, key, offered, forwarded)
     if isinstance(request.identity, str):
-        headers.append(("x-rooms-identity", request.identity))
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    h = h11.Connection(h11.CLIENT)
-    data = h.send(h11.Request(method="GET", target=target, headers=headers)) or b""
-    await stream.send_all(data + (h.send(h11.EndOfMessage()) or b""))
-    answer = await _next(h, stream)
+        forwarded.append(("x-rooms-identity", request.identity))
+    h, answer, key = await send_upgrade(stream, url, offered, forwarded)
     if isinstance(answer, h11.InformationalResponse) and answer.status_code == 101:
         return _accepted(h, answer, stream, request, url, key, offered, max_message_size)
     if isinstance(answer, h11.Response) and answer.status_code >= 400:
@@ -220,8 +139,7 @@ def _accepted(
     offered: str | None,
     max_message_size: int,
 ) -> Upstream:
-    fields = {name.decode().lower(): value.decode("latin-1") for name, value in answer.headers}
-    chosen = check_accept(fields, key, offered)
+    chosen = check_switch(answer, key, offered)
     leftover = h.trailing_data[0]
     return Upstream(stream, request, url, chosen, leftover, max_message_size)
 
@@ -230,7 +148,7 @@ async def _refusal(h: h11.Connection, answer: h11.Response, stream: trio.abc.Str
     """The upstream's refusal, passed on: its status, body (bounded) and content type."""
     body = bytearray()
     while len(body) <= _MAX_REFUSAL_BODY:
-        event = await _next(h, stream)
+        event = await next_event(h, stream)
         if not isinstance(event, h11.Data):
             break
         body += event.data
@@ -239,17 +157,6 @@ async def _refusal(h: h11.Connection, answer: h11.Response, stream: trio.abc.Str
         if name.lower() in (b"content-type", b"www-authenticate", b"retry-after"):
             headers[name.decode().lower()] = value.decode("latin-1")
     return Response(answer.status_code, bytes(body[:_MAX_REFUSAL_BODY]), headers)
-
-
-async def _next(h: h11.Connection, stream: trio.abc.Stream) -> h11.Event:
-    while True:
-        event = h.next_event()
-        if event is h11.NEED_DATA:
-            h.receive_data(bytes(await stream.receive_some(RECV_SIZE)))
-            continue
-        if event is h11.PAUSED:
-            raise HandshakeError("its answer could not be read")
-        return event  # type: ignore[return-value]
 
 
 def _bad_gateway(status: int, url: str, why: str) -> Response:

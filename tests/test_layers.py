@@ -19,7 +19,18 @@ LAYERS: dict[str, int] = {
         ("gate", "events", "activation", "host", "storage", "sqlite", "postgres", "cluster"), 2
     ),  # core
     **dict.fromkeys(
-        ("stream", "websocket", "http", "router", "admission", "proxy", "usage", "link", "edge"),
+        (
+            "stream",
+            "websocket",
+            "http",
+            "router",
+            "admission",
+            "dial",
+            "proxy",
+            "usage",
+            "link",
+            "edge",
+        ),
         3,
     ),  # I/O
     **dict.fromkeys(("server", "local", "cli", "connect", "console", "dev"), 4),  # assembly
