@@ -101,7 +101,13 @@ def check_guarantees(markdown: str) -> None:
         log.warning("%s: the mutant %r is not named with its guarantee", GUARANTEES_PAGE, name)
     for name in sorted(named - known):
         log.warning("%s: names the mutant %r, which tests/mutants.py lacks", GUARANTEES_PAGE, name)
-    short = {"G": "runtime/test_guarantees.py", "H": "runtime/test_host.py"}
+    short = {
+        "G": "runtime/test_guarantees.py",
+        "H": "runtime/test_host.py",
+        "PG": "runtime/test_postgres.py",
+        "C": "runtime/test_cluster.py",
+        "SC": "system/test_cluster.py",
+    }
     for where, test in re.findall(r"`([\w/.]+)::(test_\w+)`", markdown):
         source = ROOT / "tests" / short.get(where, where)
         if not source.is_file() or f"def {test}(" not in source.read_text():

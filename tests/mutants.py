@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 G = "tests/runtime/test_guarantees.py::"
 H = "tests/runtime/test_host.py::"
 L = "tests/runtime/test_lifecycle.py::"
+PG = "tests/runtime/test_postgres.py::"
+C = "tests/runtime/test_cluster.py::"
 POST = "        mailbox = self.mailbox\n        if len(mailbox.events) >= mailbox.size:\n"
 
 
@@ -218,6 +220,38 @@ MUTANTS = [
         "too_many_commits = gate.inflight >= max_inflight",
         "too_many_commits = False",
         (G + "test_a_room_waits_for_the_disk_past_max_inflight_commits",),
+    ),
+    Mutant(
+        "fence.lock_mode",
+        "cluster: a batch's ownership lock blocks a takeover (FOR SHARE, not FOR KEY SHARE)",
+        "runtime/postgres.py",
+        "ORDER BY room FOR SHARE",
+        "ORDER BY room FOR KEY SHARE",
+        (PG + "test_a_takeover_waits_for_a_fenced_batch_in_flight_then_sees_its_writes",),
+    ),
+    Mutant(
+        "fence.epoch",
+        "cluster: a commit made under an older epoch is refused",
+        "runtime/postgres.py",
+        "if held.get(room) != epoch}",
+        "if room not in held}",
+        (PG + "test_a_commit_under_a_stale_epoch_is_refused_and_changes_nothing",),
+    ),
+    Mutant(
+        "lease.self_fence",
+        "cluster: a node cut off from the database stops serving before its lease runs out",
+        "runtime/cluster.py",
+        "                if trio.current_time() >= deadline and self.registered:\n",
+        "                if False:\n",
+        (C + "test_a_node_cut_off_from_the_database_fences_itself_before_anyone_may_take_over",),
+    ),
+    Mutant(
+        "claim.one_owner",
+        "cluster: a room has one owner, whichever node its first events reach",
+        "runtime/cluster.py",
+        " WHERE o.node_id IS NULL\n",
+        " WHERE TRUE OR o.node_id IS NULL\n",
+        (C + "test_first_events_through_three_nodes_at_once_give_the_room_one_owner",),
     ),
     Mutant(
         "rules.origin",

@@ -3,7 +3,8 @@ Playwright, against ``rooms serve examples.chat.app:app`` run as a process.
 
 Two pages join one room, chat and see each other in the roster; a reload shows the history;
 the server is restarted and both pages reconnect on their own, and every page then shows every
-line exactly once, in order. A screenshot is kept in ``artifacts/chat.png``. The example game:
+line exactly once, in order. A screenshot is kept in ``artifacts/chat.png``. Two pages on
+two cluster nodes (on the test's PostgreSQL) chat in one room (``artifacts/cluster.png``). The example game:
 a player's key press moves its square on another page (``artifacts/game.png``).
 
 Without chromium the test is skipped with the reason, except under
@@ -155,6 +156,35 @@ def test_two_pages_chat_reload_and_survive_a_server_restart(
         ada.wait_for_function("document.querySelectorAll('.member').length === 2")
         ARTIFACTS.mkdir(exist_ok=True)
         ada.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+
+def test_two_pages_on_two_cluster_nodes_chat_in_one_room(
+    browser: Browser, chat_env: None, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat in cluster mode: each page served by its own node process, one room (on
+    whichever node the first page reached), one history."""
+    monkeypatch.setenv("ROOMS_CLUSTER_TOKEN", "browser-test")
+    cluster = ("--cluster", pg_dsn)
+    with (
+        server("examples.chat.app:app", REPO, tmp_path / "a", *cluster) as (proc_a, port_a),
+        server("examples.chat.app:app", REPO, tmp_path / "b", *cluster) as (proc_b, port_b),
+    ):
+        wait_for_port_sync(port_a, proc_a)
+        wait_for_port_sync(port_b, proc_b)
+        ada = open_chat(browser, port_a, "Ada", "across-nodes")
+        grace = open_chat(browser, port_b, "Grace", "across-nodes")
+        ada.wait_for_function("document.querySelectorAll('.member').length === 2")
+        assert roster(ada) == roster(grace) == ["Ada", "Grace"]
+        say(ada, f"Hello from the node on port {port_a}.")
+        say(grace, f"And hello from the node on port {port_b}.")
+        final_ada, final_grace = wait_for_lines(ada, 2), wait_for_lines(grace, 2)
+        assert final_ada == final_grace
+        assert final_ada == [
+            [1, "Ada", f"Hello from the node on port {port_a}."],
+            [2, "Grace", f"And hello from the node on port {port_b}."],
+        ]
+        ARTIFACTS.mkdir(exist_ok=True)
+        grace.screenshot(path=str(ARTIFACTS / "cluster.png"))
 
 
 def test_the_page_fits_a_phone(browser: Browser, chat_env: None, tmp_path: Path) -> None:

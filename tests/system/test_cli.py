@@ -117,6 +117,16 @@ def test_print_config_with_file_and_flags(
         ("mailbox_size = -5\n", "setting 'mailbox_size' must not be negative"),
         ("port = [\n", "is not valid TOML"),
         ("port = 1\nport = 2\n", "is not valid TOML"),
+        ('cluster = "mysql://db"\n', "setting 'cluster' must be a postgresql://"),
+        ('cluster = "postgresql://db"\n', "setting 'cluster_token' is required"),
+        (
+            'cluster = "postgresql://db"\ncluster_token = "t"\nhost = "0.0.0.0"\n',
+            "setting 'node_address'",
+        ),
+        (
+            'cluster = "postgresql://db"\ncluster_token = "t"\ncertfile = "c.pem"\n',
+            "setting 'certfile': cluster mode",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
