@@ -4,8 +4,9 @@ Playwright, against ``rooms serve examples.chat.app:app`` run as a process.
 Two pages join one room, chat and see each other in the roster; a reload shows the history;
 the server is restarted and both pages reconnect on their own, and every page then shows every
 line exactly once, in order. A screenshot is kept in ``artifacts/chat.png``. Two pages on
-two cluster nodes (on the test's PostgreSQL) chat in one room (``artifacts/cluster.png``). The example game:
-a player's key press moves its square on another page (``artifacts/game.png``).
+two cluster nodes (on the test's PostgreSQL) chat in one room (``artifacts/cluster.png``).
+The example game: a player's key press moves its square on another page
+(``artifacts/game.png``).
 
 Without chromium the test is skipped with the reason, except under
 ``ROOMS_REQUIRE_BROWSER=1`` (set by ``.ci/run``, which installs it), where that is a failure.
