@@ -546,7 +546,11 @@ class InLink:
         self.node_id = node_id
         self.peers: dict[int, Peer] = {}
         self.draining = False
-        self._pending: dict[bytes, tuple[int, list[int]]] = {}  # this tick's SEND frames
+        # This tick's SEND frames in order, each with its message count and clients; where
+        # each frame's and each client's latest entry is.
+        self._pending: list[tuple[bytes, int, list[int]]] = []
+        self._frame_at: dict[bytes, int] = {}
+        self._conn_at: dict[int, int] = {}
         self._flushing = False
         self._backlog: dict[int, deque[str | bytes]] = {}  # messages held for a full room
 
@@ -664,20 +668,25 @@ class InLink:
 
     def queue_frame(self, conn: int, frame: bytes, messages: int) -> None:
         """Send ``frame`` to the client ``conn`` there, grouped with the other clients that
-        get the same frame in this tick: one SEND per frame per link."""
-        entry = self._pending.get(frame)
-        if entry is None:
-            self._pending[frame] = (messages, [conn])
+        get the same frame in this tick (one SEND per frame per link, as a broadcast is),
+        unless ``conn`` was queued another frame since: then in a SEND of its own, after that
+        one, so that each client gets its frames in order."""
+        at = self._frame_at.get(frame)
+        if at is None or self._conn_at.get(conn, -1) > at:
+            at = self._frame_at[frame] = len(self._pending)
+            self._pending.append((frame, messages, [conn]))
         else:
-            entry[1].append(conn)
+            self._pending[at][2].append(conn)
+        self._conn_at[conn] = at
         if not self._flushing:
             self._flushing = True
             trio.lowlevel.current_trio_token().run_sync_soon(self.flush)
 
     def flush(self) -> None:
         self._flushing = False
-        pending, self._pending = self._pending, {}
-        for frame, (messages, conns) in pending.items():
+        pending, self._pending = self._pending, []
+        self._frame_at, self._conn_at = {}, {}
+        for frame, messages, conns in pending:
             self.ws.write(encode_message(pack(SEND, conns, frame, messages)), messages * len(conns))
 
     def close_client(self, conn: int, code: int, reason: str) -> None:

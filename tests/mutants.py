@@ -233,8 +233,8 @@ MUTANTS = [
         "fence.epoch",
         "cluster: a commit made under an older epoch is refused",
         "runtime/postgres.py",
-        "if held.get(room) != epoch}",
-        "if room not in held}",
+        "JOIN held o ON o.room = p.room AND o.epoch = p.epoch",
+        "JOIN held o ON o.room = p.room",
         (PG + "test_a_commit_under_a_stale_epoch_is_refused_and_changes_nothing",),
     ),
     Mutant(
@@ -252,6 +252,16 @@ MUTANTS = [
         " WHERE o.node_id IS NULL\n",
         " WHERE TRUE OR o.node_id IS NULL\n",
         (C + "test_first_events_through_three_nodes_at_once_give_the_room_one_owner",),
+    ),
+    Mutant(
+        "order.link_frames",
+        "cluster: a client's frames keep their order across the link",
+        "runtime/link.py",
+        "if at is None or self._conn_at.get(conn, -1) > at:",
+        "if at is None:",
+        (
+            "tests/runtime/test_link.py::test_a_frame_queued_again_after_another_keeps_each_clients_order",
+        ),
     ),
     Mutant(
         "rules.origin",
