@@ -2,26 +2,27 @@
 fenced by the ownership epoch of its room.
 
 Like the SQLite backend it runs on its own thread (``storage.ThreadedBackend``) with one
-connection: psycopg 3's sync API, since psycopg has no trio support. A batch is one
-transaction (group commit across rooms). It first locks the ownership rows of the rooms it
-commits for ``FOR SHARE`` and keeps the writes of the rooms this node still holds at the epoch
-each was made under; the others fail with ``FencedError`` and write nothing. The lock makes a
-takeover (an update of that row) wait until the batch is over, and a takeover that came first
-makes the batch see the new epoch. ``FOR KEY SHARE`` would not block the takeover's update: a
-stale write could then commit after the new owner loaded its state. The commits of a batch are
-merged (the last write of each key wins) and written in a few array statements, whatever the
-number of rooms and commits: per statement, psycopg costs more than the database does.
+connection: psycopg 3's sync API, since psycopg has no trio support. The commits queued
+together are written by one statement, one implicit transaction and one round trip
+(``_WRITE``: group commit across rooms; per statement, psycopg costs more than the database
+does), the last write of each key winning. It locks the ownership rows of the rooms it commits
+for ``FOR SHARE`` and writes the rows of the rooms this node still holds at the epoch each
+commit was made under; the other commits fail with ``FencedError`` and write nothing. The
+lock makes a takeover (an update of that row) wait until the statement is over, and a
+takeover that came first makes it see the new epoch. ``FOR KEY SHARE`` would not block the
+takeover's update: a stale write could then commit after the new owner loaded its state.
 
-A lost connection fails the batch (``StorageError``: the rooms restart from storage) and is
-opened again for the next one. The schema is versioned (``rooms_schema``); the first node to
-start creates or migrates it, under an advisory lock so that nodes starting together agree.
+A lost connection fails the jobs in flight (``StorageError``: the rooms restart from storage)
+and is opened again for the next batch. The schema is versioned (``rooms_schema``); the first
+node to start creates or migrates it, under an advisory lock so that nodes starting together
+agree.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import psycopg
@@ -180,67 +181,52 @@ class PgBackend(ThreadedBackend[Conn]):
 
     def _run_batch(self, db: Conn, batch: list[Job[Conn]]) -> None:
         link = self._link  # (``db`` is the first connection; a lost one is opened again)
+        done = 0
         try:
             conn = link.get()
-            try:
-                with conn.pipeline():  # the writes and the COMMIT in one round trip
-                    self._run_in_one(conn, batch, isolated=False)
-            except Exception:
-                if conn.broken:
-                    raise
-                # One job failed: nothing is committed; again, each job in a savepoint, so
-                # that the bad one fails alone (and never the thread: every room needs it).
-                self._run_in_one(conn, batch, isolated=True)
+            for group in _groups(batch):
+                self._run_group(conn, group)
+                done += len(group)
         except psycopg.Error as exc:
-            # The connection is gone (or the server refused the batch): its outcome is
-            # unknown to us, so every job of it fails and the rooms restart from storage.
-            log.error("cluster storage batch of %d jobs failed: %s", len(batch), exc)
+            # The connection is gone: the outcome of the statement in flight is unknown to
+            # us, so its jobs and the rest fail and their rooms restart from storage.
+            log.error("cluster storage: %d jobs failed: %s", len(batch) - done, exc)
             if link.conn is None or link.conn.broken:
                 link.lost()
-            for job in batch:
-                job.error = job.error or StorageError(f"the cluster database: {exc}")
+            for job in batch[done:]:
+                job.error = StorageError(f"the cluster database: {exc}")
 
-    def _run_in_one(self, conn: Conn, batch: list[Job[Conn]], isolated: bool) -> None:
-        with conn.transaction():
-            fenced = self._fenced(conn, [job.fence for job in batch if job.fence is not None])
-            commits: list[_Commit] = []  # consecutive commits, written together
-            for job in batch:
-                job.result, job.error = None, None
-                if job.fence is not None and job.fence in fenced:
-                    room, epoch = job.fence
-                    job.error = FencedError(f"room {room} is no longer held at epoch {epoch}")
-                    continue
-                if not isolated and isinstance(job.run, _Commit):
-                    commits.append(job.run)
-                    continue
-                _write(conn, commits)  # (before a read that may follow them)
-                commits = []
-                if not isolated:
-                    job.result = job.run(conn)
-                    continue
-                try:
-                    with conn.transaction():  # a savepoint
-                        job.result = job.run(conn)
-                except Exception as exc:
-                    if conn.broken:
-                        raise
-                    job.error = exc
-            _write(conn, commits)
+    def _run_group(self, conn: Conn, group: list[Job[Conn]]) -> None:
+        """A read alone, or consecutive commits in one statement; if that statement fails,
+        each commit alone, so that the bad one fails alone (and never the thread: every
+        room needs it)."""
+        if len(group) == 1:
+            self._run_alone(conn, group[0])
+            return
+        commits = [job.run for job in group if isinstance(job.run, _Commit)]
+        try:
+            held = _write(conn, self.directory.node_id, commits)
+        except Exception:
+            if conn.broken:
+                raise
+            for job in group:
+                self._run_alone(conn, job)
+            return
+        for job in group:
+            _outcome(job, held)
 
-    def _fenced(self, conn: Conn, fences: list[tuple[str, int]]) -> set[tuple[str, int]]:
-        """The (room, epoch) of ``fences`` this node does not hold: their rows are locked
-        FOR SHARE until the transaction ends, so no takeover can come between."""
-        if not fences:
-            return set()
-        rooms = sorted({room for room, _ in fences})
-        held = dict(
-            conn.execute(
-                "SELECT room, epoch FROM rooms_owners WHERE room = ANY(%s) AND node_id = %s "
-                "ORDER BY room FOR SHARE",
-                (rooms, self.directory.node_id),
-            ).fetchall()
-        )
-        return {(room, epoch) for room, epoch in fences if held.get(room) != epoch}
+    def _run_alone(self, conn: Conn, job: Job[Conn]) -> None:
+        try:
+            result = job.run(conn)
+        except Exception as exc:
+            if conn.broken:
+                raise
+            job.result, job.error = None, exc
+            return
+        if isinstance(job.run, _Commit):
+            _outcome(job, result)
+        else:
+            job.result, job.error = result, None
 
     # -- the interface ------------------------------------------------------------------
 
@@ -305,7 +291,8 @@ class PgBackend(ThreadedBackend[Conn]):
                 error = StorageError(f"commit failed: {error}")
             done(error)
 
-        self._submit(_Commit(room, writes, delete_all, alarm), deliver, fence=(room, epoch))
+        commit = _Commit(self.directory, room, epoch, writes, delete_all, alarm)
+        self._submit(commit, deliver, fence=(room, epoch))
 
     async def get_alarm(self, room: str) -> float | None:
         def run(db: Conn) -> float | None:
@@ -331,75 +318,133 @@ class PgBackend(ThreadedBackend[Conn]):
         return rows
 
 
+def _outcome(job: Job[Conn], held: list[tuple[str, int]]) -> None:
+    """A commit's outcome: written, or fenced if its (room, epoch) was not ``held``."""
+    job.result, job.error = None, None
+    if job.fence not in held:
+        room, epoch = job.fence or ("?", 0)
+        job.error = FencedError(f"room {room} is no longer held at epoch {epoch}")
+
+
+def _groups(batch: list[Job[Conn]]) -> Iterator[list[Job[Conn]]]:
+    """The batch as runs of consecutive commits and single reads, in order."""
+    group: list[Job[Conn]] = []
+    for job in batch:
+        if group and isinstance(job.run, _Commit) != isinstance(group[-1].run, _Commit):
+            yield group
+            group = []
+        group.append(job)
+        if not isinstance(job.run, _Commit):
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 class _Commit:
     """One room's commit, as a job's ``run`` (alone, in a savepoint, when its batch failed
     once); a batch writes its consecutive commits together (``_write``)."""
 
-    __slots__ = ("alarm", "delete_all", "room", "writes")
+    __slots__ = ("alarm", "delete_all", "epoch", "node", "room", "writes")
 
     def __init__(
         self,
+        node: Node,
         room: str,
+        epoch: int,
         writes: Mapping[str, bytes | None],
         delete_all: bool,
         alarm: AlarmChange | None,
     ) -> None:
-        self.room, self.writes, self.delete_all, self.alarm = room, writes, delete_all, alarm
+        self.node, self.room, self.epoch = node, room, epoch
+        self.writes, self.delete_all, self.alarm = writes, delete_all, alarm
 
-    def __call__(self, db: Conn) -> None:
-        _write(db, [self])
+    def __call__(self, db: Conn) -> list[tuple[str, int]]:
+        return _write(db, self.node.node_id, [self])
 
 
-def _write(db: Conn, commits: list[_Commit]) -> None:
-    """Write ``commits`` in their order: what each key ends as, in at most five statements.
-    (Keys are encoded here, on the thread: one that cannot be fails the batch, which then
-    runs each commit alone, so that it fails alone.)"""
-    if not commits:
-        return
-    wiped: list[str] = []
-    final: dict[str, dict[bytes, bytes | None]] = {}  # room -> key -> value (None: deleted)
-    alarms: dict[str, AlarmChange] = {}
+# A batch's commits in one statement (so one implicit transaction, one round trip): ``held``
+# locks the ownership rows of their rooms that this node holds FOR SHARE until it ends, so no
+# takeover can come between, and every write joins it, so a row is written only where its
+# room is held at its commit's epoch. The writes touch distinct rows (a statement's parts
+# see one snapshot and must not change a row twice): a room wiped by delete_all loses the
+# keys it does not put again, and only the keys it does put are upserted.
+_WRITE = """
+WITH held AS (
+    SELECT room, epoch FROM rooms_owners
+     WHERE room = ANY(%(rooms)s) AND node_id = %(node)s ORDER BY room FOR SHARE
+), puts AS (
+    SELECT * FROM unnest(%(put_room)s::text[], %(put_key)s::bytea[], %(put_value)s::bytea[],
+                         %(put_epoch)s::bigint[]) AS p(room, key, value, epoch)
+), wiped AS (
+    DELETE FROM rooms_kv k
+     USING unnest(%(wipe_room)s::text[], %(wipe_epoch)s::bigint[]) AS w(room, epoch), held o
+     WHERE k.room = w.room AND o.room = w.room AND o.epoch = w.epoch
+       AND NOT EXISTS (SELECT 1 FROM puts p WHERE p.room = k.room AND p.key = k.key)
+), deleted AS (
+    DELETE FROM rooms_kv k
+     USING unnest(%(del_room)s::text[], %(del_key)s::bytea[], %(del_epoch)s::bigint[])
+           AS d(room, key, epoch), held o
+     WHERE k.room = d.room AND k.key = d.key AND o.room = d.room AND o.epoch = d.epoch
+), put AS (
+    INSERT INTO rooms_kv SELECT p.room, p.key, p.value FROM puts p
+      JOIN held o ON o.room = p.room AND o.epoch = p.epoch
+    ON CONFLICT (room, key) DO UPDATE SET value = excluded.value
+), cleared AS (
+    DELETE FROM rooms_alarms a
+     USING unnest(%(clear_room)s::text[], %(clear_epoch)s::bigint[]) AS c(room, epoch), held o
+     WHERE a.room = c.room AND o.room = c.room AND o.epoch = c.epoch
+), alarmed AS (
+    INSERT INTO rooms_alarms SELECT s.room, s.at, s.name
+      FROM unnest(%(set_room)s::text[], %(set_at)s::float8[], %(set_name)s::text[],
+                  %(set_epoch)s::bigint[]) AS s(room, at, name, epoch)
+      JOIN held o ON o.room = s.room AND o.epoch = s.epoch
+    ON CONFLICT (room) DO UPDATE SET at = excluded.at, name = excluded.name
+)
+SELECT room, epoch FROM held
+"""
+
+
+def _write(db: Conn, node_id: str, commits: list[_Commit]) -> list[tuple[str, int]]:
+    """Write ``commits`` in their order, in one statement: what each key of each (room,
+    epoch) ends as. The (room, epoch) this node held, whose commits were written. (Keys are
+    encoded here, on the thread: one that cannot be fails the statement, and then each
+    commit is written alone, so that it fails alone.)"""
+    Held = tuple[str, int]  # (room, epoch): a stale epoch's writes are dropped whole
+    wiped: set[Held] = set()
+    final: dict[Held, dict[bytes, bytes | None]] = {}  # -> key -> value (None: deleted)
+    alarms: dict[Held, AlarmChange] = {}
     for commit in commits:
+        room = (commit.room, commit.epoch)
         if commit.delete_all:
-            wiped.append(commit.room)
-            final[commit.room] = {}
-        keys = final.setdefault(commit.room, {})
+            wiped.add(room)
+            final[room] = {}
+        keys = final.setdefault(room, {})
         for key, value in commit.writes.items():
             keys[key.encode()] = value
         if commit.alarm is not None:
-            alarms[commit.room] = commit.alarm
-    puts = [(room, k, v) for room, keys in final.items() for k, v in keys.items() if v is not None]
-    deletes = [(room, k) for room, keys in final.items() for k, v in keys.items() if v is None]
-    cursor = db.cursor()
-    if wiped:
-        cursor.execute("DELETE FROM rooms_kv WHERE room = ANY(%s)", (wiped,))
-    if deletes:
-        cursor.execute(
-            "DELETE FROM rooms_kv k USING unnest(%s::text[], %s::bytea[]) AS d(room, key) "
-            "WHERE k.room = d.room AND k.key = d.key",
-            _columns(deletes, 2),
-        )
-    if puts:
-        cursor.execute(
-            "INSERT INTO rooms_kv SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[]) "
-            "ON CONFLICT (room, key) DO UPDATE SET value = excluded.value",
-            _columns(puts, 3),
-        )
-    cleared = [room for room, (at, _) in alarms.items() if at is None]
-    if cleared:
-        cursor.execute("DELETE FROM rooms_alarms WHERE room = ANY(%s)", (cleared,))
-    set_ = [(room, at, name) for room, (at, name) in alarms.items() if at is not None]
-    if set_:
-        cursor.execute(
-            "INSERT INTO rooms_alarms SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[]) "
-            "ON CONFLICT (room) DO UPDATE SET at = excluded.at, name = excluded.name",
-            _columns(set_, 3),
-        )
+            alarms[room] = commit.alarm
+    rows = [(r, k, v, e) for (r, e), keys in final.items() for k, v in keys.items()]
+    puts = [row for row in rows if row[2] is not None]
+    # (a wiped room's deleted keys are gone with the wipe: not deleted twice)
+    deletes = [(r, k, e) for r, k, v, e in rows if v is None and (r, e) not in wiped]
+    set_ = [(r, at, name, e) for (r, e), (at, name) in alarms.items() if at is not None]
+    params: dict[str, Any] = {
+        "rooms": sorted({commit.room for commit in commits}),
+        "node": node_id,
+        **_named("put", ("room", "key", "value", "epoch"), puts),
+        **_named("wipe", ("room", "epoch"), list(wiped)),
+        **_named("del", ("room", "key", "epoch"), deletes),
+        **_named("clear", ("room", "epoch"), [h for h, (at, _) in alarms.items() if at is None]),
+        **_named("set", ("room", "at", "name", "epoch"), set_),
+    }
+    held: list[Held] = db.execute(_WRITE, params).fetchall()
+    return [(room, epoch) for room, epoch in held]
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as ``width`` column lists (unnest's arguments)."""
-    return [[row[i] for row in rows] for i in range(width)]
+def _named(prefix: str, names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Rows as named column lists (unnest's arguments): ``prefix_name``."""
+    return {f"{prefix}_{name}": [row[i] for row in rows] for i, name in enumerate(names)}
 
 
 def without_password(dsn: str) -> str:

@@ -86,6 +86,7 @@ async def test_a_commit_under_a_stale_epoch_is_refused_and_changes_nothing(
     # Held again by this node, but at a later epoch: a write made under the old one is stale.
     holder(backend).hold("ns/r", epoch=3)
     assert isinstance(await write(backend, "ns/r", "older", epoch=1), FencedError)
+    assert stored(pg_dsn, "ns/r") == b"\xa4mine"  # (and it wrote nothing)
     assert await write(backend, "ns/r", "current", epoch=3) is None
     assert stored(pg_dsn, "ns/r") == b"\xa7current"
 
@@ -122,46 +123,39 @@ async def test_a_takeover_waits_for_a_fenced_batch_in_flight_then_sees_its_write
     backend: PgBackend, pg_dsn: str
 ) -> None:
     holder(backend).hold("ns/r")
-    occupied, go_on = threading.Event(), threading.Event()
-    in_batch, finish = threading.Event(), threading.Event()
-
-    def occupy(db: Any) -> None:
-        occupied.set()
-        go_on.wait(5)
-
-    def pause_in_batch(db: Any) -> None:  # in the commit's transaction, after its lock
-        in_batch.set()
-        finish.wait(10)
-
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(_SLOW_WRITES)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(backend._call, occupy)
-        assert await trio.to_thread.run_sync(occupied.wait, 5)
         outcome: list[BaseException | None] = []
 
         async def commit() -> None:
             outcome.append(await write(backend, "ns/r", "in flight", epoch=1))
 
-        nursery.start_soon(backend._call, pause_in_batch)
         nursery.start_soon(commit)
-        await trio.testing.wait_all_tasks_blocked()
-        go_on.set()  # the next batch: the pause, then the commit, in one transaction
-        assert await trio.to_thread.run_sync(in_batch.wait, 5)
+        await wait_for_activity(pg_dsn, "wait_event = 'PgSleep'")  # in flight, locked
         took: list[float] = []
         takeover = threading.Thread(target=lambda: took.append(take_over(pg_dsn, "ns/r")))
         takeover.start()
-        await wait_for_a_lock_wait(pg_dsn)  # the takeover waits for the batch's FOR SHARE
-        assert not took
-        finish.set()
-        await trio.to_thread.run_sync(takeover.join, 10)
+        await wait_for_activity(pg_dsn, "wait_event_type = 'Lock'")  # waits for its FOR SHARE
+        assert not took and not outcome
+    await trio.to_thread.run_sync(takeover.join, 10)
     assert outcome == [None]  # the batch committed first...
     assert took and stored(pg_dsn, "ns/r") == b"\xa9in flight"  # ...and the new owner sees it
 
 
-async def wait_for_a_lock_wait(dsn: str) -> None:
+# Each write to rooms_kv takes 1.5 s: a batch stays in flight, its lock held, that long.
+_SLOW_WRITES = """
+CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$;
+CREATE TRIGGER slow_write BEFORE INSERT ON rooms_kv FOR EACH ROW EXECUTE FUNCTION slow_write();
+"""
+
+
+async def wait_for_activity(dsn: str, condition: str) -> None:
+    """Until a session of ``dsn``'s database meets ``condition`` (on pg_stat_activity)."""
     with psycopg.connect(dsn, autocommit=True) as conn, trio.fail_after(5):
         while not conn.execute(  # noqa: ASYNC110 - PostgreSQL has no event for it
-            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock'"
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND " + condition
         ).fetchone():
             await trio.sleep(0.02)
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import h11
 import psycopg
 import trio
 import trio_websocket
@@ -201,8 +202,10 @@ class Chatter:
             node = self.nodes[self.turn % len(self.nodes)]
             try:
                 await self._session(node, until)
-            except (OSError, trio_websocket.HandshakeError, trio.TooSlowError):
-                self.turn += 1  # that node is unreachable or stuck: another one
+            except (OSError, trio_websocket.HandshakeError, trio.TooSlowError, h11.ProtocolError):
+                # That node is unreachable, stuck or refusing (trio-websocket's client can
+                # trip over a refusal in h11 instead of raising its HandshakeError): another.
+                self.turn += 1
             except trio_websocket.ConnectionClosed as exc:
                 code = exc.reason.code if exc.reason else None
                 self.closes.append((trio.current_time(), code))
