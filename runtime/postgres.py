@@ -36,6 +36,7 @@ from .storage import (
     ListResult,
     StorageError,
     ThreadedBackend,
+    range_query,
 )
 
 log = logging.getLogger("rooms.storage")
@@ -251,21 +252,17 @@ class PgBackend(ThreadedBackend[Conn]):
         reverse: bool,
         limit: int | None,
     ) -> ListResult:
-        where, params = ["room = %s"], list[str | bytes]([room])
-        if prefix:
-            # The keys that start with it: from it to it + 0xFF (a byte UTF-8 never has).
-            where.append("key >= %s AND key < %s")
-            params += [prefix.encode(), prefix.encode() + b"\xff"]
-        if start is not None:
-            where.append("key >= %s")
-            params.append(start.encode())
-        if end is not None:
-            where.append("key < %s")
-            params.append(end.encode())
-        sql = f"SELECT key, value FROM rooms_kv WHERE {' AND '.join(where)} ORDER BY key"
-        sql += " DESC" if reverse else ""
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        # (A prefix's keys: from it to it + 0xFF, a byte UTF-8 never has.)
+        upper = prefix.encode() + b"\xff" if prefix else None
+        sql, params = range_query(
+            "rooms_kv",
+            "%s",
+            room,
+            [bound.encode() for bound in (prefix or None, start) if bound is not None],
+            [b for b in (upper, None if end is None else end.encode()) if b is not None],
+            reverse,
+            limit,
+        )
 
         def run(db: Conn) -> ListResult:
             return [(bytes(key).decode(), bytes(value)) for key, value in db.execute(sql, params)]

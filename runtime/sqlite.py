@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import IO
 
 from .config import ConfigError
-from .storage import AlarmChange, AlarmRows, Done, Job, ListResult, StorageError, ThreadedBackend
+from .storage import (
+    AlarmChange,
+    AlarmRows,
+    Done,
+    Job,
+    ListResult,
+    StorageError,
+    ThreadedBackend,
+    range_query,
+)
 
 log = logging.getLogger("rooms.storage")
 
@@ -138,24 +147,16 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
         reverse: bool,
         limit: int | None,
     ) -> ListResult:
-        where, params = ["room = ?"], [room]
-        if prefix:
-            where.append("key >= ?")
-            params.append(prefix)
-            upper = _prefix_upper_bound(prefix)
-            if upper is not None:
-                where.append("key < ?")
-                params.append(upper)
-        if start is not None:
-            where.append("key >= ?")
-            params.append(start)
-        if end is not None:
-            where.append("key < ?")
-            params.append(end)
-        sql = f"SELECT key, value FROM kv WHERE {' AND '.join(where)} ORDER BY key"
-        sql += " DESC" if reverse else ""
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        upper = _prefix_upper_bound(prefix) if prefix else None
+        sql, params = range_query(
+            "kv",
+            "?",
+            room,
+            [bound for bound in (prefix or None, start) if bound is not None],
+            [bound for bound in (upper, end) if bound is not None],
+            reverse,
+            limit,
+        )
 
         def run(db: sqlite3.Connection) -> ListResult:
             return list(db.execute(sql, params))

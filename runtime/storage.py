@@ -420,6 +420,25 @@ MAX_KEY_BYTES = 2048
 about 2.7 KB per entry; Durable Objects have the same 2 KiB."""
 
 
+def range_query(
+    table: str,
+    mark: str,
+    room: str,
+    lower: list[Any],
+    upper: list[Any],
+    reverse: bool,
+    limit: int | None,
+) -> tuple[str, list[Any]]:
+    """A backend's SELECT of ``room``'s keys at or above every ``lower`` bound and below
+    every ``upper`` one, in key order (``mark``: the driver's placeholder), and its values."""
+    where = [f"room = {mark}", *[f"key >= {mark}"] * len(lower), *[f"key < {mark}"] * len(upper)]
+    sql = f"SELECT key, value FROM {table} WHERE {' AND '.join(where)} ORDER BY key"
+    sql += " DESC" if reverse else ""
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return sql, [room, *lower, *upper]
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str):
         raise TypeError(f"storage keys are str, not {type(key).__name__} ({key!r})")
