@@ -34,8 +34,10 @@ from .gate import Transport
 from .handshake import accept_response, check_upgrade, is_upgrade
 from .host import Host
 from .http import HttpServer, raw_response
-from .link import LINK_PATH, Forwarded, InLink, Links, PeerNode, check_link, link_settings
+from .inlink import InLink
+from .link import LINK_PATH, PeerNode, check_link, link_settings
 from .metrics import Metrics
+from .outlink import Forwarded, Links
 from .placement import ClusterUnavailable, NotHere
 from .proxy import Upstream, relay
 from .proxy import connect as connect_upstream

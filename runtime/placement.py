@@ -46,7 +46,7 @@ class Directory(Protocol):
 
 
 class RemoteRooms(Protocol):
-    """The rooms other nodes hold, as this node reaches them (``runtime.link.Links``)."""
+    """The rooms other nodes hold, as this node reaches them (``runtime.outlink.Links``)."""
 
     async def call(
         self,

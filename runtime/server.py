@@ -24,8 +24,8 @@ from rooms import App
 from .config import ConfigError, Settings
 from .edge import Edge
 from .host import Host
-from .link import Links
 from .metrics import Metrics
+from .outlink import Links
 from .sqlite import SqliteBackend
 from .storage import Backend
 

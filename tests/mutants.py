@@ -256,7 +256,7 @@ MUTANTS = [
     Mutant(
         "order.link_frames",
         "cluster: a client's frames keep their order across the link",
-        "runtime/link.py",
+        "runtime/inlink.py",
         "if at is None or self._conn_at.get(conn, -1) > at:",
         "if at is None:",
         (

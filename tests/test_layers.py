@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
             "proxy",
             "usage",
             "link",
+            "inlink",
+            "outlink",
             "edge",
         ),
         3,

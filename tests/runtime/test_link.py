@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from runtime.frames import FrameParser, encode_message
-from runtime.link import SEND, InLink, unpack
+from runtime.inlink import InLink
+from runtime.link import SEND, unpack
 
 
 class Wire:
