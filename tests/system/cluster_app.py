@@ -1,11 +1,11 @@
 """An app for the cluster tests: rooms that say which node they ran on (``ROOMS_TEST_NODE``,
-the node's port), call each other, set alarms and answer plain HTTP."""
+the node's port), call each other, set alarms, answer plain HTTP and hibernate."""
 
 from __future__ import annotations
 
 import os
 
-from rooms import App, CallCycleError, Request, Response, Room
+from rooms import App, CallCycleError, Connection, Request, Response, Room
 
 NODE = os.environ.get("ROOMS_TEST_NODE", "?")
 
@@ -48,8 +48,24 @@ class Timer(Room):
         self.storage.put_many({"fired_on": NODE, "fired": await self.storage.get("fired", 0) + 1})
 
 
+class Lounge(Room):
+    """Hibernates when idle for 0.3 s; keeps each member's name in ``conn.state`` and a tag,
+    and answers ``ping`` without waking up."""
+
+    hibernate_after = 0.3
+    auto_reply = ("ping", "pong")
+
+    async def on_connect(self, conn: Connection, request: Request) -> None:
+        conn.state = {"name": request.query_param("name")}
+        conn.tags.add("member")
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        self.broadcast(f"{conn.state['name']}: {message!s} (on {NODE})", tag="member")
+
+
 app = App()
 app.room("/counter/{name}", Counter)
+app.room("/lounge/{name}", Lounge)
 app.room("/timer/{name}", Timer)
 app.room("/ring/{name}", Ring)
 

@@ -127,6 +127,31 @@ async def test_clients_on_different_nodes_chat_in_one_room(
         assert await metric(home.port, "cluster_remote_peers") == 0
 
 
+async def test_a_room_with_clients_on_another_node_hibernates_and_wakes_with_their_state(
+    pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    app = "tests.system.cluster_app:app"
+    async with cluster_of(pg_dsn, 2, tmp_path, app=app) as (home, far):
+        ada = await trio_websocket.connect_websocket_url(nursery, f"{home.url}/lounge/x?name=ada")
+        bob = await trio_websocket.connect_websocket_url(nursery, f"{far.url}/lounge/x?name=bob")
+        await until_metric(home, "rooms_hibernated", 1)  # its clients stay connected
+        started = await metric(home.port, "room_activations_total")
+        await bob.send_message("ping")  # answered at bob's node: the room stays asleep
+        assert await bob.get_message() == "pong"
+        assert await metric(home.port, "rooms_hibernated") == 1
+        await bob.send_message("hello")  # wakes it, with bob's name and tag from before
+        expected = f"bob: hello (on {home.port})"
+        assert await ada.get_message() == expected
+        assert await bob.get_message() == expected
+        assert await metric(home.port, "room_activations_total") == started + 1
+
+
+async def until_metric(node: Node, name: str, value: int) -> None:
+    with trio.fail_after(10):
+        while await metric(node.port, name) != value:  # noqa: ASYNC110 - a metric has no event
+            await trio.sleep(0.05)
+
+
 async def test_fifty_clients_joining_a_new_room_through_three_nodes_start_it_once(
     pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
