@@ -50,12 +50,12 @@ async def next_chat(ws: Any) -> dict[str, Any]:
 
 
 async def http(node: Node, method: str, path: str) -> tuple[int, Any]:
-    """A plain request to ``node``: the status and the JSON body (the text of an error)."""
+    """A plain request to ``node``: the status and the body (parsed if it is JSON)."""
     head = f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close"
     answer = await raw_request(node.port, f"{head}\r\n\r\n".encode(), closes=True)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    is_json = b"content-type: application/json" in head.lower()
-    return int(head.split()[1]), json.loads(body) if is_json else body.decode()
+    answer_head, _, body = answer.partition(b"\r\n\r\n")
+    is_json = b"content-type: application/json" in answer_head.lower()
+    return int(answer_head.split()[1]), json.loads(body) if is_json else body.decode()
 
 
 async def history(node: Node, room: str) -> list[dict[str, Any]]:
