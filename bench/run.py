@@ -1,7 +1,7 @@
 """Rooms against the reference servers, side by side in one run (``make bench``).
 
-    make bench          # full: about 8 minutes
-    make bench-quick    # under 3 minutes
+    make bench          # full: about 15 minutes
+    make bench-quick    # about 4 minutes
 
 Servers: ``rooms`` (``examples.echo``: broadcast and echo rooms, no storage), ``rooms-stored``
 (``bench/apps.py``: the chat's data path, every message stored before it is broadcast),
