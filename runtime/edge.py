@@ -38,7 +38,7 @@ from .inlink import InLink
 from .link import LINK_PATH, PeerNode, check_link, link_settings
 from .metrics import Metrics
 from .outlink import Forwarded, Links
-from .placement import ClusterUnavailable, NotHere
+from .placement import ClusterUnavailable, Owner
 from .proxy import Upstream, relay
 from .proxy import connect as connect_upstream
 from .router import RoomTarget, Router
@@ -56,9 +56,6 @@ class Upgrade:
     request: Request
     target: RoomTarget | Upstream | PeerNode
     accept: bytes
-
-
-_JOIN_ATTEMPTS = 3  # a room that moved while the client was joining it is looked up again
 
 
 class Edge:
@@ -259,19 +256,19 @@ class Edge:
         self, target: RoomTarget, transport: Transport, request: Request
     ) -> Peer | Forwarded | Response | None:
         """A place in the room, here or on the node that holds it; None if it is full."""
-        host = self.host
-        for _ in range(_JOIN_ATTEMPTS):
-            try:
-                placed = await host.place(*target)
-                if isinstance(placed, Activation):
-                    return host.attach(placed, transport, request)
-                assert self.links is not None
-                return await self.links.attach(placed, *target, transport, request)
-            except NotHere:
-                host.moved(*target)
-            except ClusterUnavailable as exc:
-                return text_error(503, str(exc))
-        return text_error(503, "the room is moving between nodes: retry shortly")
+        room_class, room_id = target
+
+        async def here(act: Activation) -> Peer | None:
+            return self.host.attach(act, transport, request)
+
+        async def there(_: object, owner: Owner, room: object) -> Forwarded | Response:
+            assert self.links is not None
+            return await self.links.attach(owner, room_class, room_id, transport, request)
+
+        try:
+            return await self.host.reach(room_class, room_id, here, there)
+        except ClusterUnavailable as exc:
+            return text_error(503, str(exc))
 
     # -- the WebSocket ---------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import trio
 
@@ -33,10 +33,12 @@ from .config import Settings
 from .events import Alarm, Call, Connect, Http, pack
 from .gate import Reply, Transport
 from .metrics import Metrics
-from .placement import ClusterUnavailable, Directory, NotHere, Owner, RemoteRooms
+from .placement import ClusterUnavailable, Directory, NotHere, Owner, RemoteRooms, Room3
 from .storage import Backend
 
 log = logging.getLogger("rooms.host")
+
+T = TypeVar("T")
 
 
 _PLACE_ATTEMPTS = 3  # a room that moved while it was being reached is looked up again
@@ -277,19 +279,36 @@ class Host:
     async def connected(self, peer: Peer) -> None:
         await peer.activation.post(Connect(peer))
 
-    async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:
-        """A plain HTTP request to a room, wherever it lives."""
+    async def reach(
+        self,
+        room_class: type[Room],
+        room_id: RoomId,
+        here: Callable[[Activation], Awaitable[T]],
+        there: Callable[[RemoteRooms, Owner, Room3], Awaitable[T]],
+    ) -> T:
+        """``here(activation)`` if the room lives on this node, else ``there(links, owner,
+        room)``; looked up again if it moved meanwhile (``NotHere``), a few times."""
         for _ in range(_PLACE_ATTEMPTS):
             placed = await self.place(room_class, room_id)
             try:
                 if isinstance(placed, Activation):
-                    return await self.request_here(placed, request)
+                    return await here(placed)
                 assert self.links is not None
-                room = (room_class.namespace, room_id.hex, room_id.name)
-                return await self.links.request(placed, room, request)
+                return await there(
+                    self.links, placed, (room_class.namespace, room_id.hex, room_id.name)
+                )
             except NotHere:
                 self.moved(room_class, room_id)
-        raise ClusterUnavailable(f"room {room_id.hex[:12]} keeps moving: retry")
+        raise ClusterUnavailable(f"room {room_id.hex[:12]} keeps moving between nodes: retry")
+
+    async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:
+        """A plain HTTP request to a room, wherever it lives."""
+        return await self.reach(
+            room_class,
+            room_id,
+            lambda act: self.request_here(act, request),
+            lambda links, owner, room: links.request(owner, room, request),
+        )
 
     async def request_here(self, act: Activation, request: Request) -> Response:
         reply = Reply()
@@ -323,17 +342,12 @@ class Host:
         # The rooms whose calls wait on this one: a call back to any of them is a cycle,
         # wherever they live (the chain travels with calls between nodes).
         chain = [*caller.chain, caller.key] if caller is not None else []
-        for _ in range(_PLACE_ATTEMPTS):
-            placed = await self.place(room_class, room_id)
-            try:
-                if isinstance(placed, Activation):
-                    return await self.call_here(placed, method, payload, chain, caller)
-                assert self.links is not None
-                where = (room_class.namespace, room_id.hex, room_id.name)
-                return await self.links.call(placed, where, method, payload, chain)
-            except NotHere:
-                self.moved(room_class, room_id)
-        raise ClusterUnavailable(f"room {room_id.hex[:12]} keeps moving: retry the call")
+        return await self.reach(
+            room_class,
+            room_id,
+            lambda act: self.call_here(act, method, payload, chain, caller),
+            lambda links, owner, room: links.call(owner, room, method, payload, chain),
+        )
 
     async def call_here(
         self,

@@ -49,9 +49,6 @@ SEND, CLOSE, PAUSE, RESUME = range(10, 14)
 LINK_PATH = "/_rooms/cluster"
 _LINK_OVERHEAD = 64 * 1024  # a link message's room for its header, past the client's limit
 
-Room3 = tuple[str, str, str | None]
-"""A room as it crosses a link: its class's namespace, its id's hex and name."""
-
 
 @attrs.frozen
 class PeerNode:

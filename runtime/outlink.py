@@ -36,13 +36,12 @@ from .link import (
     RESUME,
     SEND,
     LinkError,
-    Room3,
     pack,
     request_to_wire,
     unpack,
 )
 from .metrics import Metrics
-from .placement import ClusterUnavailable, NotHere, Owner
+from .placement import ClusterUnavailable, NotHere, Owner, Room3
 from .stream import ConnectionBroken
 
 if TYPE_CHECKING:

@@ -45,18 +45,20 @@ class Directory(Protocol):
     async def due_alarms(self) -> list[tuple[str, float, str | None]]: ...
 
 
+Room3 = tuple[str, str, str | None]
+"""A room as it crosses a link: its class's namespace, its id's hex and name."""
+
+
 class RemoteRooms(Protocol):
     """The rooms other nodes hold, as this node reaches them (``runtime.outlink.Links``)."""
 
     async def call(
         self,
         owner: Owner,
-        room: tuple[str, str, str | None],
+        room: Room3,
         method: str,
         payload: bytes,
         chain: list[str],
     ) -> Any: ...
 
-    async def request(
-        self, owner: Owner, room: tuple[str, str, str | None], request: Request
-    ) -> Response: ...
+    async def request(self, owner: Owner, room: Room3, request: Request) -> Response: ...

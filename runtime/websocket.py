@@ -88,6 +88,7 @@ class WebSocket:
         "pending",
         "pending_bytes",
         "pinged_at",
+        "rate_limited",
         "read_scope",
         "settings",
         "silent_since",
@@ -122,7 +123,8 @@ class WebSocket:
         self.pinged_at: float | None = None
         now = trio.current_time()
         self.idle_mark, self.idle_since = 0, now  # messages_in when it last changed
-        # The message rate bucket (used when messages_per_second_per_connection is set).
+        # The message rate bucket, if its settings limit the rate (a node link's do not).
+        self.rate_limited = settings.messages_per_second_per_connection > 0
         self.tokens, self.tokens_at = float(settings.message_burst_per_connection), now
         # Accounting (runtime/usage.py): wall-clock start, counts both ways, how it ended.
         self.started = time.time()
@@ -287,7 +289,6 @@ class Sessions:
             settings.messages_per_second_per_connection,
             float(settings.message_burst_per_connection),
         )
-        self._rate_limited = bool(self._rate.rate)
 
     async def run(self, ws: WebSocket, data: bytes) -> tuple[int, str]:
         """Read the client's frames (``data``: what came with the upgrade) until it closes,
@@ -344,7 +345,7 @@ class Sessions:
                 if ws.state is not _OPEN:
                     continue
                 ws.messages_in += 1
-                if self._rate_limited and not self._within_rate(ws):
+                if ws.rate_limited and not self._within_rate(ws):
                     continue
                 await target.deliver(item)
             elif isinstance(item, Ping):
@@ -355,8 +356,6 @@ class Sessions:
 
     def _within_rate(self, ws: WebSocket) -> bool:
         """Spend one of ``ws``'s message tokens; past the rate, apply the action."""
-        if ws.settings is not self.settings:
-            return True  # a node link: it carries many clients, each limited at its node
         now = trio.current_time()
         ws.tokens, wait = self._rate.take(ws.tokens, ws.tokens_at, now)
         ws.tokens_at = now
@@ -402,7 +401,7 @@ class Sessions:
                     continue
                 if settings.ping_interval:
                     self._keepalive(ws, now)
-                if settings.idle_timeout and ws.settings.idle_timeout:  # (not a node link)
+                if ws.settings.idle_timeout:  # (a node link's is 0)
                     self._idle(ws, now)
 
     def _keepalive(self, ws: WebSocket, now: float) -> None:
@@ -422,6 +421,6 @@ class Sessions:
         """Close a connection whose client sent no message for idle_timeout (1001)."""
         if ws.messages_in != ws.idle_mark:
             ws.idle_mark, ws.idle_since = ws.messages_in, now
-        elif now - ws.idle_since >= self.settings.idle_timeout:
+        elif now - ws.idle_since >= ws.settings.idle_timeout:
             self.metrics.idle_timeouts_total += 1
             ws.close(1001, "idle timeout")
