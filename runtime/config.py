@@ -66,6 +66,10 @@ class Settings:
     """Plain HTTP request bodies; larger ones get 413."""
     handshake_timeout: float = 10.0
     """Seconds to receive a complete request head (slowloris guard); then 408."""
+    body_timeout: float = 30.0
+    """Seconds to receive a plain HTTP request's whole body once its head is in (a guard
+    against bodies trickled a byte at a time); then 408. At ``max_body_bytes``' default it
+    asks about 35 KB/s of an uploader."""
     keepalive_timeout: float = 15.0
     """Seconds an idle keep-alive HTTP connection stays open."""
     close_timeout: float = 5.0

@@ -2,7 +2,9 @@
 connection closes or a request is answered with a WebSocket upgrade.
 
 Every request head must arrive within ``handshake_timeout`` (408: a slowloris guard) and
-within ``max_header_bytes`` (431); bodies within ``max_body_bytes`` (413). Ambiguous framing
+within ``max_header_bytes`` (431); its body, whole, within ``body_timeout`` of the head (408:
+a trickled body, R-U-Dead-Yet, does not hold a connection slot) and ``max_body_bytes`` (413).
+Each is one deadline for the whole part, not a timeout per read. Ambiguous framing
 (Content-Length with Transfer-Encoding) is refused. Behind ``trusted_proxies`` the client's
 address is the one ``X-Forwarded-For`` names.
 """
@@ -78,7 +80,7 @@ class HttpServer:
         the client closed, or an idle keep-alive connection timed out."""
         settings, metrics = self.settings, self.metrics
         try:
-            event = await _next_event(h, stream, timeout)
+            event = await _next_event(h, stream, trio.current_time() + timeout)
             if event is None:  # timed out waiting for a request head
                 if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
                     return None
@@ -100,6 +102,9 @@ class HttpServer:
         except HTTPError as exc:
             if exc.status == 413:
                 metrics.limit_body_too_big_total += 1
+            elif exc.status == 408:
+                metrics.limit_body_timeout_total += 1
+                log.info("%s:%d: %s; answered 408", client[0], client[1], exc.reason)
             return text_error(exc.status, exc.reason)
 
     async def _read_request(
@@ -116,10 +121,13 @@ class HttpServer:
         if length is not None and length > limit:
             raise HTTPError(413, f"request body over {limit} bytes")
         body = bytearray()
+        deadline = trio.current_time() + self.settings.body_timeout
         while True:
-            part = await _next_event(h, stream, self.settings.handshake_timeout)
+            part = await _next_event(h, stream, deadline)
             if part is None:
-                raise HTTPError(408, "request body not received in time")
+                raise HTTPError(
+                    408, f"request body not received within {self.settings.body_timeout:g} s"
+                )
             if isinstance(part, h11.Data):
                 body += part.data
                 if len(body) > limit:
@@ -203,8 +211,9 @@ def raw_response(response: Response) -> bytes:
     return "\r\n".join(head).encode("latin-1") + response.body
 
 
-async def _next_event(h: h11.Connection, stream: Stream, timeout: float) -> h11.Event | None:
-    with trio.move_on_after(timeout):
+async def _next_event(h: h11.Connection, stream: Stream, deadline: float) -> h11.Event | None:
+    """The next event, or None if it is not complete by ``deadline``."""
+    with trio.move_on_at(deadline):
         while True:
             event = h.next_event()
             if event is not h11.NEED_DATA:

@@ -53,6 +53,9 @@ class Metrics:
     limit_handshake_timeout_total: int = _counter(
         "connections closed: no request head in handshake_timeout"
     )
+    limit_body_timeout_total: int = _counter(
+        "requests answered 408: body not received in body_timeout"
+    )
     protocol_errors_total: int = _counter("WebSocket connections closed for a protocol error")
     keepalive_timeouts_total: int = _counter(
         "connections closed 1011: no answer to a keepalive ping"

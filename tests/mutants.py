@@ -26,6 +26,7 @@ H = "tests/runtime/test_host.py::"
 L = "tests/runtime/test_lifecycle.py::"
 PG = "tests/runtime/test_postgres.py::"
 C = "tests/runtime/test_cluster.py::"
+HOSTILE = "tests/system/test_hostile.py::"
 POST = "        mailbox = self.mailbox\n        if len(mailbox.events) >= mailbox.size:\n"
 
 
@@ -195,7 +196,15 @@ MUTANTS = [
         "runtime/websocket.py",
         "            target.end(exc.code, exc.reason, send_close=True)\n",
         "            ws._broken()\n",
-        ("tests/system/test_hostile.py::test_protocol_violations_close_with_a_code_and_reason",),
+        (HOSTILE + "test_protocol_violations_close_with_a_code_and_reason",),
+    ),
+    Mutant(
+        "bounded.body_deadline",
+        "bounded: a request body is due whole within body_timeout, not per read",
+        "runtime/http.py",
+        "            part = await _next_event(h, stream, deadline)\n",
+        "            part = await _next_event(h, stream, trio.current_time() + 1.0)\n",
+        (HOSTILE + "test_a_trickled_body_is_cut_off_and_others_are_served",),
     ),
     Mutant(
         "bounded.mailbox",

@@ -30,7 +30,7 @@ from runtime.frames import (
     FrameParser,
     encode_frame,
 )
-from tests.support import raw_request, server, wait_for_port_sync
+from tests.support import metric, raw_request, server, wait_for_port_sync
 
 APP = """
 from pathlib import Path
@@ -48,11 +48,17 @@ async def hello(request: Request) -> Response:
     return Response.text("hello")
 
 
+@app.route("/upload", methods=("POST",))
+async def upload(request: Request) -> Response:
+    return Response.text(f"received {len(request.body)} bytes")
+
+
 app.static("/files", Path(__file__).parent / "public")
 """
 
 CONFIG = """
 handshake_timeout = 1.0
+body_timeout = 1.0
 close_timeout = 1.0
 keepalive_timeout = 2.0
 max_message_bytes = 65536
@@ -283,6 +289,65 @@ async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
             assert status(await raw_request(srv.port, HELLO)) == 200
     assert len(answers) == 50
     assert all(status(a) == 408 for a in answers), answers
+
+
+def post(path: str, body: bytes, chunked: bool = False) -> tuple[bytes, bytes]:
+    """A POST's head, and its body as it goes on the wire (with Content-Length or chunked)."""
+    framing = "transfer-encoding: chunked" if chunked else f"content-length: {len(body)}"
+    head = f"POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{framing}\r\n\r\n"
+    wire = b"".join(b"1\r\n" + bytes([b]) + b"\r\n" for b in body) if chunked else body
+    return head.encode(), wire + (b"0\r\n\r\n" if chunked else b"")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_trickled_body_is_cut_off_and_others_are_served(
+    srv: Server, chunked: bool
+) -> None:
+    """R-U-Dead-Yet: 200 clients send a complete head, then their body a byte every 0.2 s,
+    which keeps any per-read timeout happy. The whole body is due within body_timeout (1 s
+    here): each gets 408 soon after, counted, and a normal request is served meanwhile."""
+    before = await metric(srv.port, "limit_body_timeout_total")
+    head, body = post("/upload", b"x" * 100, chunked)
+    answers: list[tuple[float, bytes]] = []
+
+    async def trickle() -> None:
+        received = b""
+        started = trio.current_time()
+        async with await trio.open_tcp_stream("127.0.0.1", srv.port) as stream:
+            with trio.move_on_after(10):
+                try:
+                    await stream.send_all(head)
+                    for byte in body:
+                        await stream.send_all(bytes([byte]))
+                        await trio.sleep(0.2)
+                except trio.BrokenResourceError:
+                    pass
+                try:
+                    while chunk := await stream.receive_some(4096):
+                        received += chunk
+                except trio.BrokenResourceError:
+                    pass
+        answers.append((trio.current_time() - started, received))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(200):
+            nursery.start_soon(trickle)
+        await trio.sleep(0.5)
+        with trio.fail_after(2):
+            assert status(await raw_request(srv.port, HELLO)) == 200
+    assert [status(answer) for _, answer in answers] == [408] * 200
+    assert b"request body not received within 1 s" in answers[0][1]
+    assert max(elapsed for elapsed, _ in answers) < 8  # the 100 bytes would take 20 s
+    assert await metric(srv.port, "limit_body_timeout_total") - before == 200
+
+
+async def test_a_large_upload_within_the_limits_succeeds(srv: Server) -> None:
+    """The deadline is for the whole body, not per read, and a normal upload makes it: 900 KB
+    at once, under max_body_bytes (1 MiB) and well within body_timeout."""
+    head, body = post("/upload", os.urandom(900_000))
+    response = await raw_request(srv.port, head + body)
+    assert status(response) == 200
+    assert response.endswith(b"received 900000 bytes")
 
 
 @pytest.mark.parametrize(
