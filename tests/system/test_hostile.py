@@ -14,9 +14,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import attrs
 import pytest
 import trio
 
@@ -26,11 +24,20 @@ from runtime.frames import (
     OP_CONTINUATION,
     OP_PING,
     OP_TEXT,
-    Close,
-    FrameParser,
     encode_frame,
 )
 from tests.support import metric, raw_request, server, wait_for_port_sync
+from tests.system.raw import (
+    MASK,
+    RawWebSocket,
+    Server,
+    fds_back_to,
+    frame,
+    get,
+    open_websockets,
+    status,
+    upgrade,
+)
 
 APP = """
 from pathlib import Path
@@ -66,29 +73,8 @@ max_outbox_bytes = 262144
 """
 
 
-def get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode()
-
-
 HELLO = get("/hello")
 SECRET = "TOP SECRET: outside the static folder"
-MASK = b"\x37\xfa\x21\x3d"
-
-
-@attrs.frozen
-class Server:
-    pid: int
-    port: int
-    folder: Path
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
 
 
 @contextmanager
@@ -122,89 +108,8 @@ async def srv(hostile_server: Server) -> AsyncIterator[Server]:
     await fds_back_to(hostile_server, baseline)
 
 
-async def fds_back_to(srv: Server, baseline: int) -> None:
-    for _ in range(200):  # up to 10 s
-        if srv.fds() <= baseline:
-            break
-        await trio.sleep(0.05)
-    assert srv.fds() <= baseline, f"{srv.fds()} descriptors open, {baseline} before the test"
-
-
 # --------------------------------------------------------------------------------------------
 # raw clients
-
-
-def status(response: bytes) -> int:
-    assert response.startswith(b"HTTP/1.1 "), response[:200]
-    return int(response[9:12])
-
-
-def upgrade(path: str, key: bytes | None = None, extra: bytes = b"") -> bytes:
-    key = key if key is not None else base64.b64encode(os.urandom(16))
-    return (
-        f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n".encode()
-        + b"sec-websocket-key: "
-        + key
-        + b"\r\n"
-        + (extra or b"sec-websocket-version: 13\r\n")
-        + b"\r\n"
-    )
-
-
-class RawWebSocket:
-    """A client that sends whatever bytes it is given and parses what comes back."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.parser = FrameParser(client=True, max_message_size=1 << 30)
-        self.events: list[Any] = []
-
-    @classmethod
-    async def connect(cls, port: int, path: str = "/echo/hostile") -> RawWebSocket:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(upgrade(path))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(4096)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        ws = cls(stream)
-        rest = head.split(b"\r\n\r\n", 1)[1]
-        if rest:
-            ws.events += ws.parser.feed(rest)
-        return ws
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def next_event(self, timeout: float = 5) -> Any:
-        """The next message, Ping, Pong or Close; None if TCP closed first."""
-        with trio.fail_after(timeout):
-            while not self.events:
-                try:
-                    chunk = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return None
-                if not chunk:
-                    return None
-                self.events += self.parser.feed(chunk)
-            return self.events.pop(0)
-
-    async def close_received(self, timeout: float = 5) -> tuple[int | None, str]:
-        """Skip messages until the server's Close; its code and reason."""
-        while True:
-            event = await self.next_event(timeout)
-            assert event is not None, "TCP closed without a Close frame"
-            if isinstance(event, Close):
-                return event.code, event.reason
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    return encode_frame(opcode, payload, fin=fin, mask=MASK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,9 +205,7 @@ def post(path: str, body: bytes, chunked: bool = False) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_a_trickled_body_is_cut_off_and_others_are_served(
-    srv: Server, chunked: bool
-) -> None:
+async def test_a_trickled_body_is_cut_off_and_others_are_served(srv: Server, chunked: bool) -> None:
     """R-U-Dead-Yet: 200 clients send a complete head, then their body a byte every 0.2 s,
     which keeps any per-read timeout happy. The whole body is due within body_timeout (1 s
     here): each gets 408 soon after, counted, and a normal request is served meanwhile."""
@@ -556,11 +459,3 @@ async def test_a_ping_flood_from_a_client_that_never_reads(default_server: Serve
     assert code == 1008
     await ws.aclose()
     assert srv.rss_kib() - rss_before < 16 * 1024
-
-
-async def open_websockets(port: int) -> int:
-    response = await raw_request(port, get("/_rooms/metrics"))
-    for line in response.decode().splitlines():
-        if line.startswith("rooms_websockets_open "):
-            return int(float(line.split()[1]))
-    raise AssertionError(response)
