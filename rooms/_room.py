@@ -130,6 +130,11 @@ class Room:
       "pong")``: a message equal to ``request`` is answered with ``reply`` by the server
       itself, without reaching ``on_message`` (a heartbeat for ``/_rooms/client.js``, which
       costs the room nothing). Default None: every message reaches the room.
+    - ``first_message_timeout``: seconds a new connection may stay silent before its first
+      message (any message, ``auto_reply`` ones included); then the server closes it with
+      1008 without waking the room, so connections that never speak cannot pile up. For
+      rooms whose clients start with a message (a join, a hello); 0: never. Default None:
+      the server's ``first_message_timeout`` setting (0 unless set).
     """
 
     hibernate_after: ClassVar[float | None] = 10.0
@@ -137,6 +142,7 @@ class Room:
     max_name_length: ClassVar[int] = 64
     auto_reply: ClassVar[tuple[str, str] | None] = None
     allowed_origins: ClassVar[tuple[str, ...] | None] = None
+    first_message_timeout: ClassVar[float | None] = None
 
     _ctx: RoomContext
 

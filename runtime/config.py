@@ -82,6 +82,10 @@ class Settings:
     idle_timeout: float = 0.0
     """Seconds a WebSocket may go without a message from its client before it is closed
     with 1001 "idle timeout" (0: never, the default; pings and pongs do not count)."""
+    first_message_timeout: float = 0.0
+    """Seconds a new WebSocket may stay silent before its first message; then it is closed
+    with 1008 "no message within N s of connecting" (0: never, the default, for rooms whose
+    clients may only watch). A room class's ``first_message_timeout`` overrides it."""
     drain_timeout: float = 10.0
     """Seconds a stopping server (SIGTERM, SIGINT) waits for its WebSockets to close (1012)
     and its running events and commits to finish; a second signal stops it at once."""
@@ -89,7 +93,8 @@ class Settings:
     """Seconds a room with no connections and no events stays in memory."""
     max_rooms_in_memory: int = 10_000
     """Room instances kept in memory; past it the least recently used idle ones leave
-    (hibernated if they have connections, unloaded otherwise)."""
+    (hibernated if they have connections, unloaded otherwise) at their next step, so rooms
+    busy with an event, or on their way out, may take it briefly past."""
     max_inflight_commits: int = 64
     """Commits one room may have in flight before it waits for the disk."""
     trusted_proxies: tuple[str, ...] = ()

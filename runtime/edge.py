@@ -78,7 +78,10 @@ class Edge:
         self.usage = Usage(settings)
         self.router = Router(app, settings, metrics, host, self.usage, self._live_usage)
         self.http = HttpServer(settings, metrics, host.stub)
-        self.sessions = Sessions(settings, metrics)
+        own = [c.first_message_timeout for c in app.room_classes()]
+        self.sessions = Sessions(
+            settings, metrics, [settings.first_message_timeout, *(t for t in own if t)]
+        )
         self._tls = tls_context(settings)
         self._websockets: set[WebSocket] = set()
         self._accepting = trio.CancelScope()
@@ -88,7 +91,7 @@ class Edge:
     async def serve(self, listener: socket.socket) -> None:
         """Accept connections on ``listener`` until ``drain``."""
         async with trio.open_nursery() as nursery:
-            if self.settings.ping_interval > 0 or self.settings.idle_timeout > 0:
+            if self.sessions.timer_periods:
                 nursery.start_soon(self.sessions.watch, self._websockets)
             nursery.start_soon(self.sessions.reads.run)
             with self._accepting:
@@ -284,6 +287,7 @@ class Edge:
                     await self._refuse(stream, joined)
                     return
                 ws.target = joined
+                ws.first_message_timeout = self._first_message_timeout(upgrade.target)
                 self.metrics.websocket_upgrades_total += 1
                 self.metrics.websockets_open += 1
                 self._websockets.add(ws)
@@ -307,6 +311,12 @@ class Edge:
         finally:
             if isinstance(upgrade.target, Upstream):
                 await upgrade.target.aclose()
+
+    def _first_message_timeout(self, target: RoomTarget | Upstream | PeerNode) -> float:
+        if isinstance(target, PeerNode):
+            return 0.0  # a node link carries many clients; it is not one
+        own = None if isinstance(target, Upstream) else target[0].first_message_timeout
+        return self.settings.first_message_timeout if own is None else own
 
     # -- accounting ------------------------------------------------------------------------
 

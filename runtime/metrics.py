@@ -65,6 +65,9 @@ class Metrics:
     limit_ip_rate_total: int = _counter("upgrades refused 429: upgrades_per_second_per_ip")
     limit_ip_connections_total: int = _counter("upgrades refused 429: max_connections_per_ip")
     idle_timeouts_total: int = _counter("connections closed 1001: no message in idle_timeout")
+    limit_first_message_total: int = _counter(
+        "connections closed 1008: no message in first_message_timeout"
+    )
     limit_message_rate_total: int = _counter("messages over messages_per_second_per_connection")
     auto_replies_total: int = _counter(
         "messages answered by a room class's auto_reply, room not woken"

@@ -79,6 +79,7 @@ class WebSocket:
         "close_code",
         "close_reason",
         "closed_by",
+        "first_message_timeout",
         "heard",
         "idle_mark",
         "idle_since",
@@ -123,6 +124,9 @@ class WebSocket:
         self.pinged_at: float | None = None
         now = trio.current_time()
         self.idle_mark, self.idle_since = 0, now  # messages_in when it last changed
+        # Seconds after idle_since (its start, until a message comes) by which it must have
+        # sent one; 0: no bound.
+        self.first_message_timeout = 0.0
         # The message rate bucket, if its settings limit the rate (a node link's do not).
         self.rate_limited = settings.messages_per_second_per_connection > 0
         self.tokens, self.tokens_at = float(settings.message_burst_per_connection), now
@@ -279,11 +283,17 @@ class _RateLimited(ProtocolError):
 
 
 class Sessions:
-    """Every WebSocket's read loop and timers, for one server."""
+    """Every WebSocket's read loop and timers, for one server. ``first_message_timeouts``:
+    the ones in use (the setting's and the room classes' own), so the timers tick often
+    enough for the shortest."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, first_message_timeouts: list[float]
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        periods = [settings.ping_interval, settings.ping_timeout, settings.idle_timeout]
+        self.timer_periods = [p for p in periods + first_message_timeouts if p > 0]
         self.reads = ReadPoller()
         self._rate = TokenBucket(
             settings.messages_per_second_per_connection,
@@ -388,11 +398,11 @@ class Sessions:
     # -- timers --------------------------------------------------------------------------
 
     async def watch(self, websockets: set[WebSocket]) -> None:
-        """One task for every WebSocket's timers (keepalive pings, idle timeout): a pass
-        over all connections a few times per period costs far less than a timer each."""
+        """One task for every WebSocket's timers (keepalive pings, idle and first-message
+        timeouts): a pass over all connections a few times per period costs far less than a
+        timer each. Only when ``timer_periods`` has one."""
         settings = self.settings
-        periods = [settings.ping_interval, settings.ping_timeout, settings.idle_timeout]
-        tick = max(0.05, min(p for p in periods if p > 0) / 4)
+        tick = max(0.05, min(self.timer_periods) / 4)
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
@@ -403,6 +413,8 @@ class Sessions:
                     self._keepalive(ws, now)
                 if ws.settings.idle_timeout:  # (a node link's is 0)
                     self._idle(ws, now)
+                if ws.first_message_timeout:
+                    self._first_message(ws, now)
 
     def _keepalive(self, ws: WebSocket, now: float) -> None:
         """Ping a connection silent for ping_interval; close it if the ping goes unanswered."""
@@ -424,3 +436,12 @@ class Sessions:
         elif now - ws.idle_since >= ws.settings.idle_timeout:
             self.metrics.idle_timeouts_total += 1
             ws.close(1001, "idle timeout")
+
+    def _first_message(self, ws: WebSocket, now: float) -> None:
+        """Close a connection that sent nothing within its first_message_timeout (1008)."""
+        limit = ws.first_message_timeout
+        if ws.messages_in:
+            ws.first_message_timeout = 0.0
+        elif now - ws.idle_since >= limit:  # (idle_since is its start until a message)
+            self.metrics.limit_first_message_total += 1
+            ws.close(1008, f"no message within {limit:g} s of connecting")

@@ -77,6 +77,8 @@ class RateLimiter(Room):
 class ChatRoom(Room):
     namespace = "chat"
     auto_reply = ("ping", "pong")  # the page's heartbeat, answered without waking the room
+    # Every client starts with its join ({"name": ...}): one that says nothing is not one.
+    first_message_timeout = _setting("CHAT_FIRST_MESSAGE_SECONDS", 30.0)
     retention_messages = int(_setting("CHAT_RETENTION_MESSAGES", 10_000))
     retention_seconds = _setting("CHAT_RETENTION_DAYS", 0) * 86400
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import socket
+import sys
 from functools import partial
 from typing import Any
 
@@ -10,11 +12,14 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from examples.echo.app import EchoRoom
 from examples.echo.app import app as echo_app
+from rooms import App, Connection, Room
 from runtime.config import Settings
 from runtime.frames import Close, FrameParser
 from runtime.server import serve
 from tests.support import guarded_app, metric, raw_request, start_server, upgrade
+from tests.system.raw import RawWebSocket
 
 
 async def test_broadcast_room_and_echo_over_real_websockets(
@@ -251,7 +256,7 @@ async def test_x_forwarded_for_only_from_trusted_proxies(
 async def test_auto_reply_answers_without_reaching_the_room(
     nursery: trio.Nursery, settings: Settings
 ) -> None:
-    from rooms import App, Connection, Room
+    from rooms import App, Room
 
     class Counting(Room):
         auto_reply = ("ping", "pong")
@@ -485,6 +490,97 @@ async def test_idle_timeout_closes_a_silent_client_1001(
                     1001,
                     "idle timeout",
                 )
+
+
+class Greeted(Room):
+    """Clients must speak within 0.3 s (the class's own bound)."""
+
+    first_message_timeout = 0.3
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        conn.send(message)
+
+
+class Watched(Greeted):
+    """Silent watchers welcome, whatever the server's setting."""
+
+    first_message_timeout = 0.0
+
+
+def greeted_app() -> App:
+    app = App()
+    app.room("/greeted/{name}", Greeted)
+    app.room("/watched/{name}", Watched)
+    app.room("/echo/{name}", EchoRoom)
+    return app
+
+
+async def test_a_connection_silent_from_the_start_is_closed_1008(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    """The first message is due within first_message_timeout: the room class's own (0.3 s)
+    or, if it has none, the server's (0.6 s here); a class may opt out (0). After the first
+    message the bound is gone: idle_timeout (off) is what applies."""
+    quick = settings.replace(first_message_timeout=0.6, ping_interval=0.0)
+    port = await start_server(nursery, greeted_app(), quick)
+    url = f"ws://127.0.0.1:{port}"
+
+    async def closed_after(path: str) -> tuple[float, int | None, str | None]:
+        started = trio.current_time()
+        async with open_websocket_url(url + path) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        reason = closed.value.reason
+        assert reason is not None
+        return trio.current_time() - started, reason.code, reason.reason
+
+    with trio.fail_after(10):
+        elapsed, code, reason = await closed_after("/greeted/a")
+        assert (code, reason) == (1008, "no message within 0.3 s of connecting")
+        assert 0.3 <= elapsed < 0.6
+        elapsed, code, reason = await closed_after("/echo/a")
+        assert (code, reason) == (1008, "no message within 0.6 s of connecting")
+        assert 0.6 <= elapsed < 1.2
+        async with (
+            open_websocket_url(url + "/watched/a") as watcher,
+            open_websocket_url(url + "/greeted/b") as talker,
+        ):
+            await talker.send_message("hello")
+            assert await talker.get_message() == "hello"
+            await trio.sleep(1.0)  # past every bound: both still open
+            await watcher.send_message("still here")
+            assert await watcher.get_message() == "still here"
+            await talker.send_message("me too")
+            assert await talker.get_message() == "me too"
+    assert await metric(port, "limit_first_message_total") == 2
+
+
+async def test_a_closed_connection_leaves_no_object_behind(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    """Rounds of 5,000 WebSockets in 20 rooms, each closed by the server (1008, silent past
+    its first_message_timeout): the interpreter's live allocations after each round stay
+    where the first round left them. (RSS is no measure of this: CPython keeps an arena that
+    still holds one live block, so a process's RSS stays near its peak.) A leak of one object
+    per connection would add 5,000 blocks a round."""
+    port = await start_server(nursery, greeted_app(), settings.replace(ping_interval=0.0))
+    blocks = []
+    handshakes = trio.CapacityLimiter(100)
+    for _ in range(4):
+
+        async def silent(i: int) -> None:
+            async with handshakes:
+                ws = await RawWebSocket.connect(port, f"/greeted/room-{i % 20}")
+            assert (await ws.close_received(10))[0] == 1008
+            await ws.aclose()
+
+        async with trio.open_nursery() as clients:
+            for i in range(5000):
+                clients.start_soon(silent, i)
+        await trio.sleep(0.5)  # (the server's side of the last closes)
+        gc.collect()
+        blocks.append(sys.getallocatedblocks())
+    assert blocks[3] - blocks[1] < 5000, blocks
 
 
 @pytest.mark.parametrize("action", ["drop", "close"])
