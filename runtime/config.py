@@ -114,6 +114,18 @@ class Settings:
     node's ``host`` and ``port`` (which must then be a concrete address, not 0.0.0.0)."""
     cluster_token: str = ""
     """The shared secret of the links between nodes (required in cluster mode)."""
+    cluster_link_networks: tuple[str, ...] = (
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    )
+    """Networks other nodes may open links from (loopback and the private ranges); a link
+    upgrade from anywhere else gets 403 before its token is even looked at, so a node
+    listening on a public address does not offer its links to the internet. Add a public
+    network only if the nodes really reach each other over one."""
     cluster_lease_seconds: float = 3.0
     """How long a node's lease lasts (renewed three times as often): a node cut off from the
     database stops serving its rooms just before, and others may take them just after."""
@@ -170,13 +182,14 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if key in _CHOICES and str(value).upper() not in _CHOICES[key]:
             choices = ", ".join(_CHOICES[key])
             raise ConfigError(f"setting {key!r} must be one of {choices}, got {value!r}")
-    for proxy in values.get("trusted_proxies", ()):
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"setting 'trusted_proxies': {proxy!r} is not an IP address or network"
-            ) from None
+    for key in ("trusted_proxies", "cluster_link_networks"):
+        for network in values.get(key, ()):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"setting {key!r}: {network!r} is not an IP address or network"
+                ) from None
     if values.get("port", 0) > 65535:
         raise ConfigError(f"setting 'port' must be at most 65535, got {values['port']}")
     settings = Settings(**values)

@@ -35,7 +35,7 @@ from .handshake import accept_response, check_upgrade, is_upgrade
 from .host import Host
 from .http import HttpServer, raw_response
 from .inlink import InLink
-from .link import LINK_PATH, PeerNode, check_link, link_settings
+from .link import LINK_PATH, PeerNode, check_link, link_settings, networks
 from .metrics import Metrics
 from .outlink import Forwarded, Links
 from .placement import ClusterUnavailable, Owner
@@ -74,6 +74,7 @@ class Edge:
         self.metrics = metrics
         self.links = links  # cluster mode: this node's links to the others
         self._link_settings = link_settings(settings)
+        self._link_networks = networks(settings.cluster_link_networks)
         self.admission = Admission(settings, metrics)
         self.usage = Usage(settings)
         self.router = Router(app, settings, metrics, host, self.usage, self._live_usage)
@@ -105,7 +106,9 @@ class Edge:
         self._accepting.cancel()
         log.info("draining: closing %d WebSockets with 1012", len(self._websockets))
         for ws in list(self._websockets):
-            if ws.target is not None:
+            if isinstance(ws.target, InLink):
+                ws.target.drain(1012, reason)
+            elif ws.target is not None:
                 ws.target.end(1012, reason, send_close=True)
         if self._websockets:
             self._all_closed = trio.Event()
@@ -214,9 +217,11 @@ class Edge:
     def _link_upgrade(self, request: Request, http_version: bytes) -> Upgrade | Response:
         """A link from another node of the cluster (``runtime.link``)."""
         assert self.links is not None
-        refused = check_link(request, self.links.token) or check_upgrade(request, http_version)
+        refused = check_link(request, self.links.token, self._link_networks) or check_upgrade(
+            request, http_version
+        )
         if refused is not None:
-            if refused.status == 401:
+            if refused.status in (401, 403):
                 self.metrics.cluster_link_refusals_total += 1
                 log.warning("refused a node link from %s: %s", request.client[0], refused.body)
             return refused

@@ -25,10 +25,9 @@ from .link import (
     PAUSE,
     REFUSED,
     REPLY,
-    REQUEST,
     RESUME,
     SEND,
-    LinkError,
+    TO_OWNER,
     pack,
     request_from_wire,
     unpack,
@@ -83,12 +82,18 @@ class InLink:
     def usage(self) -> dict[str, Any]:
         return {"route": LINK_PATH, "room": None, "connection": self.node_id, "client_ip": ""}
 
+    def drain(self, code: int, reason: str) -> None:
+        """The node drains: each room closes its clients here (``code``, ``reason``) in its
+        output order, then the link closes."""
+        self.draining = True
+        for peer in list(self.peers.values()):
+            peer.end(code, reason, send_close=True)
+        self._closed_if_drained()
+
     def end(self, code: int, reason: str, send_close: bool = False) -> None:
-        if send_close:  # a drain: each room closes its clients, then the link closes
-            self.draining = True
-            for peer in list(self.peers.values()):
-                peer.end(code, reason, send_close=True)
-            self._closed_if_drained()
+        if send_close:  # the peer broke the protocol: after what is queued, the Close
+            self.flush()
+            self.ws.close(code, reason)
             return
         for peer in self.peers.values():  # the link is gone: so are its clients
             peer.end(1006, "")
@@ -103,7 +108,7 @@ class InLink:
     # -- what comes in ---------------------------------------------------------------------
 
     async def deliver(self, message: str | bytes) -> None:
-        items = unpack(message)
+        items = unpack(message, TO_OWNER)
         kind = items[0]
         if kind == MESSAGE:
             _, conn, data = items
@@ -124,10 +129,8 @@ class InLink:
                 self._closed_if_drained()
         elif kind == ATTACH:
             self._attach(*items[1:])
-        elif kind in (CALL, REQUEST):
+        else:  # CALL or REQUEST
             self.host.nursery.start_soon(self._answer, items)
-        else:
-            raise LinkError(f"unknown kind {kind}")
 
     def _attach(
         self, conn: int, namespace: str, hex_id: str, name: str | None, data: dict[str, Any]

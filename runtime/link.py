@@ -27,8 +27,10 @@ the other to open one.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 import msgpack
@@ -37,9 +39,6 @@ from rooms import CallCycleError, Request, Response, RoomCallError
 from rooms._engine import text_error
 
 from .frames import ProtocolError
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("rooms.cluster")
 
@@ -70,9 +69,24 @@ def link_settings(settings: Any) -> Any:
     )
 
 
-def check_link(request: Request, token: str) -> Response | None:
-    """Why a link upgrade is refused (401 without the cluster's token, 400 for another
-    protocol version), or None."""
+Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def networks(texts: Iterable[str]) -> Networks:
+    return [ipaddress.ip_network(text, strict=False) for text in texts]
+
+
+def check_link(request: Request, token: str, allowed: Networks) -> Response | None:
+    """Why a link upgrade is refused (403 from outside the ``allowed`` networks, 401 without
+    the cluster's token, 400 for another protocol version), or None."""
+    try:
+        address = ipaddress.ip_address(request.client[0])
+    except ValueError:
+        address = None
+    if address is None or not any(address in network for network in allowed):
+        return text_error(
+            403, "node links are taken from cluster_link_networks only (see the settings)"
+        )
     given = request.header("authorization") or ""
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return text_error(401, "node links need 'Authorization: Bearer <cluster_token>'")
@@ -95,15 +109,52 @@ def pack(*items: Any) -> bytes:
     return msgpack.packb(list(items), use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack(data: str | bytes) -> list[Any]:
+_Types = type | tuple[type, ...]
+_NAME = (str, type(None))
+_SHAPES: dict[int, tuple[_Types, ...]] = {
+    # what the edge sends (the owner reads these)
+    ATTACH: (int, str, str, _NAME, dict),  # conn, namespace, room hex, name, request
+    CONNECT: (int,),
+    MESSAGE: (int, (str, bytes)),
+    ENDED: (int, int, str, bool),  # conn, code, reason, send_close
+    CALL: (int, str, str, _NAME, str, bytes, list),  # number, room, method, payload, chain
+    REQUEST: (int, str, str, _NAME, dict),
+    # what the owner sends (the edge reads these)
+    JOINED: (int,),
+    REFUSED: (int, int, str),  # conn, status, text
+    REPLY: (int, bool, object),  # number, ok, value or [error class, text]
+    SEND: (list, bytes, int),  # conns, frame, messages
+    CLOSE: (int, int, str),
+    PAUSE: (int,),
+    RESUME: (int,),
+}
+TO_OWNER = frozenset({ATTACH, CONNECT, MESSAGE, ENDED, CALL, REQUEST})
+"""The kinds a node reads on a link another node opened to it."""
+TO_EDGE = frozenset({JOINED, REFUSED, REPLY, SEND, CLOSE, PAUSE, RESUME})
+"""The kinds a node reads on a link it opened."""
+
+
+def unpack(data: str | bytes, kinds: frozenset[int]) -> list[Any]:
+    """A link message, ``[kind, ...]``, checked: a kind of ``kinds`` with its items of the
+    types that kind has (LinkError otherwise, which drops the link with 1002: a peer that
+    does not speak the protocol must not reach code that trusts it)."""
     if not isinstance(data, bytes):
         raise LinkError("a link message must be binary")
     try:
         items = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types for garbage
         raise LinkError(f"not msgpack: {exc}") from None
-    if not isinstance(items, list) or not items or not isinstance(items[0], int):
+    if not isinstance(items, list) or not items or type(items[0]) is not int:
         raise LinkError("a link message is a list whose first item is its kind")
+    kind, shape = items[0], _SHAPES.get(items[0])
+    if shape is None or kind not in kinds:
+        raise LinkError(f"unexpected kind {kind} on this link")
+    if len(items) != len(shape) + 1 or not all(map(isinstance, items[1:], shape)):
+        raise LinkError(f"a message of kind {kind} with the wrong items")
+    if kind == SEND and not all(type(conn) is int for conn in items[1]):
+        raise LinkError("a SEND whose clients are not numbers")
+    if kind == CALL and not all(isinstance(link, str) for link in items[7]):
+        raise LinkError("a CALL whose chain is not strings")
     return items
 
 
@@ -122,16 +173,29 @@ def request_to_wire(request: Request) -> dict[str, Any]:
 
 
 def request_from_wire(data: dict[str, Any], stub_factory: Any) -> Request:
+    """The request ``request_to_wire`` sent; LinkError if ``data`` is not one."""
+    try:
+        headers = [(name, value) for name, value in data["headers"]]
+        client = (data["client"][0], data["client"][1])
+        fields = [data[key] for key in ("method", "path", "query", "body", "params", "route")]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise LinkError(f"a request that is not one ({type(exc).__name__}: {exc})") from None
+    method, path, query, body, params, route = fields
+    texts = (method, path, query, route, client[0], *(text for pair in headers for text in pair))
+    if not all(isinstance(text, str) for text in texts) or not isinstance(body, bytes):
+        raise LinkError("a request whose method, path, headers or body are of the wrong type")
+    if type(client[1]) is not int or not isinstance(params, dict):
+        raise LinkError("a request whose client or path parameters are of the wrong type")
     return Request(
-        data["method"],
-        data["path"],
-        data["query"],
-        [(name, value) for name, value in data["headers"]],
-        data["body"],
-        (data["client"][0], data["client"][1]),
-        data["params"],
-        data["identity"],
-        data["route"],
+        method,
+        path,
+        query,
+        headers,
+        body,
+        (client[0], client[1]),
+        params,
+        data.get("identity"),
+        route,
         stub_factory=stub_factory,
     )
 
@@ -147,10 +211,13 @@ RoomCallError naming their class."""
 __all__ = [
     "CALL_ERRORS",
     "LINK_PATH",
+    "TO_EDGE",
+    "TO_OWNER",
     "LinkError",
     "PeerNode",
     "check_link",
     "link_settings",
+    "networks",
     "pack",
     "request_from_wire",
     "request_to_wire",

@@ -30,12 +30,10 @@ from .link import (
     MESSAGE,
     PAUSE,
     PROTOCOL,
-    REFUSED,
-    REPLY,
     REQUEST,
     RESUME,
     SEND,
-    LinkError,
+    TO_EDGE,
     pack,
     request_to_wire,
     unpack,
@@ -220,7 +218,7 @@ class OutLink:
         while True:
             for item in await ws.receive():
                 if isinstance(item, (str, bytes)):
-                    self._receive(unpack(item))
+                    self._receive(unpack(item, TO_EDGE))
                 elif isinstance(item, Ping):
                     await ws.pong(item.payload)
                 elif isinstance(item, Close):
@@ -261,12 +259,10 @@ class OutLink:
             client = self.clients.get(items[1])
             if client is not None:
                 client.pause() if kind == PAUSE else client.resume()
-        elif kind in (JOINED, REFUSED, REPLY):
+        else:  # JOINED, REFUSED or REPLY
             reply = self._waiting.pop(items[1], None)
             if reply is not None:
                 reply.set(items)
-        else:
-            raise LinkError(f"unknown kind {kind}")
 
     def forget(self, conn: int) -> None:
         if self.clients.pop(conn, None) is not None:

@@ -20,7 +20,11 @@ import trio
 import trio_websocket
 
 from rooms import RoomId
+from runtime.frames import OP_BINARY
+from runtime.link import LINK_PATH
 from tests.support import REPO, Node, cluster_of, metric, raw_request
+from tests.system.raw import RawWebSocket, frame
+from tests.system.raw import upgrade as upgrade_to
 
 QUIET = {"CHAT_SECONDS_PER_MESSAGE": "0"}  # the rate limiter allows everything
 
@@ -421,3 +425,40 @@ async def test_a_rolling_restart_of_every_node_under_load_loses_nothing(
 
         await load(nodes, 9, roll)
     assert max(gaps) < 3.0  # per room, while each node drained and came back
+
+
+async def test_a_node_link_needs_the_token_and_a_peer_that_breaks_the_protocol_is_dropped(
+    pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Links without the cluster's token get 401 and are counted. A peer with the token that
+    sends garbage, a message of the wrong shape or a frame over the link's limit is closed
+    (1002 / 1009, with the reason) and nothing else is disturbed: a client of that node and
+    one whose link comes from the other node keep chatting."""
+    async with cluster_of(pg_dsn, 2, tmp_path, **QUIET) as (home, far):
+        local = await joined(nursery, home.url, "guarded", "local")
+        remote = await joined(nursery, far.url, "guarded", "remote")  # over far's link
+        link = b"x-rooms-protocol: 1\r\nx-rooms-node: intruder\r\n"
+        for token in (b"", b"authorization: Bearer guess\r\n"):
+            version = b"sec-websocket-version: 13\r\n"
+            refused = await raw_request(
+                home.port, upgrade_to(LINK_PATH, extra=version + link + token)
+            )
+            assert refused.startswith(b"HTTP/1.1 401 "), refused
+        assert await metric(home.port, "cluster_link_refusals_total") == 2
+
+        peer = link + b"authorization: Bearer test-token\r\n"
+        garbage = {
+            "not msgpack": (frame(OP_BINARY, b"\xc1\xc1"), 1002, "not msgpack"),
+            "wrong shape": (frame(OP_BINARY, b"\x92\x05\xa1x"), 1002, "wrong items"),
+            "oversized": (frame(OP_BINARY, b"\0" * (1024 * 1024 + 64 * 1024 + 1)), 1009, ""),
+        }
+        for data, code, reason in garbage.values():
+            intruder = await RawWebSocket.connect(home.port, LINK_PATH, peer)
+            await intruder.send(data)
+            got_code, got_reason = await intruder.close_received(10)
+            assert got_code == code and reason in got_reason, (got_code, got_reason)
+            await intruder.aclose()
+        for ws, name in ((local, "local"), (remote, "remote")):
+            await ws.send_message(json.dumps({"message": f"{name} still here"}))
+            seen = {(await next_chat(local))["message"], (await next_chat(remote))["message"]}
+            assert seen == {f"{name} still here"}
