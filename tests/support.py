@@ -54,14 +54,20 @@ async def start_server(nursery: trio.Nursery, app: App, settings: Settings) -> i
 
 @contextmanager
 def server(
-    target: str, cwd: Path, data_dir: Path, *options: str, port: int | None = None
+    target: str,
+    cwd: Path,
+    data_dir: Path,
+    *options: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``python -m runtime.cli serve TARGET [OPTIONS]`` in ``cwd`` on ``port`` (default: a
-    free one); always killed on the way out."""
+    free one), with ``env`` added to the environment; always killed on the way out."""
     port = port or free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
     }
     command = [sys.executable, "-m", "runtime.cli", "serve", target, "--port", str(port)]
     command += ["--data-dir", str(data_dir), "--log-level", "WARNING", *options]
