@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat cluster game test lint typecheck unit mutants docs docs-build soak bench bench-quick bench-hibernation clean
+.PHONY: chat cluster game test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,17 @@ unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
 # (tests/mutants.py; about a minute).
 mutants: $(VENV)/.dev
 	$(BIN)/python -m tests.mutants $(MUTANTS)
+
+# Coverage-guided fuzzing (atheris) of the parsing surfaces, FUZZ_SECONDS per target; new
+# inputs go to tests/fuzz/corpus/, crashes to .fuzz/ (see tests/fuzz/__init__.py).
+FUZZ_SECONDS ?= 60
+
+$(VENV)/.fuzz: $(BIN)/rooms
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	touch $@
+
+fuzz: $(VENV)/.fuzz  ## fuzz every parsing surface for FUZZ_SECONDS each (6 targets)
+	$(BIN)/python -m tests.fuzz all --seconds $(FUZZ_SECONDS)
 
 # The documentation site (mkdocs.yml, docs/): the reference pages are generated from the
 # docstrings, and docs/hooks.py checks the pages against the code. NO_MKDOCS_2_WARNING silences
