@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import TypeVar
 
+import attrs
 import h11
 import trio
 
@@ -79,6 +80,7 @@ class HttpServer:
         """The next request; or the error response to end the connection with; or None when
         the client closed, or an idle keep-alive connection timed out."""
         settings, metrics = self.settings, self.metrics
+        event: h11.Event | None = None
         try:
             event = await _next_event(h, stream, trio.current_time() + timeout)
             if event is None:  # timed out waiting for a request head
@@ -91,21 +93,21 @@ class HttpServer:
             if _head_size(event) > settings.max_header_bytes:
                 # h11 only bounds a head that is still incomplete; bound complete ones too.
                 metrics.limit_header_too_big_total += 1
-                return text_error(431, "request head too large")
+                return _refusal(event, text_error(431, "request head too large"))
             return event, await self._read_request(h, stream, event, client)
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
                 metrics.limit_header_too_big_total += 1
             if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
                 return None
-            return text_error(exc.error_status_hint, f"bad request: {exc}")
+            return _refusal(event, text_error(exc.error_status_hint, f"bad request: {exc}"))
         except HTTPError as exc:
             if exc.status == 413:
                 metrics.limit_body_too_big_total += 1
             elif exc.status == 408:
                 metrics.limit_body_timeout_total += 1
                 log.info("%s:%d: %s; answered 408", client[0], client[1], exc.reason)
-            return text_error(exc.status, exc.reason)
+            return _refusal(event, text_error(exc.status, exc.reason))
 
     async def _read_request(
         self, h: h11.Connection, stream: Stream, event: h11.Request, client: tuple[str, int]
@@ -200,6 +202,14 @@ def _head(response: Response) -> h11.Response:
     return h11.Response(
         status_code=response.status, headers=headers, reason=_reason(response.status)
     )
+
+
+def _refusal(event: h11.Event | None, response: Response) -> Response:
+    """``response`` as the error answer to the request ``event`` began: without its body if
+    that is a HEAD (h11 refuses to send one)."""
+    if isinstance(event, h11.Request) and event.method == b"HEAD":
+        return attrs.evolve(response, body=b"")
+    return response
 
 
 def raw_response(response: Response) -> bytes:

@@ -232,7 +232,19 @@ def _parse(message: str | bytes) -> dict[str, Any] | str:
         return "Malformed message: expected a JSON object."
     if not isinstance(data, dict):
         return "Malformed message: expected a JSON object."
+    if "\\u" in message and not _is_unicode(data):
+        return "Malformed message: text must be valid Unicode (no lone surrogate escapes)."
     return data
+
+
+def _is_unicode(data: dict[str, Any]) -> bool:
+    """Whether every string in ``data`` can be encoded (JSON's "\\ud800" escape makes a lone
+    surrogate, which no storage or client can take)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 app = App()
