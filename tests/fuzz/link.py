@@ -9,8 +9,6 @@ passes is a list whose first item is an int kind of that side.
 
 from __future__ import annotations
 
-from typing import Any
-
 from runtime.link import (
     ATTACH,
     REQUEST,
@@ -22,17 +20,12 @@ from runtime.link import (
 )
 
 
-def parse(data: str | bytes, kinds: frozenset[int]) -> list[Any]:
-    """A link message as a node reads it (the one line to change if that call changes)."""
-    return unpack(data, kinds)
-
-
 def one_input(data: bytes) -> None:
     text = data.decode("utf-8", "replace")  # a text frame is refused whatever it says
     for kinds in (TO_OWNER, TO_EDGE):
         for message in (data, text):
             try:
-                items = parse(message, kinds)
+                items = unpack(message, kinds)
                 if items[0] in (ATTACH, REQUEST):
                     request_from_wire(items[5], None)
             except LinkError as exc:
