@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 import types
 from collections.abc import Callable, Collection, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
@@ -155,7 +156,9 @@ class Activation:
 
     __slots__ = (
         "_busy",
+        "_commit_times",
         "_drained",
+        "_event_times",
         "_room_id",
         "_storage",
         "attached",
@@ -198,6 +201,9 @@ class Activation:
         self._drained: trio.Event | None = None  # set when commits in flight fall below max
         self._busy = False
         self.batch = Batch()
+        name = room_class.__name__
+        self._event_times = host.metrics.event_seconds.of(name)
+        self._commit_times = host.metrics.commit_seconds.of(name)
         # Lifecycle: the room's task runs while it has work or a reason to stay in memory;
         # without one it hibernates (instance dropped, connections kept) or unloads.
         self.running = False
@@ -270,9 +276,11 @@ class Activation:
                 self.host.alarms.changed(self, change[0])
             self.gate.submit()
             self.host.metrics.storage_commits_total += 1
-            storage.commit(self._committed)
+            started = time.perf_counter()
+            storage.commit(lambda error: self._committed(error, started))
 
-    def _committed(self, error: BaseException | None) -> None:
+    def _committed(self, error: BaseException | None, started: float) -> None:
+        self._commit_times.observe(time.perf_counter() - started)
         gate = self.gate
         gate.landed()
         if error is not None:
@@ -428,7 +436,9 @@ class Activation:
             room = self.instance
             if room is None:
                 room = await self._start()
+            started = time.perf_counter()
             result = await event.run(self, room)
+            self._event_times.observe(time.perf_counter() - started)
         except Exception as exc:
             self._recover(event, exc)
             return

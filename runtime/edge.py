@@ -293,6 +293,9 @@ class Edge:
                     return
                 ws.target = joined
                 ws.first_message_timeout = self._first_message_timeout(upgrade.target)
+                route = joined.usage()["route"]
+                if not link:
+                    ws.message_sizes = self.metrics.message_bytes.of(route)
                 self.metrics.websocket_upgrades_total += 1
                 self.metrics.websockets_open += 1
                 self._websockets.add(ws)
@@ -308,7 +311,10 @@ class Edge:
                 finally:
                     self.admission.closed(address)
                     self._websockets.discard(ws)
-                    self.usage.closed(self._usage_record(ws, time.time()))
+                    record = self._usage_record(ws, time.time())
+                    self.usage.closed(record)
+                    duration = record["stop"] - record["start"]
+                    self.metrics.connection_seconds.of(route).observe(duration)
                     if self._all_closed is not None and not self._websockets:
                         self._all_closed.set()
                     self.metrics.websockets_open -= 1

@@ -1,8 +1,74 @@
-"""Counters and gauges of a running server, readable as Prometheus text."""
+"""Counters, gauges and histograms of a running server, readable as Prometheus text.
+
+The hot path only bumps plain integers and bucket counts; the text is made when it is
+scraped, by prometheus-client from these values (a custom collector: its own metric objects
+would take a lock per update). Labels are the ones an operator slices by (the route, the
+room class), never a room id: that would be one time series per room.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
+from functools import partial
+
 import attrs
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The content type of ``Metrics.prometheus``'s text: the classic text format, the one
+``generate_latest`` writes and every Prometheus version reads."""
+
+SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+DURATIONS = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+SIZES = (16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0)
+
+
+class Histogram:
+    """Observations counted into buckets (Prometheus' ``le``: at most that bound), and their
+    sum: an observation costs a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts per bound, ``+Inf`` last, as Prometheus writes them."""
+        total, out = 0, []
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, float(total)))
+        return out
+
+
+class Histograms:
+    """One ``Histogram`` per value of a label (a route, a room class), made when first used."""
+
+    __slots__ = ("bounds", "by")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.by: dict[str, Histogram] = {}
+
+    def of(self, label: str) -> Histogram:
+        histogram = self.by.get(label)
+        if histogram is None:
+            histogram = self.by[label] = Histogram(self.bounds)
+        return histogram
 
 
 def _counter(help_text: str) -> int:
@@ -11,6 +77,11 @@ def _counter(help_text: str) -> int:
 
 def _gauge(help_text: str) -> int:
     return attrs.field(default=0, metadata={"help": help_text, "type": "gauge"})
+
+
+def _histogram(help_text: str, label: str) -> dict[str, str]:
+    """The metadata of a histogram field: one histogram per value of ``label``."""
+    return {"help": help_text, "type": "histogram", "label": label}
 
 
 @attrs.define(slots=True)
@@ -96,12 +167,66 @@ class Metrics:
     cluster_self_fences_total: int = _counter("times this node stopped serving: lease lost")
     cluster_dead_nodes_total: int = _counter("other nodes this node saw declared dead")
     cluster_registrations_total: int = _counter("times this node joined the cluster")
+    event_seconds: Histograms = attrs.field(
+        factory=partial(Histograms, SECONDS),
+        metadata=_histogram(
+            "time a room took to handle one event, its awaits included", "room_class"
+        ),
+    )
+    commit_seconds: Histograms = attrs.field(
+        factory=partial(Histograms, SECONDS),
+        metadata=_histogram("time from an event's end to its writes being durable", "room_class"),
+    )
+    message_bytes: Histograms = attrs.field(
+        factory=partial(Histograms, SIZES),
+        metadata=_histogram(
+            "size of the messages clients sent (characters of a text one)", "route"
+        ),
+    )
+    connection_seconds: Histograms = attrs.field(
+        factory=partial(Histograms, DURATIONS),
+        metadata=_histogram("how long a WebSocket was open, at its close", "route"),
+    )
 
-    def prometheus(self) -> str:
-        lines = []
+    def prometheus(self, routes: Mapping[str, Mapping[str, int]] = {}) -> str:
+        """The Prometheus text of every metric; ``routes``: the usage totals per route
+        (``Usage.report``), exported as counters labelled by route."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self, routes))
+        return generate_latest(registry).decode()
+
+
+ROUTE_COUNTERS = {
+    "websockets": "WebSockets opened",
+    "bytes_in": "bytes clients sent over WebSockets",
+    "bytes_out": "bytes sent to clients over WebSockets (the bandwidth figure)",
+    "messages_in": "WebSocket messages clients sent",
+    "messages_out": "WebSocket messages sent to clients",
+}
+"""The usage totals exported per route, as ``rooms_route_<name>_total{route=...}``."""
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics, routes: Mapping[str, Mapping[str, int]]) -> None:
+        self.metrics = metrics
+        self.routes = routes
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self.metrics
         for field in attrs.fields(Metrics):
-            name, meta = field.name, field.metadata
-            lines.append(f"# HELP rooms_{name} {meta['help']}")
-            lines.append(f"# TYPE rooms_{name} {meta['type']}")
-            lines.append(f"rooms_{name} {getattr(self, name)}")
-        return "\n".join(lines) + "\n"
+            name, meta = f"rooms_{field.name}", field.metadata
+            value = getattr(metrics, field.name)
+            if meta["type"] == "counter":
+                yield CounterMetricFamily(name, meta["help"], value=value)
+            elif meta["type"] == "gauge":
+                yield GaugeMetricFamily(name, meta["help"], value=value)
+            else:
+                family = HistogramMetricFamily(name, meta["help"], labels=[meta["label"]])
+                for label, histogram in sorted(value.by.items()):
+                    family.add_metric([label], histogram.buckets(), histogram.sum)
+                yield family
+        for key, help_text in ROUTE_COUNTERS.items():
+            per_route = CounterMetricFamily(f"rooms_route_{key}_total", help_text, labels=["route"])
+            for route, counts in sorted(self.routes.items()):
+                per_route.add_metric([route], counts[key])
+            yield per_route

@@ -30,7 +30,7 @@ from rooms._engine import (
 
 from .config import Settings
 from .host import Host
-from .metrics import Metrics
+from .metrics import CONTENT_TYPE, Metrics
 from .placement import ClusterUnavailable
 from .usage import Usage
 
@@ -122,11 +122,11 @@ class Router:
                 )
         elif request.client[0] not in ("127.0.0.1", "::1"):
             return text_error(403, f"set admin_token to read {request.path} from another host")
+        usage = self.usage.report(self._live_usage())
         if request.path == "/_rooms/usage":
-            return Response.json(self.usage.report(self._live_usage()))
-        return Response(
-            200, self.metrics.prometheus().encode(), {"content-type": "text/plain; version=0.0.4"}
-        )
+            return Response.json(usage)
+        text = self.metrics.prometheus(usage["routes"])
+        return Response(200, text, {"content-type": CONTENT_TYPE})
 
 
 @functools.cache

@@ -33,7 +33,7 @@ from .frames import (
     encode_message,
 )
 from .handshake import CloseState, receive_close, start_close
-from .metrics import Metrics
+from .metrics import Histogram, Metrics
 from .stream import RECV_SIZE, ConnectionBroken, ReadPoller, Stream, recv_socket
 
 log = logging.getLogger("rooms.edge")
@@ -83,6 +83,7 @@ class WebSocket:
         "heard",
         "idle_mark",
         "idle_since",
+        "message_sizes",
         "messages_in",
         "messages_out",
         "metrics",
@@ -127,6 +128,7 @@ class WebSocket:
         # Seconds after idle_since (its start, until a message comes) by which it must have
         # sent one; 0: no bound.
         self.first_message_timeout = 0.0
+        self.message_sizes: Histogram | None = None  # of its route (a node link: none)
         # The message rate bucket, if its settings limit the rate (a node link's do not).
         self.rate_limited = settings.messages_per_second_per_connection > 0
         self.tokens, self.tokens_at = float(settings.message_burst_per_connection), now
@@ -355,6 +357,8 @@ class Sessions:
                 if ws.state is not _OPEN:
                     continue
                 ws.messages_in += 1
+                if ws.message_sizes is not None:
+                    ws.message_sizes.observe(len(item))
                 if ws.rate_limited and not self._within_rate(ws):
                     continue
                 await target.deliver(item)

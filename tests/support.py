@@ -130,7 +130,7 @@ async def metric(port: int, name: str) -> int:
     answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
     for line in answer.decode().splitlines():
         if line.startswith(f"rooms_{name} "):
-            return int(line.split()[1])
+            return int(float(line.split()[1]))
     raise AssertionError(f"no metric {name}")
 
 

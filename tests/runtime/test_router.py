@@ -110,10 +110,10 @@ async def test_metrics_are_readable_from_loopback_without_a_token(address: str) 
     async with router() as routes:
         response = await answer(routes, "/_rooms/metrics", client=(address, 1))
     assert response.status == 200
-    assert response.headers["content-type"] == "text/plain; version=0.0.4"
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = response.body.decode()
     assert "# TYPE rooms_websockets_open gauge" in text
-    assert "\nrooms_websockets_open 0\n" in text
+    assert "\nrooms_websockets_open 0.0\n" in text
 
 
 async def test_usage_is_readable_from_loopback_without_a_token() -> None:
@@ -155,7 +155,7 @@ async def test_with_the_right_bearer_token_metrics_are_readable_from_anywhere() 
         metrics = await answer(routes, "/_rooms/metrics", headers=auth, client=REMOTE)
         usage = await answer(routes, "/_rooms/usage", headers=auth, client=REMOTE)
     assert metrics.status == 200
-    assert "rooms_websockets_open 0" in metrics.body.decode()
+    assert "rooms_websockets_open 0.0" in metrics.body.decode()
     assert usage.status == 200
     assert json.loads(usage.body)["routes"] == {}
 
