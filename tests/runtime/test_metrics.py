@@ -5,6 +5,9 @@ the histograms and per-route counters of a server with traffic."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import attrs
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,8 +16,8 @@ from trio_websocket import open_websocket_url
 
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
-from runtime.metrics import Histogram, Metrics
-from tests.support import raw_request, start_server
+from runtime.metrics import ROUTE_COUNTERS, Histogram, Metrics
+from tests.support import REPO, raw_request, start_server
 
 
 def families(text: str) -> dict[str, tuple[str, str, list[Sample]]]:
@@ -33,7 +36,7 @@ def test_every_field_is_exported_once_with_its_type_and_help() -> None:
         assert kind == field.metadata["type"] and text == field.metadata["help"], name
         if kind != "histogram":
             assert [s.value for s in samples] == [0.0], name
-    assert len(exported) == len(fields) + 5  # and the five counters per route
+    assert len(exported) == len(fields) + len(ROUTE_COUNTERS)  # and the counters per route
 
 
 def test_totals_are_counters_and_everything_else_gauges_or_histograms() -> None:
@@ -100,3 +103,21 @@ async def test_a_server_with_traffic_reports_histograms_and_counters_per_route(
     assert value(*durations, **route) == 1
     events = "rooms_event_seconds", "rooms_event_seconds_count"
     assert value(*events, room_class="EchoRoom") >= 3  # the connect, 3 messages, the close
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_server_exports() -> None:
+    """docs/grafana-dashboard.json: every ``rooms_*`` series its queries name exists."""
+    metrics = Metrics()
+    for field in attrs.fields(Metrics):
+        if field.metadata["type"] == "histogram":
+            getattr(metrics, field.name).of("x").observe(1.0)
+    counts = dict.fromkeys(
+        ["websockets", "bytes_in", "bytes_out", "messages_in", "messages_out"], 1
+    )
+    text = metrics.prometheus({"/route": counts})
+    exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    named = {name for query in queries for name in re.findall(r"\brooms_[a-z_]+", query)}
+    assert len(queries) > 10 and named
+    assert named <= exported, named - exported
