@@ -501,6 +501,8 @@ def main() -> None:
             lat_loads[topology] = 0.5 * min(saturations)
             lat_rates[topology] = lat_loads[topology] / (rooms * clients * clients)
         here = [s for s in servers if runs_case(s, case)]
+        if not here:
+            continue  # (a case only the servers left out of --servers run)
         for rep in range(cfg.reps):
             for server in here[rep % len(here) :] + here[: rep % len(here)]:
                 run = {**measure(server, case, cfg, lat_rates), "rep": rep}
