@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
 import types
 from collections.abc import Callable, Collection, Coroutine, Generator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -276,11 +276,11 @@ class Activation:
                 self.host.alarms.changed(self, change[0])
             self.gate.submit()
             self.host.metrics.storage_commits_total += 1
-            started = time.perf_counter()
+            started = perf_counter()
             storage.commit(lambda error: self._committed(error, started))
 
     def _committed(self, error: BaseException | None, started: float) -> None:
-        self._commit_times.observe(time.perf_counter() - started)
+        self._commit_times.observe(perf_counter() - started)
         gate = self.gate
         gate.landed()
         if error is not None:
@@ -436,9 +436,9 @@ class Activation:
             room = self.instance
             if room is None:
                 room = await self._start()
-            started = time.perf_counter()
+            started = perf_counter()
             result = await event.run(self, room)
-            self._event_times.observe(time.perf_counter() - started)
+            self._event_times.observe(perf_counter() - started)
         except Exception as exc:
             self._recover(event, exc)
             return

@@ -352,13 +352,14 @@ class Sessions:
         self, ws: WebSocket, received: list[Received], target: Target
     ) -> tuple[int, str] | None:
         """Hand messages to the target and answer pings; the code and reason of a Close."""
+        sizes = ws.message_sizes
         for item in received:
             if isinstance(item, (str, bytes)):
                 if ws.state is not _OPEN:
                     continue
                 ws.messages_in += 1
-                if ws.message_sizes is not None:
-                    ws.message_sizes.observe(len(item))
+                if sizes is not None:
+                    sizes.observe(len(item))
                 if ws.rate_limited and not self._within_rate(ws):
                     continue
                 await target.deliver(item)
