@@ -169,22 +169,8 @@ async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
     answers: list[bytes] = []
 
     async def trickle() -> None:
-        stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
-        received = b""
-        async with stream:
-            with trio.move_on_after(8):
-                try:
-                    for byte in b"GET /hello HTTP/1.1\r\nhost: x\r\nx-slow: " + b"z" * 1000:
-                        await stream.send_all(bytes([byte]))
-                        await trio.sleep(0.1)
-                except trio.BrokenResourceError:
-                    pass
-                try:
-                    while chunk := await stream.receive_some(4096):
-                        received += chunk
-                except trio.BrokenResourceError:
-                    pass
-        answers.append(received)
+        head = b"GET /hello HTTP/1.1\r\nhost: x\r\nx-slow: " + b"z" * 1000
+        answers.append((await trickled(srv.port, b"", head, 0.1, 8))[1])
 
     async with trio.open_nursery() as nursery:
         for _ in range(50):
@@ -194,6 +180,31 @@ async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
             assert status(await raw_request(srv.port, HELLO)) == 200
     assert len(answers) == 50
     assert all(status(a) == 408 for a in answers), answers
+
+
+async def trickled(
+    port: int, first: bytes, rest: bytes, gap: float, patience: float
+) -> tuple[float, bytes]:
+    """Send ``first``, then ``rest`` a byte every ``gap`` seconds (until the server stops
+    reading); what the server answered until it closed (or ``patience`` ran out), and how
+    long all that took."""
+    received = b""
+    started = trio.current_time()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        with trio.move_on_after(patience):
+            try:
+                await stream.send_all(first)
+                for byte in rest:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(gap)
+            except trio.BrokenResourceError:
+                pass
+            try:
+                while chunk := await stream.receive_some(4096):
+                    received += chunk
+            except trio.BrokenResourceError:
+                pass
+    return trio.current_time() - started, received
 
 
 def post(path: str, body: bytes, chunked: bool = False) -> tuple[bytes, bytes]:
@@ -214,23 +225,7 @@ async def test_a_trickled_body_is_cut_off_and_others_are_served(srv: Server, chu
     answers: list[tuple[float, bytes]] = []
 
     async def trickle() -> None:
-        received = b""
-        started = trio.current_time()
-        async with await trio.open_tcp_stream("127.0.0.1", srv.port) as stream:
-            with trio.move_on_after(10):
-                try:
-                    await stream.send_all(head)
-                    for byte in body:
-                        await stream.send_all(bytes([byte]))
-                        await trio.sleep(0.2)
-                except trio.BrokenResourceError:
-                    pass
-                try:
-                    while chunk := await stream.receive_some(4096):
-                        received += chunk
-                except trio.BrokenResourceError:
-                    pass
-        answers.append((trio.current_time() - started, received))
+        answers.append(await trickled(srv.port, head, body, 0.2, 10))
 
     async with trio.open_nursery() as nursery:
         for _ in range(200):
