@@ -134,7 +134,8 @@ class Settings:
     of the clients sending through that link until it drains (backpressure, as a full
     mailbox does)."""
     admin_token: str = ""
-    """Bearer token for /_rooms/metrics; empty: only loopback clients may read it."""
+    """Bearer token for /_rooms/metrics, /_rooms/usage and /_rooms/analytics; empty: only
+    loopback clients may read them."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
     log_file: str = ""

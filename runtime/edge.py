@@ -294,6 +294,7 @@ class Edge:
                 ws.target = joined
                 ws.first_message_timeout = self._first_message_timeout(upgrade.target)
                 route = joined.usage()["route"]
+                self.usage.opened(route)
                 if not link:
                     ws.message_sizes = self.metrics.message_bytes.of(route)
                 self.metrics.websocket_upgrades_total += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import mimetypes
 from collections.abc import Callable
@@ -66,7 +67,7 @@ class Router:
         """The response to a request, or for a WebSocket upgrade the room it joins or the
         proxied route that relays it."""
         try:
-            if request.path in ("/_rooms/metrics", "/_rooms/usage"):
+            if request.path in ("/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics"):
                 return self._admin(request)
             if request.path == "/_rooms/client.js":
                 return _client_js(request)
@@ -113,7 +114,8 @@ class Router:
         return Response(200, body, {"content-type": kind, "cache-control": "no-cache"})
 
     def _admin(self, request: Request) -> Response:
-        """/_rooms/metrics (Prometheus text) and /_rooms/usage (JSON), for the operator."""
+        """/_rooms/metrics (Prometheus text), /_rooms/usage (JSON) and /_rooms/analytics
+        (JSON, CSV or JSON Lines), for the operator."""
         token = self.settings.admin_token
         if token:
             if request.header("authorization") != f"Bearer {token}":
@@ -122,11 +124,39 @@ class Router:
                 )
         elif request.client[0] not in ("127.0.0.1", "::1"):
             return text_error(403, f"set admin_token to read {request.path} from another host")
+        if request.path == "/_rooms/analytics":
+            return self._analytics(request)
         usage = self.usage.report(self._live_usage())
         if request.path == "/_rooms/usage":
             return Response.json(usage)
         text = self.metrics.prometheus(usage["routes"])
         return Response(200, text, {"content-type": CONTENT_TYPE})
+
+    def _analytics(self, request: Request) -> Response:
+        """Traffic per route and room class over ``?window=`` seconds (3600 by default, at
+        most a day), as JSON; ``?format=csv`` or ``jsonl``: one row per minute and route."""
+        raw = request.query_param("window") or "3600"
+        if not raw.isdigit() or not 60 <= int(raw) <= 86400:
+            raise HTTPError(400, "window must be a number of seconds from 60 to 86400")
+        seconds, kind = int(raw), request.query_param("format") or "json"
+        analytics = self.usage.analytics
+        if kind == "csv":
+            return Response(200, analytics.csv(seconds), {"content-type": "text/csv"})
+        report = analytics.report(seconds, self._route_classes())
+        if kind == "jsonl":
+            lines = "".join(json.dumps(minute) + "\n" for minute in report["minutes"])
+            return Response(200, lines, {"content-type": "application/jsonl"})
+        if kind != "json":
+            raise HTTPError(400, "format must be json, csv or jsonl")
+        return Response.json(report)
+
+    def _route_classes(self) -> dict[str, str]:
+        """Each route pattern's room class name ("proxy" for a proxied route)."""
+        return {
+            route.pattern: route.room_class.__name__ if isinstance(route, RoomRoute) else "proxy"
+            for route in self.app.routes
+            if isinstance(route, (RoomRoute, ProxyRoute))
+        }
 
 
 @functools.cache

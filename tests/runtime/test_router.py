@@ -126,7 +126,7 @@ async def test_usage_is_readable_from_loopback_without_a_token() -> None:
     assert report["total"]["websockets"] == 0
 
 
-@pytest.mark.parametrize("path", ["/_rooms/metrics", "/_rooms/usage"])
+@pytest.mark.parametrize("path", ["/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics"])
 async def test_admin_endpoints_are_403_from_another_host_without_admin_token(path: str) -> None:
     async with router() as routes:
         response = await answer(routes, path, client=REMOTE)
@@ -134,7 +134,7 @@ async def test_admin_endpoints_are_403_from_another_host_without_admin_token(pat
     assert response.body.decode() == f"set admin_token to read {path} from another host\n"
 
 
-@pytest.mark.parametrize("path", ["/_rooms/metrics", "/_rooms/usage"])
+@pytest.mark.parametrize("path", ["/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics"])
 @pytest.mark.parametrize(
     "headers",
     [[], [("authorization", "Bearer nope")], [("authorization", "s3cret")]],

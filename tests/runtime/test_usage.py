@@ -1,17 +1,24 @@
 """Usage accounting (``runtime.usage``): ``iso_utc``, the totals per route and per room that
-``Usage.closed`` keeps and ``Usage.report`` gives (open connections included), and the
-JSON-lines usage log (one line per closed WebSocket, until ``close``)."""
+``Usage.closed`` keeps and ``Usage.report`` gives (open connections included), the
+JSON-lines usage log (one line per closed WebSocket, until ``close``), and the analytics per
+route and minute (``/_rooms/analytics``)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+from trio_websocket import open_websocket_url
 
+from examples.echo.app import app as echo_app
 from runtime.config import Settings
 from runtime.usage import Usage, iso_utc
+from tests.support import raw_request, start_server
 
 START = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
 
@@ -266,3 +273,94 @@ def test_an_unwritable_log_is_reported_and_the_totals_still_kept(
 def test_a_usage_log_that_cannot_be_opened_raises_at_start(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         Usage(Settings(usage_log=str(tmp_path / "missing" / "usage.jsonl")))
+
+
+# -- analytics -------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_analytics_count_upgrades_when_made_and_usage_when_closed_per_minute() -> None:
+    clock = Clock(START)
+    usage = Usage(Settings(), clock)
+    usage.opened("/room/{name}")
+    usage.opened("/room/{name}")
+    clock.now += 60  # the next minute: one of them closes, after 12.25 s, with 1000
+    usage.closed(record(bytes_out=500))
+    report = usage.analytics.report(3600, {"/room/{name}": "Chat"})
+    [first, second] = report["minutes"]
+    assert (first["minute"], first["websockets"], first["closed"]) == (
+        "2023-11-14T22:13:00.000Z",
+        2,
+        0,
+    )
+    assert (second["websockets"], second["closed"], second["bytes_out"]) == (0, 1, 500)
+    assert second["close_codes"] == {"1000": 1}
+    assert second["duration_s_at_most"]["1.0"] == 0
+    assert second["duration_s_at_most"]["60.0"] == 1  # 12.25 s: at most 60 (and above)
+    totals = report["routes"]["/room/{name}"]
+    assert (totals["room_class"], totals["websockets"], totals["closed"]) == ("Chat", 2, 1)
+    assert report["room_classes"]["Chat"]["bytes_out"] == 500
+
+
+def test_analytics_keep_a_day_and_answer_for_the_window_asked() -> None:
+    clock = Clock(START)
+    usage = Usage(Settings(), clock)
+    for _ in range(3 * 24 * 60):  # three days, one upgrade a minute
+        usage.opened("/room/{name}")
+        clock.now += 60
+    clock.now -= 60
+    assert len(usage.analytics.rows(86400)) == 24 * 60
+    assert len(usage.analytics.rows(3600)) == 60
+    assert usage.analytics.report(600, {})["routes"]["/room/{name}"]["websockets"] == 10
+
+
+def test_analytics_as_csv_one_row_per_minute_and_route() -> None:
+    clock = Clock(START)
+    usage = Usage(Settings(), clock)
+    usage.opened("/a/{name}")
+    usage.closed(record("/b/{name}", close_code=1006))
+    rows = list(csv.reader(io.StringIO(usage.analytics.csv(3600))))
+    header = rows[0]
+    assert header[:3] == ["minute", "route", "websockets"] and header[-1] == "close_codes"
+    by_route = {row[1]: dict(zip(header, row, strict=True)) for row in rows[1:]}
+    assert by_route["/a/{name}"]["websockets"] == "1"
+    assert by_route["/b/{name}"]["closed"] == "1"
+    assert by_route["/b/{name}"]["close_codes"] == "1006=1"
+    assert by_route["/b/{name}"]["duration_le_+Inf"] == "1"
+
+
+async def test_the_analytics_endpoint_over_a_real_server(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    port = await start_server(nursery, echo_app, settings)
+    for _ in range(2):
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/echo/analytics") as ws:
+            await ws.send_message("hello")
+            assert await ws.get_message() == "hello"
+    await trio.sleep(0.1)  # (the server's side of the closes)
+
+    async def get(query: str) -> tuple[int, bytes]:
+        request = f"GET /_rooms/analytics{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        answer = await raw_request(port, request, 0.5)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    status, body = await get("")
+    assert status == 200
+    report = json.loads(body)
+    echo = report["routes"]["/echo/{name}"]
+    assert (echo["room_class"], echo["websockets"], echo["closed"]) == ("EchoRoom", 2, 2)
+    assert echo["messages_in"] == 2 and echo["close_codes"] == {"1000": 2}
+    status, body = await get("?format=csv&window=600")
+    assert status == 200 and body.startswith(b"minute,route,websockets,closed,")
+    status, body = await get("?format=jsonl")
+    assert status == 200 and json.loads(body.splitlines()[0])["route"] == "/echo/{name}"
+    assert (await get("?window=5"))[0] == 400
+    assert (await get("?format=xml"))[0] == 400
