@@ -217,16 +217,17 @@ class Edge:
     def _link_upgrade(self, request: Request, http_version: bytes) -> Upgrade | Response:
         """A link from another node of the cluster (``runtime.link``)."""
         assert self.links is not None
-        refused = check_link(request, self.links.token, self._link_networks) or check_upgrade(
-            request, http_version
-        )
+        refused = check_link(request, self.links.token, self._link_networks)
         if refused is not None:
-            if refused.status in (401, 403):
-                self.metrics.cluster_link_refusals_total += 1
-                log.warning("refused a node link from %s: %s", request.client[0], refused.body)
+            self.metrics.cluster_link_refusals_total += 1
+            peer = f"node {request.header('x-rooms-node') or '?'} at {request.client[0]}"
+            level = logging.ERROR if refused.status == 400 else logging.WARNING
+            log.log(level, "refused a node link from %s: %s", peer, refused.body.decode())
             return refused
         node = PeerNode(request.header("x-rooms-node") or "?")
-        return Upgrade(request, node, accept_response(request))
+        return check_upgrade(request, http_version) or Upgrade(
+            request, node, accept_response(request)
+        )
 
     async def join(
         self, upgrade: Upgrade, transport: Transport, send: Callable[[bytes], Awaitable[None]]

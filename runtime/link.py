@@ -78,7 +78,8 @@ def networks(texts: Iterable[str]) -> Networks:
 
 def check_link(request: Request, token: str, allowed: Networks) -> Response | None:
     """Why a link upgrade is refused (403 from outside the ``allowed`` networks, 401 without
-    the cluster's token, 400 for another protocol version), or None."""
+    the cluster's token, 400 for another link protocol: a rolling upgrade across versions that
+    cannot talk fails loudly at the link, instead of garbling what crosses it), or None."""
     try:
         address = ipaddress.ip_address(request.client[0])
     except ValueError:
@@ -93,7 +94,9 @@ def check_link(request: Request, token: str, allowed: Networks) -> Response | No
     version = request.header("x-rooms-protocol")
     if version != str(PROTOCOL):
         return text_error(
-            400, f"node link protocol {version} is not spoken here (this node: {PROTOCOL})"
+            400,
+            f"node link protocol {version} met protocol {PROTOCOL} here: the nodes of a "
+            "cluster must all speak one link protocol (finish upgrading every node)",
         )
     return None
 

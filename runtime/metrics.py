@@ -162,7 +162,8 @@ class Metrics:
     cluster_remote_peers: int = _gauge("clients of rooms here connected through another node")
     cluster_link_queue_bytes: int = _gauge("bytes queued on the links to other nodes")
     cluster_link_refusals_total: int = _counter(
-        "node links refused: from outside cluster_link_networks, or without cluster_token"
+        "node links refused: from outside cluster_link_networks, without cluster_token, or "
+        "speaking another link protocol"
     )
     cluster_lease_renew_ms: int = _gauge("how long the last lease renewal took (ms)")
     cluster_self_fences_total: int = _counter("times this node stopped serving: lease lost")

@@ -430,7 +430,8 @@ async def test_a_rolling_restart_of_every_node_under_load_loses_nothing(
 async def test_a_node_link_needs_the_token_and_a_peer_that_breaks_the_protocol_is_dropped(
     pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    """Links without the cluster's token get 401 and are counted. A peer with the token that
+    """Links without the cluster's token get 401, and a node that speaks another link protocol
+    400 and an error line naming both versions; each is counted. A peer with the token that
     sends garbage, a message of the wrong shape or a frame over the link's limit is closed
     (1002 / 1009, with the reason) and nothing else is disturbed: a client of that node and
     one whose link comes from the other node keep chatting."""
@@ -438,13 +439,22 @@ async def test_a_node_link_needs_the_token_and_a_peer_that_breaks_the_protocol_i
         local = await joined(nursery, home.url, "guarded", "local")
         remote = await joined(nursery, far.url, "guarded", "remote")  # over far's link
         link = b"x-rooms-protocol: 1\r\nx-rooms-node: intruder\r\n"
+        version = b"sec-websocket-version: 13\r\n"
         for token in (b"", b"authorization: Bearer guess\r\n"):
-            version = b"sec-websocket-version: 13\r\n"
             refused = await raw_request(
                 home.port, upgrade_to(LINK_PATH, extra=version + link + token)
             )
             assert refused.startswith(b"HTTP/1.1 401 "), refused
-        assert await metric(home.port, "cluster_link_refusals_total") == 2
+        # A node of another version (a rolling upgrade across link protocols): refused, and
+        # both sides can read which versions met.
+        newer = link.replace(b"x-rooms-protocol: 1", b"x-rooms-protocol: 2")
+        token = b"authorization: Bearer test-token\r\n"
+        refused = await raw_request(home.port, upgrade_to(LINK_PATH, extra=version + newer + token))
+        assert refused.startswith(b"HTTP/1.1 400 "), refused
+        assert b"node link protocol 2 met protocol 1 here" in refused
+        assert await metric(home.port, "cluster_link_refusals_total") == 3
+        logged = (tmp_path / "node-0.log").read_text()
+        assert "refused a node link from node intruder at 127.0.0.1: node link protocol 2" in logged
 
         peer = link + b"authorization: Bearer test-token\r\n"
         garbage = {
