@@ -15,9 +15,9 @@ General layout. Four layers; a module imports only from its own layer or an earl
 3. I/O: ``stream`` (socket bytes, TLS, the epoll read set), ``websocket`` (one connection's
    data path), ``http`` (the HTTP/1.1 phase), ``router`` (which answer a request gets),
    ``admission`` (upgrade-time rules), ``dial`` (WebSockets the engine opens as a client),
-   ``proxy`` (proxied routes), ``usage``, ``link`` (the protocol of the links between a
-   cluster's nodes; ``outlink``: a client's node, ``inlink``: a room's), and ``edge``,
-   which takes each connection through those phases.
+   ``proxy`` (proxied routes), ``usage``, ``admin`` (the live admin page), ``link`` (the
+   protocol of the links between a cluster's nodes; ``outlink``: a client's node,
+   ``inlink``: a room's), and ``edge``, which takes each connection through those phases.
 4. assembly: ``server`` (``run_engine``, the one assembly, and ``serve``), ``local`` (the
    engine in process, for ``rooms.testing``), ``cli``, ``connect`` and ``console`` (the
    ``rooms connect`` client).

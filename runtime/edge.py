@@ -28,6 +28,7 @@ from rooms import App, Request, Response
 from rooms._engine import ProxyRoute, text_error
 
 from .activation import Activation, Peer
+from .admin import LIVE_PATH, AdminFeed, LiveAdmin
 from .admission import Admission
 from .config import Settings, tls_context
 from .gate import Transport
@@ -54,7 +55,7 @@ class Upgrade:
     """A checked WebSocket upgrade, ready to join: where it goes, and its 101."""
 
     request: Request
-    target: RoomTarget | Upstream | PeerNode
+    target: RoomTarget | Upstream | PeerNode | LiveAdmin
     accept: bytes
 
 
@@ -181,6 +182,8 @@ class Edge:
         """What one request gets: a response, or (a valid WebSocket upgrade) the upgrade."""
         if request.path == LINK_PATH and self.links is not None:
             return self._link_upgrade(request, http_version)
+        if request.path == LIVE_PATH:
+            return self._admin_upgrade(request, http_version)
         routed = await self.router.route(request, upgrade=is_upgrade(request))
         if isinstance(routed, Response):
             return routed
@@ -229,9 +232,19 @@ class Edge:
             request, node, accept_response(request)
         )
 
+    def _admin_upgrade(self, request: Request, http_version: bytes) -> Upgrade | Response:
+        """The live admin page's WebSocket (``runtime.admin``): loopback only unless a token
+        is set, which the page then sends first."""
+        token = self.settings.admin_token
+        if not token and request.client[0] not in ("127.0.0.1", "::1"):
+            return text_error(403, f"set admin_token to open {LIVE_PATH} from another host")
+        return check_upgrade(request, http_version) or Upgrade(
+            request, LiveAdmin(), accept_response(request)
+        )
+
     async def join(
         self, upgrade: Upgrade, transport: Transport, send: Callable[[bytes], Awaitable[None]]
-    ) -> Peer | Forwarded | Upstream | InLink | Response:
+    ) -> Peer | Forwarded | Upstream | InLink | AdminFeed | Response:
         """Take the connection's place (in its room, with ``transport``) and ``send`` the
         101; the room then gets its connect event. A 503 if the server is draining, the room
         is full or cannot be reached."""
@@ -245,6 +258,10 @@ class Edge:
         if isinstance(target, PeerNode):
             await send(upgrade.accept)
             return InLink(self.host, transport, target.node_id)
+        if isinstance(target, LiveAdmin):
+            await send(upgrade.accept)
+            token, figures = self.settings.admin_token, self._admin_figures
+            return AdminFeed(transport, token, self.metrics, figures)
         joined = await self._place(target, transport, upgrade.request)
         if joined is None:
             return text_error(503, "room is full")
@@ -304,6 +321,8 @@ class Edge:
                 address = upgrade.request.client[0]
                 self.admission.opened(address)
                 try:
+                    if isinstance(joined, AdminFeed):
+                        nursery.start_soon(joined.run)
                     if isinstance(joined, Upstream):
                         joined.client = ws
                         await relay(self.sessions, ws, joined, data, self.settings.close_timeout)
@@ -325,11 +344,16 @@ class Edge:
             if isinstance(upgrade.target, Upstream):
                 await upgrade.target.aclose()
 
-    def _first_message_timeout(self, target: RoomTarget | Upstream | PeerNode) -> float:
+    def _first_message_timeout(self, target: RoomTarget | Upstream | PeerNode | LiveAdmin) -> float:
         if isinstance(target, PeerNode):
             return 0.0  # a node link carries many clients; it is not one
-        own = None if isinstance(target, Upstream) else target[0].first_message_timeout
+        own = target[0].first_message_timeout if isinstance(target, tuple) else None
         return self.settings.first_message_timeout if own is None else own
+
+    def _admin_figures(self) -> dict[str, Any]:
+        """What the live admin page shows besides the event and commit times."""
+        total = self.usage.report(self._live_usage())["total"]
+        return {"metrics": self.metrics.counts(), "usage": total}
 
     # -- accounting ------------------------------------------------------------------------
 

@@ -190,6 +190,14 @@ class Metrics:
         metadata=_histogram("how long a WebSocket was open, at its close", "route"),
     )
 
+    def counts(self) -> dict[str, int]:
+        """Every counter and gauge by name (the histograms aside)."""
+        return {
+            field.name: getattr(self, field.name)
+            for field in attrs.fields(Metrics)
+            if field.metadata["type"] != "histogram"
+        }
+
     def prometheus(self, routes: Mapping[str, Mapping[str, int]] = {}) -> str:
         """The Prometheus text of every metric; ``routes``: the usage totals per route
         (``Usage.report``), exported as counters labelled by route."""

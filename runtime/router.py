@@ -29,6 +29,7 @@ from rooms._engine import (
     upgrade_required,
 )
 
+from . import admin
 from .config import Settings
 from .host import Host
 from .metrics import CONTENT_TYPE, Metrics
@@ -69,6 +70,8 @@ class Router:
         try:
             if request.path in ("/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics"):
                 return self._admin(request)
+            if request.path == admin.ADMIN_PATH:
+                return admin.page(request, self.settings.admin_token)
             if request.path == "/_rooms/client.js":
                 return _client_js(request)
             matched = self.app.match(request.path)
@@ -116,14 +119,9 @@ class Router:
     def _admin(self, request: Request) -> Response:
         """/_rooms/metrics (Prometheus text), /_rooms/usage (JSON) and /_rooms/analytics
         (JSON, CSV or JSON Lines), for the operator."""
-        token = self.settings.admin_token
-        if token:
-            if request.header("authorization") != f"Bearer {token}":
-                return text_error(
-                    401, f"{request.path} needs 'Authorization: Bearer <admin_token>'"
-                )
-        elif request.client[0] not in ("127.0.0.1", "::1"):
-            return text_error(403, f"set admin_token to read {request.path} from another host")
+        refused = admin.refusal(request, self.settings.admin_token)
+        if refused is not None:
+            return refused
         if request.path == "/_rooms/analytics":
             return self._analytics(request)
         usage = self.usage.report(self._live_usage())

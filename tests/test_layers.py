@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
             "http",
             "router",
             "admission",
+            "admin",
             "dial",
             "proxy",
             "usage",

@@ -353,3 +353,36 @@ def test_the_chat_page_loads_without_a_404(browser: Browser, tmp_path: Path) -> 
         assert missing == []
         # A page without an icon makes a (headed) browser ask for /favicon.ico: a 404 per load.
         assert page.locator("link[rel=icon]").count() == 1
+
+
+def test_the_live_admin_page_moves_with_the_traffic(
+    browser: Browser, chat_env: None, tmp_path: Path
+) -> None:
+    """/_rooms/admin from loopback: a chat page joins and talks, and the page's tiles (open
+    WebSockets, messages in per second, bandwidth out) and their charts follow, pushed once
+    a second. Screenshot: artifacts/admin.png."""
+    with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        admin = browser.new_context(viewport={"width": 1100, "height": 640}).new_page()
+        admin.goto(f"http://127.0.0.1:{port}/_rooms/admin")
+        admin.wait_for_selector("[data-testid=status][data-state=live]", timeout=10_000)
+        ada = open_chat(browser, port, "ada", "busy")
+        for i in range(12):
+            say(ada, f"line {i}")
+            admin.wait_for_timeout(250)
+        admin.wait_for_function(
+            "Number(document.querySelector('[data-testid=chart-messages_in]').dataset.points) >= 3",
+            timeout=10_000,
+        )
+        tiles = {
+            name: admin.text_content(f"[data-testid=tile-{name}]") or ""
+            for name in ("websockets", "messages_in", "bytes_out")
+        }
+        assert tiles["websockets"].startswith("2"), tiles  # the chat page and the admin page
+        assert any(ch.isdigit() and ch != "0" for ch in tiles["bytes_out"]), tiles
+        rates = admin.eval_on_selector_all(
+            "[data-testid=chart-messages_in]", "els => els.map(e => e.dataset.points)"
+        )
+        assert int(rates[0]) >= 3
+        ARTIFACTS.mkdir(exist_ok=True)
+        admin.screenshot(path=str(ARTIFACTS / "admin.png"))

@@ -1,0 +1,150 @@
+"""The operator's live view: ``/_rooms/admin`` (a page) and ``/_rooms/admin/live`` (its
+WebSocket), which pushes a snapshot of the server's figures every second.
+
+Who may look: as for ``/_rooms/metrics``, anyone with ``admin_token`` (the page asks for it
+and sends it as its first message: a browser cannot put an Authorization header on a
+WebSocket, and a token in the URL would end up in logs), or, without a token set, loopback
+clients only. A snapshot is built from counters the data path keeps anyway; one costs about
+what a scrape of ``/_rooms/metrics`` does, once per second per open page.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from rooms import Request, Response
+from rooms._engine import text_error
+
+from .frames import encode_message
+from .gate import Transport
+from .metrics import Histograms, Metrics
+
+log = logging.getLogger("rooms.admin")
+
+ADMIN_PATH = "/_rooms/admin"
+LIVE_PATH = "/_rooms/admin/live"
+PAGE = Path(__file__).with_name("static") / "admin.html"
+TOKEN_NEEDED = 4401  # (4400-4499: rooms' clients do not reconnect)
+
+
+def refusal(request: Request, token: str) -> Response | None:
+    """Why ``request`` may not see the operator's endpoints (401 without the token when one
+    is set, 403 from another host when none is), or None."""
+    if token:
+        given = (request.header("authorization") or "").encode()
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            return text_error(401, f"{request.path} needs 'Authorization: Bearer <admin_token>'")
+        return None
+    if request.client[0] not in ("127.0.0.1", "::1"):
+        return text_error(403, f"set admin_token to read {request.path} from another host")
+    return None
+
+
+def page(request: Request, token: str) -> Response:
+    """The page: to loopback clients, or to anyone when a token is set (it holds no data;
+    the live socket asks for the token)."""
+    if not token and request.client[0] not in ("127.0.0.1", "::1"):
+        return text_error(403, f"set admin_token to open {ADMIN_PATH} from another host")
+    headers = {"content-type": "text/html; charset=utf-8", "cache-control": "no-cache"}
+    return Response(200, PAGE.read_bytes(), headers)
+
+
+class Quantiles:
+    """p50 and p99 of what a cumulative histogram saw since the last call (the upper bound of
+    the bucket each falls in, in ms), across all its labels."""
+
+    def __init__(self, histograms: Histograms) -> None:
+        self.histograms = histograms
+        self.before: list[int] = []
+
+    def since_last(self) -> dict[str, float | None]:
+        counts = [0] * (len(self.histograms.bounds) + 1)
+        for histogram in self.histograms.by.values():
+            counts = [a + b for a, b in zip(counts, histogram.counts, strict=True)]
+        fresh = [now - then for now, then in zip(counts, self.before or counts, strict=True)]
+        self.before = counts
+        return {"p50": self._at(fresh, 0.5), "p99": self._at(fresh, 0.99)}
+
+    def _at(self, counts: list[int], share: float) -> float | None:
+        total = sum(counts)
+        if not total:
+            return None
+        seen = 0
+        for bound, count in zip((*self.histograms.bounds, float("inf")), counts, strict=True):
+            seen += count
+            if seen >= share * total:
+                return bound * 1000
+        return None  # (not reached)
+
+
+@attrs.frozen
+class LiveAdmin:
+    """The ``Upgrade`` target of ``/_rooms/admin/live``."""
+
+
+class AdminFeed:
+    """The ``Target`` of a live admin WebSocket: waits for the token as the first message
+    (any, when no token is set: the upgrade was loopback-only), then writes one JSON snapshot
+    a second until the page goes: ``figures()`` (the counts, the usage totals), the time,
+    and the event and commit times of that second."""
+
+    def __init__(
+        self,
+        ws: Transport,
+        token: str,
+        metrics: Metrics,
+        figures: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.ws = ws
+        self.token = token
+        self.figures = figures
+        self.events = Quantiles(metrics.event_seconds)
+        self.commits = Quantiles(metrics.commit_seconds)
+        self.allowed = trio.Event()
+        self.ended = False
+
+    @property
+    def label(self) -> str:
+        return "live admin page"
+
+    def usage(self) -> dict[str, Any]:
+        return {"route": LIVE_PATH, "room": None, "connection": "admin", "client_ip": ""}
+
+    async def deliver(self, message: str | bytes) -> None:
+        if self.allowed.is_set():
+            return  # (the page says nothing after its token)
+        given = message.encode() if isinstance(message, str) else b""
+        if self.token and not hmac.compare_digest(given, self.token.encode()):
+            log.warning("live admin page: a wrong admin token; closed")
+            self.ws.close(TOKEN_NEEDED, "admin_token needed: give it on the page")
+            return
+        self.allowed.set()
+
+    def end(self, code: int, reason: str, send_close: bool = False) -> None:
+        self.ended = True
+        if send_close:
+            self.ws.close(code, reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "time": time.time(),
+            **self.figures(),
+            "event_ms": self.events.since_last(),
+            "commit_ms": self.commits.since_last(),
+        }
+
+    async def run(self) -> None:
+        """Push a snapshot every second, once the token is in."""
+        await self.allowed.wait()
+        while not self.ended:
+            self.ws.write(encode_message(json.dumps(self.snapshot())))
+            await trio.sleep(1.0)
