@@ -150,6 +150,12 @@ def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, N
                 return
 
 
+def room_label(room_class: type[Room], room_id: RoomId) -> str:
+    """A room as logs and usage records name it: ``Chat:0123456789ab ('lobby')``."""
+    name = f" ({room_id.name!r})" if room_id.name is not None else ""
+    return f"{room_class.__name__}:{room_id.hex[:12]}{name}"
+
+
 class Activation:
     """One room of the host: its instance (while in memory), connections, mailbox, storage
     view and output gate. It is the ``RoomContext`` its instance talks to."""
@@ -184,9 +190,7 @@ class Activation:
         self.host = host
         self.room_class = room_class
         self._room_id = room_id
-        self.label = f"{room_class.__name__}:{room_id.hex[:12]}" + (
-            f" ({room_id.name!r})" if room_id.name is not None else ""
-        )
+        self.label = room_label(room_class, room_id)
         self.instance: Room | None = None
         self.peers: dict[str, Peer] = {}
         self.attached = 0  # peers attached, including those whose connect is still queued

@@ -21,17 +21,24 @@ from typing import Any
 import attrs
 import trio
 
-from rooms import Request, Response
+from rooms import HTTPError, Request, Response
 from rooms._engine import text_error
 
 from .frames import encode_message
 from .gate import Transport
 from .metrics import Histograms, Metrics
+from .usage import COUNTS
 
 log = logging.getLogger("rooms.admin")
 
 ADMIN_PATH = "/_rooms/admin"
 LIVE_PATH = "/_rooms/admin/live"
+ROOMS_PATH = "/_rooms/admin/rooms"
+SORTS = {
+    "connections": lambda room: room["connections"],
+    "traffic": lambda room: room["bytes_in"] + room["bytes_out"],
+    "messages": lambda room: room["messages_in"] + room["messages_out"],
+}
 PAGE = Path(__file__).with_name("static") / "admin.html"
 TOKEN_NEEDED = 4401  # (4400-4499: rooms' clients do not reconnect)
 
@@ -56,6 +63,31 @@ def page(request: Request, token: str) -> Response:
         return text_error(403, f"set admin_token to open {ADMIN_PATH} from another host")
     headers = {"content-type": "text/html; charset=utf-8", "cache-control": "no-cache"}
     return Response(200, PAGE.read_bytes(), headers)
+
+
+def find_rooms(
+    rooms: list[dict[str, Any]], traffic: dict[str, dict[str, int]], request: Request
+) -> dict[str, Any]:
+    """The rooms the host knows of (``Host.rooms``) with their traffic (``Usage.report``'s
+    per room: closed and open connections), filtered by ``?class=`` and ``?q=`` (a part of
+    the name or id), the busiest first by ``?sort=`` (connections, traffic or messages),
+    a page of ``?limit=`` (at most 200) from ``?offset=``."""
+    sort = SORTS.get(request.query_param("sort") or "connections")
+    limit, offset = request.query_param("limit") or "50", request.query_param("offset") or "0"
+    if sort is None or not limit.isdigit() or not offset.isdigit() or not 0 < int(limit) <= 200:
+        raise HTTPError(400, "sort is connections, traffic or messages; limit 1 to 200")
+    wanted, text = request.query_param("class"), (request.query_param("q") or "").lower()
+    found = []
+    for room in rooms:
+        if wanted and room["room_class"] != wanted:
+            continue
+        if text and text not in f"{room['name'] or ''} {room['key']}".lower():
+            continue
+        used = traffic.get(room["label"], {})
+        found.append({**room, **{key: used.get(key, 0) for key in COUNTS}})
+    found.sort(key=sort, reverse=True)
+    start = int(offset)
+    return {"total": len(found), "rooms": found[start : start + int(limit)]}
 
 
 class Quantiles:

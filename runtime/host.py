@@ -28,7 +28,7 @@ import trio
 from rooms import CallCycleError, Request, Response, Room, RoomCallError, RoomId, Stub
 from rooms._engine import make_stub, room_id_of
 
-from .activation import Activation, Peer
+from .activation import Activation, Peer, room_label
 from .config import Settings
 from .events import Alarm, Call, Connect, Http, pack
 from .gate import Reply, Transport
@@ -152,6 +152,39 @@ class Host:
         if f"{namespace}/{hex_id}" not in self.directory.epochs:
             return None
         return self.activation(room_class, RoomId(hex_id, name))
+
+    def rooms(self) -> list[dict[str, Any]]:
+        """Every room the host knows of, for the operator: in memory ("live"), hibernated
+        (connections kept, instance gone), or out of memory with an alarm set ("unloaded"):
+        its key, class, name, state, connections and alarm time (seconds since the epoch)."""
+        alarms = self.alarms.entries()
+        known = [
+            {
+                "key": act.key,
+                "label": act.label,
+                "room_class": act.room_class.__name__,
+                "name": act.room_id.name,
+                "state": "live" if act.instance is not None else "hibernated",
+                "connections": len(act.peers),
+                "alarm": alarms[act.key][0] if act.key in alarms else None,
+            }
+            for act in self._activations.values()
+        ]
+        seen = {room["key"] for room in known}
+        for key, (at, room_class, room_id) in alarms.items():
+            if key not in seen:
+                known.append(
+                    {
+                        "key": key,
+                        "label": room_label(room_class, room_id),
+                        "room_class": room_class.__name__,
+                        "name": room_id.name,
+                        "state": "unloaded",
+                        "connections": 0,
+                        "alarm": at,
+                    }
+                )
+        return known
 
     def fence(self, act: Activation, why: str) -> None:
         """This node no longer holds ``act``'s room: it leaves the host, its clients are
@@ -424,6 +457,10 @@ class AlarmClock:
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self._changed.wait()
             self._fire_due()
+
+    def entries(self) -> dict[str, tuple[float, type[Room], RoomId]]:
+        """The alarms scheduled, by room key: when, and the room."""
+        return {key: (at, cls, room_id) for key, (at, _, cls, room_id) in self._due.items()}
 
     def changed(self, act: Activation, at: float | None) -> None:
         """``act`` set its alarm to ``at`` (None: deleted), in a commit on its way to disk."""

@@ -42,6 +42,9 @@ RoomTarget = tuple[type[Room], RoomId]
 """The room an upgrade joins: its class and id."""
 
 _CLIENT_JS = Path(__file__).with_name("static") / "client.js"
+_OPERATOR_PATHS = frozenset(
+    {"/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics", admin.ROOMS_PATH}
+)
 
 
 class Router:
@@ -68,7 +71,12 @@ class Router:
         """The response to a request, or for a WebSocket upgrade the room it joins or the
         proxied route that relays it."""
         try:
-            if request.path in ("/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics"):
+            if request.path in (
+                "/_rooms/metrics",
+                "/_rooms/usage",
+                "/_rooms/analytics",
+                admin.ROOMS_PATH,
+            ):
                 return self._admin(request)
             if request.path == admin.ADMIN_PATH:
                 return admin.page(request, self.settings.admin_token)
@@ -124,6 +132,9 @@ class Router:
             return refused
         if request.path == "/_rooms/analytics":
             return self._analytics(request)
+        if request.path == admin.ROOMS_PATH:
+            traffic = self.usage.report(self._live_usage())["rooms"]
+            return Response.json(admin.find_rooms(self.host.rooms(), traffic, request))
         usage = self.usage.report(self._live_usage())
         if request.path == "/_rooms/usage":
             return Response.json(usage)

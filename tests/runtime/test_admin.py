@@ -11,7 +11,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from examples.echo.app import EchoRoom
 from examples.echo.app import app as echo_app
+from rooms import App, Connection
 from runtime.config import Settings
 from tests.support import raw_request, start_server
 
@@ -71,3 +73,60 @@ async def test_from_elsewhere_the_page_needs_a_token_and_the_socket_asks_for_it(
     async with open_websocket_url(url) as live:
         await live.send_message("s3cret")
         assert "websockets_open" in (await snapshot(live))["metrics"]
+
+
+class Sleepy(EchoRoom):
+    """Hibernates at once when idle; sets an alarm for an hour when asked."""
+
+    hibernate_after = 0.2
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        if message == "alarm":
+            self.set_alarm(self.now() + 3600)
+        conn.send(message)
+
+
+async def test_finding_rooms_by_class_name_and_traffic(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    app = App()
+    app.room("/echo/{name}", EchoRoom)
+    app.room("/sleepy/{name}", Sleepy)
+    port = await start_server(nursery, app, settings)
+    url = f"ws://127.0.0.1:{port}"
+
+    async def rooms(query: str = "") -> dict[str, Any]:
+        status, body = await get(port, f"/_rooms/admin/rooms{query}")
+        assert status == 200, body
+        return json.loads(body)  # type: ignore[no-any-return]
+
+    async with (
+        open_websocket_url(f"{url}/echo/quiet") as quiet,
+        open_websocket_url(f"{url}/echo/busy") as busy,
+        open_websocket_url(f"{url}/echo/busy") as busy_too,
+        open_websocket_url(f"{url}/sleepy/dozing") as dozing,
+    ):
+        for ws, times in ((quiet, 1), (busy, 10), (busy_too, 1), (dozing, 1)):
+            for _ in range(times):
+                await ws.send_message("x" * 100)
+                await ws.get_message()
+        await dozing.send_message("alarm")
+        await dozing.get_message()
+        await trio.sleep(0.6)  # the sleepy room hibernates, its client still connected
+        by_connections = await rooms()
+        assert by_connections["total"] == 3
+        assert by_connections["rooms"][0]["name"] == "busy"
+        busiest = (await rooms("?sort=traffic"))["rooms"][0]
+        assert (busiest["name"], busiest["connections"], busiest["messages_in"]) == ("busy", 2, 11)
+        assert busiest["bytes_out"] > 1000 and busiest["state"] == "live"
+        [sleepy] = (await rooms("?class=Sleepy"))["rooms"]
+        assert (sleepy["name"], sleepy["state"], sleepy["connections"]) == (
+            "dozing",
+            "hibernated",
+            1,
+        )
+        assert sleepy["alarm"] > 3000 + trio.current_time() * 0  # an hour from now (epoch s)
+        assert [r["name"] for r in (await rooms("?q=QUI"))["rooms"]] == ["quiet"]
+        assert (await rooms("?limit=1&offset=1"))["total"] == 3
+        assert len((await rooms("?limit=1&offset=1"))["rooms"]) == 1
+        assert (await get(port, "/_rooms/admin/rooms?sort=size"))[0] == 400

@@ -360,7 +360,7 @@ def test_the_live_admin_page_moves_with_the_traffic(
 ) -> None:
     """/_rooms/admin from loopback: a chat page joins and talks, and the page's tiles (open
     WebSockets, messages in per second, bandwidth out) and their charts follow, pushed once
-    a second. Screenshot: artifacts/admin.png."""
+    a second; its rooms table finds the chat's room. Screenshot: artifacts/admin.png."""
     with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
         wait_for_port_sync(port, proc)
         admin = browser.new_context(viewport={"width": 1100, "height": 640}).new_page()
@@ -384,5 +384,15 @@ def test_the_live_admin_page_moves_with_the_traffic(
             "[data-testid=chart-messages_in]", "els => els.map(e => e.dataset.points)"
         )
         assert int(rates[0]) >= 3
+        # The rooms table (asked for every 5 s): the chat's room "busy", live, one client.
+        admin.fill("[data-testid=rooms-search]", "busy")
+        row = "[data-testid=room-row]"
+        admin.wait_for_function(
+            f"[...document.querySelectorAll('{row}')].some(r => r.cells[0].textContent"
+            " === 'busy' && r.cells[2].textContent === 'live' && r.cells[3].textContent === '1')",
+            timeout=10_000,
+        )
+        admin.fill("[data-testid=rooms-search]", "")
+        admin.wait_for_timeout(500)
         ARTIFACTS.mkdir(exist_ok=True)
-        admin.screenshot(path=str(ARTIFACTS / "admin.png"))
+        admin.screenshot(path=str(ARTIFACTS / "admin.png"), full_page=True)
