@@ -44,7 +44,7 @@ from .proxy import Upstream, relay
 from .proxy import connect as connect_upstream
 from .router import RoomTarget, Router
 from .stream import ConnectionBroken, Stream
-from .usage import Usage
+from .usage import USAGE_TOTALS, Usage
 from .websocket import Sessions, WebSocket
 
 log = logging.getLogger("rooms.edge")
@@ -352,8 +352,11 @@ class Edge:
 
     def _admin_figures(self) -> dict[str, Any]:
         """What the live admin page shows besides the event and commit times."""
-        total = self.usage.report(self._live_usage())["total"]
-        return {"metrics": self.metrics.counts(), "usage": total}
+        routes = self.usage.report(self._live_usage())["routes"]
+        routes.pop(LIVE_PATH, None)  # (what the pages themselves receive is not traffic)
+        total = {key: sum(counts[key] for counts in routes.values()) for key in USAGE_TOTALS}
+        codes = self.usage.analytics.close_codes(3600)
+        return {"metrics": self.metrics.counts(), "usage": total, "close_codes": codes}
 
     # -- accounting ------------------------------------------------------------------------
 

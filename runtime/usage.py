@@ -202,6 +202,13 @@ class Analytics:
             "minutes": [{"minute": at, "route": route, **m.as_dict()} for at, route, m in rows],
         }
 
+    def close_codes(self, seconds: float) -> dict[str, int]:
+        """How the connections that closed in the last ``seconds`` ended: count per code."""
+        codes: Counter[int] = Counter()
+        for _, _, minute in self.rows(seconds):
+            codes.update(minute.close_codes)
+        return {str(code): n for code, n in codes.most_common()}
+
     def csv(self, seconds: float) -> str:
         """Each minute and route over the last ``seconds`` as CSV, one column per figure
         (durations as counts at most each bound; close codes as ``code=count;...``)."""
@@ -217,5 +224,9 @@ class Analytics:
         return out.getvalue()
 
 
+USAGE_TOTALS = ("websockets", "open", "closed", *COUNTS)
+"""The figures of a totals entry of ``Usage.report``."""
+
+
 def _zero() -> dict[str, int]:
-    return dict.fromkeys(("websockets", "open", "closed", *COUNTS), 0)
+    return dict.fromkeys(USAGE_TOTALS, 0)

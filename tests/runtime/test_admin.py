@@ -51,6 +51,10 @@ async def test_the_page_and_its_live_socket_from_loopback_without_a_token(
         assert second["metrics"]["websockets_open"] == 2  # the client and this page
         assert second["usage"]["bytes_out"] > first["usage"]["bytes_out"]
         assert second["event_ms"]["p99"] is not None  # the echo's events in that second
+        third = await snapshot(live)
+        assert third["close_codes"] == {"1000": 1}  # the client's, in the last hour
+        assert third["usage"]["closed"] == 1
+        assert third["usage"]["websockets"] == 1  # (the page's own socket is not traffic)
 
 
 async def test_from_elsewhere_the_page_needs_a_token_and_the_socket_asks_for_it(
