@@ -16,24 +16,31 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from rooms import HTTPError, Request, Response
-from rooms._engine import text_error
+from rooms._engine import decode, encode, is_valid_close_code, text_error
 
 from .frames import encode_message
 from .gate import Transport
 from .metrics import Histograms, Metrics
-from .usage import COUNTS
+from .usage import COUNTS, Usage
+
+if TYPE_CHECKING:
+    from .activation import Peer
+    from .host import Host
 
 log = logging.getLogger("rooms.admin")
 
 ADMIN_PATH = "/_rooms/admin"
 LIVE_PATH = "/_rooms/admin/live"
 ROOMS_PATH = "/_rooms/admin/rooms"
+ROOM_PATH = "/_rooms/admin/room"
+ACTIONS = ("close", "notice", "evict")
+_PREVIEW = 200  # characters of a stored value shown
 SORTS = {
     "connections": lambda room: room["connections"],
     "traffic": lambda room: room["bytes_in"] + room["bytes_out"],
@@ -88,6 +95,83 @@ def find_rooms(
     found.sort(key=sort, reverse=True)
     start = int(offset)
     return {"total": len(found), "rooms": found[start : start + int(limit)]}
+
+
+async def room_details(host: Host, key: str, prefix: str) -> dict[str, Any]:
+    """One room for its page: what ``Host.rooms`` says of it, its connections (address,
+    identity, tags, state size, traffic both ways, connected since) and up to 100 of its
+    stored keys from ``prefix``, values decoded and cut at 200 characters."""
+    room = next((r for r in host.rooms() if r["key"] == key), None)
+    if room is None:
+        raise HTTPError(404, f"no room {key!r} on this node (see {ROOMS_PATH})")
+    act = host.known(key)
+    peers = [] if act is None else list(act.peers.values())
+    rows = await host.backend.list(key, prefix or None, None, None, False, 100)
+    stored = [{"key": name, "value": _preview(value)} for name, value in rows]
+    return {**room, "connections": [_connection(peer) for peer in peers], "storage": stored}
+
+
+def _connection(peer: Peer) -> dict[str, Any]:
+    conn, ws = peer.conn, peer.transport
+    counts = {name: getattr(ws, name, None) for name in COUNTS}  # (None: through a link)
+    return {
+        "id": conn.id,
+        "client": conn.request.client[0],
+        "identity": json.loads(json.dumps(conn.request.identity, default=repr)),
+        "tags": sorted(conn.tags),
+        "state_bytes": len(encode(conn.state, "connection state")),
+        **counts,
+        "since": getattr(ws, "started", None),
+    }
+
+
+def _preview(value: bytes) -> str:
+    try:
+        text = json.dumps(decode(value), default=repr, ensure_ascii=False)
+    except Exception:  # (a value written by another version of the app, say)
+        text = f"<{len(value)} bytes that do not decode>"
+    return text if len(text) <= _PREVIEW else text[:_PREVIEW] + "…"
+
+
+async def act_on_room(host: Host, usage: Usage, request: Request) -> dict[str, Any]:
+    """Run the action a POST to ``ROOM_PATH`` asks for (JSON: ``key``, ``action`` of
+    ``ACTIONS`` and its arguments) as an event in the room's mailbox, and leave an audit line
+    (who, what, which room and connection) in the log and the usage log."""
+    try:
+        asked = json.loads(request.body)
+        key, action = asked["key"], asked["action"]
+    except (ValueError, TypeError, KeyError):
+        raise HTTPError(400, 'send JSON: {"key": ROOM_KEY, "action": ..., ...}') from None
+    if action not in ACTIONS:
+        raise HTTPError(400, f"action must be one of {', '.join(ACTIONS)}")
+    args = _action_args(action, asked)
+    act = host.known(key)
+    if act is None:
+        raise HTTPError(404, f"no room {key!r} in memory or hibernated on this node")
+    who = request.client[0]
+    done = await host.operate(act, action, args)
+    log.warning("operator at %s: %s %s on room %s: %s", who, action, args, act.label, done)
+    usage.audit({"who": who, "action": action, **args, "room": act.label, "result": done})
+    return {"room": act.label, "action": action, "result": done}
+
+
+def _action_args(action: str, asked: dict[str, Any]) -> dict[str, Any]:
+    if action == "close":
+        code, reason = asked.get("code", 1000), asked.get("reason", "closed by the operator")
+        if not isinstance(code, int) or not is_valid_close_code(code):
+            raise HTTPError(400, "code must be a close code (1000-1003, 1007-1014, 3000-4999)")
+        if not isinstance(reason, str) or len(reason.encode()) > 123:
+            raise HTTPError(400, "reason must be text of at most 123 bytes")
+        connection = asked.get("connection")
+        if not isinstance(connection, str):
+            raise HTTPError(400, "close needs the connection's id")
+        return {"connection": connection, "code": code, "reason": reason}
+    if action == "notice":
+        text = asked.get("text")
+        if not isinstance(text, str) or not text:
+            raise HTTPError(400, "notice needs its text")
+        return {"text": text}
+    return {}
 
 
 class Quantiles:

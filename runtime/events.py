@@ -11,6 +11,7 @@ class here (as h11 keeps a state machine's rules in one table).
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,6 +22,7 @@ import trio
 from rooms import HTTPError, Request, Response, Room, RoomCallError
 from rooms._engine import decode, encode, error_response
 
+from .frames import encode_message
 from .gate import Reply
 from .metrics import Metrics
 from .placement import NotHere
@@ -253,15 +255,55 @@ class Alarm(_Event):
         act.commit()
 
 
-RoomEvent = Connect | Message | Closed | Http | Call | Tick | Alarm
-
-
 def pack(value: Any, what: str) -> bytes:
     """``value`` as msgpack for a call; RoomCallError naming ``what`` if it cannot be."""
     try:
         return encode(value, what)
     except TypeError as exc:
         raise RoomCallError(str(exc)) from None
+
+
+@attrs.define(slots=True, eq=False)
+class Operator(_Event):
+    """An operator's action from the admin page, run in the room's own order: ``close`` one
+    connection (``connection``, ``code``, ``reason``), send a ``notice`` (``text``) to every
+    client, or ``evict`` the room from memory (it hibernates if it has connections)."""
+
+    hook: ClassVar[str] = "an operator's action"
+    report: ClassVar[str] = "the operator was answered 500"
+    action: str
+    args: dict[str, Any]
+    reply: Reply
+
+    async def run(self, act: Activation, room: Room) -> str:
+        if self.action == "close":
+            peer = act.peers.get(self.args["connection"])
+            if peer is None:
+                return "no such connection in this room"
+            peer.conn.close(self.args["code"], self.args["reason"])
+            return f"connection {peer.conn.id} closed with {self.args['code']}"
+        if self.action == "notice":
+            act.send([peer.transport for peer in act.peers.values()], notice(self.args["text"]))
+            return f"notice sent to {len(act.peers)} connections"
+        act.evict()
+        return "the room leaves memory once this event is done"
+
+    def done(self, act: Activation, result: Any) -> None:
+        act.gate.emit(self.reply.set, result)
+
+    def tell(self, act: Activation, problem: str) -> None:
+        act.gate.emit(self.reply.set, problem)
+
+    def moved(self, act: Activation) -> None:
+        self.reply.fail(NotHere(MOVED))
+
+
+def notice(text: str) -> bytes:
+    """An operator's notice as the text frame clients get: ``{"notice": text}``."""
+    return encode_message(json.dumps({"notice": text}))
+
+
+RoomEvent = Connect | Message | Closed | Http | Call | Tick | Alarm | Operator
 
 
 class Mailbox:

@@ -30,7 +30,7 @@ from rooms._engine import make_stub, room_id_of
 
 from .activation import Activation, Peer, room_label
 from .config import Settings
-from .events import Alarm, Call, Connect, Http, pack
+from .events import Alarm, Call, Connect, Http, Operator, pack
 from .gate import Reply, Transport
 from .metrics import Metrics
 from .placement import ClusterUnavailable, Directory, NotHere, Owner, RemoteRooms, Room3
@@ -185,6 +185,19 @@ class Host:
                     }
                 )
         return known
+
+    def known(self, key: str) -> Activation | None:
+        """The activation of the room ``key`` ("namespace/hex") if this host has one."""
+        namespace, _, hex_id = key.partition("/")
+        return self._activations.get((namespace, hex_id))
+
+    async def operate(self, act: Activation, action: str, args: dict[str, Any]) -> str:
+        """Run an operator's action (``events.Operator``) as an event of ``act``'s room, in
+        its order; what it did."""
+        reply = Reply()
+        await act.post(Operator(action, args, reply))
+        done: str = await reply.wait()
+        return done
 
     def fence(self, act: Activation, why: str) -> None:
         """This node no longer holds ``act``'s room: it leaves the host, its clients are

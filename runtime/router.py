@@ -43,7 +43,7 @@ RoomTarget = tuple[type[Room], RoomId]
 
 _CLIENT_JS = Path(__file__).with_name("static") / "client.js"
 _OPERATOR_PATHS = frozenset(
-    {"/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics", admin.ROOMS_PATH}
+    {"/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics", admin.ROOMS_PATH, admin.ROOM_PATH}
 )
 
 
@@ -71,13 +71,8 @@ class Router:
         """The response to a request, or for a WebSocket upgrade the room it joins or the
         proxied route that relays it."""
         try:
-            if request.path in (
-                "/_rooms/metrics",
-                "/_rooms/usage",
-                "/_rooms/analytics",
-                admin.ROOMS_PATH,
-            ):
-                return self._admin(request)
+            if request.path in _OPERATOR_PATHS:
+                return await self._admin(request)
             if request.path == admin.ADMIN_PATH:
                 return admin.page(request, self.settings.admin_token)
             if request.path == "/_rooms/client.js":
@@ -124,14 +119,20 @@ class Router:
             kind += "; charset=utf-8"
         return Response(200, body, {"content-type": kind, "cache-control": "no-cache"})
 
-    def _admin(self, request: Request) -> Response:
-        """/_rooms/metrics (Prometheus text), /_rooms/usage (JSON) and /_rooms/analytics
-        (JSON, CSV or JSON Lines), for the operator."""
+    async def _admin(self, request: Request) -> Response:
+        """The operator's endpoints: /_rooms/metrics (Prometheus text), /_rooms/usage (JSON),
+        /_rooms/analytics (JSON, CSV or JSON Lines), and the admin page's rooms, a room and
+        the actions on it (``runtime.admin``)."""
         refused = admin.refusal(request, self.settings.admin_token)
         if refused is not None:
             return refused
         if request.path == "/_rooms/analytics":
             return self._analytics(request)
+        if request.path == admin.ROOM_PATH:
+            if request.method == "POST":
+                return Response.json(await admin.act_on_room(self.host, self.usage, request))
+            key, prefix = request.query_param("key") or "", request.query_param("prefix") or ""
+            return Response.json(await admin.room_details(self.host, key, prefix))
         if request.path == admin.ROOMS_PATH:
             traffic = self.usage.report(self._live_usage())["rooms"]
             return Response.json(admin.find_rooms(self.host.rooms(), traffic, request))

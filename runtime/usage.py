@@ -73,6 +73,14 @@ class Usage:
             except OSError as exc:
                 log.error("cannot write the usage log: %s", exc)
 
+    def audit(self, line: dict[str, Any]) -> None:
+        """An operator's action, as a line of its own in the usage log (``"audit"``)."""
+        if self._log is not None:
+            try:
+                self._log.write(json.dumps({"audit": line, "time": iso_utc(time.time())}) + "\n")
+            except OSError as exc:
+                log.error("cannot write the usage log: %s", exc)
+
     def report(self, live: list[dict[str, Any]]) -> dict[str, Any]:
         """Totals per route and room, closed connections and ``live`` ones included."""
         routes = {k: dict(v) for k, v in self._routes.items()}
