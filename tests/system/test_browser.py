@@ -360,7 +360,8 @@ def test_the_live_admin_page_moves_with_the_traffic(
 ) -> None:
     """/_rooms/admin from loopback: a chat page joins and talks, and the page's tiles (open
     WebSockets, messages in per second, bandwidth out) and their charts follow, pushed once
-    a second; its rooms table finds the chat's room. Screenshot: artifacts/admin.png."""
+    a second; its rooms table finds the chat's room, whose page sends a notice and closes
+    the chat page's connection (4000, counted). Screenshot: artifacts/admin.png."""
     with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
         wait_for_port_sync(port, proc)
         admin = browser.new_context(viewport={"width": 1100, "height": 640}).new_page()
@@ -392,14 +393,22 @@ def test_the_live_admin_page_moves_with_the_traffic(
             " === 'busy' && r.cells[2].textContent === 'live' && r.cells[3].textContent === '1')",
             timeout=10_000,
         )
+        # One room: its connection, a notice to its clients, then closing that connection.
+        admin.click(f"{row} >> text=busy")
+        admin.wait_for_selector("[data-testid=connection-close]", timeout=10_000)
+        admin.fill("[data-testid=notice-text]", "maintenance at noon")
+        admin.click("[data-testid=notice-send]")
+        result = "[data-testid=room-result]"
+        admin.wait_for_selector(f"{result}:has-text('notice sent to 1 connections')")
         for i in range(8):  # (traffic in the screenshot)
             say(ada, f"more {i}")
             admin.wait_for_timeout(250)
         ARTIFACTS.mkdir(exist_ok=True)
         admin.screenshot(path=str(ARTIFACTS / "admin.png"), full_page=True)
-        ada.close()  # a WebSocket closes: the page counts it, with its code
-        admin.wait_for_function(
+        admin.click("[data-testid=connection-close]")
+        admin.wait_for_selector(f"{result}:has-text('closed with 4000')", timeout=10_000)
+        admin.wait_for_function(  # the page counts that close, with its code
             "document.querySelector('[data-testid=tile-closes]').parentElement"
-            ".querySelector('.note').textContent.includes('1001: 1')",
+            ".querySelector('.note').textContent.includes('4000: 1')",
             timeout=10_000,
         )
