@@ -1,5 +1,8 @@
-"""The operator's live view: ``/_rooms/admin`` (a page) and ``/_rooms/admin/live`` (its
-WebSocket), which pushes a snapshot of the server's figures every second.
+"""The operator's view: ``/_rooms/admin`` (a page); ``/_rooms/admin/live``, its WebSocket,
+which pushes a snapshot of the server's figures every second; ``/_rooms/admin/rooms``, the
+rooms this node knows of, the busiest first; ``/_rooms/admin/room``, one room (connections,
+stored keys) and, by POST, the actions on it, each run as an event in the room's own order
+(``events.Operator``) and audited.
 
 Who may look: as for ``/_rooms/metrics``, anyone with ``admin_token`` (the page asks for it
 and sends it as its first message: a browser cannot put an Authorization header on a
