@@ -97,10 +97,12 @@ MUTANTS = [
         "runtime/events.py",
         "    def done(self, act: Activation, result: Any) -> None:\n"
         "        act.gate.emit(self.reply.set, result)\n\n"
-        "    def tell(",
+        "    def tell(self, act: Activation, problem: str) -> None:\n"
+        "        act.gate.emit(self.reply.set, Response.text(",
         "    def done(self, act: Activation, result: Any) -> None:\n"
         "        self.reply.set(result)\n\n"
-        "    def tell(",
+        "    def tell(self, act: Activation, problem: str) -> None:\n"
+        "        act.gate.emit(self.reply.set, Response.text(",
         (G + "test_an_http_reply_after_a_write_waits_for_the_commit",),
     ),
     Mutant(
