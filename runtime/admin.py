@@ -56,23 +56,27 @@ TOKEN_NEEDED = 4401  # (4400-4499: rooms' clients do not reconnect)
 def refusal(request: Request, token: str) -> Response | None:
     """Why ``request`` may not see the operator's endpoints (401 without the token when one
     is set, 403 from another host when none is), or None."""
-    if token:
-        given = (request.header("authorization") or "").encode()
-        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-            return text_error(401, f"{request.path} needs 'Authorization: Bearer <admin_token>'")
-        return None
-    if request.client[0] not in ("127.0.0.1", "::1"):
-        return text_error(403, f"set admin_token to read {request.path} from another host")
+    if not token:
+        return remote_refusal(request, token, "read")
+    given = (request.header("authorization") or "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return text_error(401, f"{request.path} needs 'Authorization: Bearer <admin_token>'")
     return None
+
+
+def remote_refusal(request: Request, token: str, verb: str = "open") -> Response | None:
+    """403 for a client on another host when no token is set, or None: the rule of what
+    asks for the token later (the page, its live socket) and, without a token, of all."""
+    if token or request.client[0] in ("127.0.0.1", "::1"):
+        return None
+    return text_error(403, f"set admin_token to {verb} {request.path} from another host")
 
 
 def page(request: Request, token: str) -> Response:
     """The page: to loopback clients, or to anyone when a token is set (it holds no data;
     the live socket asks for the token)."""
-    if not token and request.client[0] not in ("127.0.0.1", "::1"):
-        return text_error(403, f"set admin_token to open {ADMIN_PATH} from another host")
     headers = {"content-type": "text/html; charset=utf-8", "cache-control": "no-cache"}
-    return Response(200, PAGE.read_bytes(), headers)
+    return remote_refusal(request, token) or Response(200, PAGE.read_bytes(), headers)
 
 
 def find_rooms(
@@ -229,7 +233,6 @@ class AdminFeed:
         self.events = Quantiles(metrics.event_seconds)
         self.commits = Quantiles(metrics.commit_seconds)
         self.allowed = trio.Event()
-        self.ended = False
 
     @property
     def label(self) -> str:
@@ -249,7 +252,6 @@ class AdminFeed:
         self.allowed.set()
 
     def end(self, code: int, reason: str, send_close: bool = False) -> None:
-        self.ended = True
         if send_close:
             self.ws.close(code, reason)
 
@@ -262,8 +264,9 @@ class AdminFeed:
         }
 
     async def run(self) -> None:
-        """Push a snapshot every second, once the token is in."""
+        """Push a snapshot every second, once the token is in (until the connection's
+        nursery is cancelled as it closes)."""
         await self.allowed.wait()
-        while not self.ended:
+        while True:
             self.ws.write(encode_message(json.dumps(self.snapshot())))
             await trio.sleep(1.0)

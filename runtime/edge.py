@@ -28,7 +28,7 @@ from rooms import App, Request, Response
 from rooms._engine import ProxyRoute, text_error
 
 from .activation import Activation, Peer
-from .admin import LIVE_PATH, AdminFeed, LiveAdmin
+from .admin import LIVE_PATH, AdminFeed, LiveAdmin, remote_refusal
 from .admission import Admission
 from .config import Settings, tls_context
 from .gate import Transport
@@ -235,11 +235,11 @@ class Edge:
     def _admin_upgrade(self, request: Request, http_version: bytes) -> Upgrade | Response:
         """The live admin page's WebSocket (``runtime.admin``): loopback only unless a token
         is set, which the page then sends first."""
-        token = self.settings.admin_token
-        if not token and request.client[0] not in ("127.0.0.1", "::1"):
-            return text_error(403, f"set admin_token to open {LIVE_PATH} from another host")
-        return check_upgrade(request, http_version) or Upgrade(
-            request, LiveAdmin(), accept_response(request)
+        refused = remote_refusal(request, self.settings.admin_token)
+        return (
+            refused
+            or check_upgrade(request, http_version)
+            or Upgrade(request, LiveAdmin(), accept_response(request))
         )
 
     async def join(
