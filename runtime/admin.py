@@ -105,10 +105,10 @@ def find_rooms(
 
 
 async def room_details(host: Host, key: str, prefix: str) -> dict[str, Any]:
-    """One room for its page: what ``Host.rooms`` says of it, its connections (address,
+    """One room for its page: what ``Host.room`` says of it, its connections (address,
     identity, tags, state size, traffic both ways, connected since) and up to 100 of its
     stored keys from ``prefix``, values decoded and cut at 200 characters."""
-    room = next((r for r in host.rooms() if r["key"] == key), None)
+    room = host.room(key)
     if room is None:
         raise HTTPError(404, f"no room {key!r} on this node (see {ROOMS_PATH})")
     act = host.known(key)

@@ -154,37 +154,41 @@ class Host:
         return self.activation(room_class, RoomId(hex_id, name))
 
     def rooms(self) -> list[dict[str, Any]]:
-        """Every room the host knows of, for the operator: in memory ("live"), hibernated
-        (connections kept, instance gone), or out of memory with an alarm set ("unloaded"):
-        its key, class, name, state, connections and alarm time (seconds since the epoch)."""
+        """Every room the host knows of, for the operator (``room``): those with an
+        activation, then those out of memory with an alarm set."""
         alarms = self.alarms.entries()
-        known = [
-            {
-                "key": act.key,
-                "label": act.label,
-                "room_class": act.room_class.__name__,
-                "name": act.room_id.name,
-                "state": "live" if act.instance is not None else "hibernated",
-                "connections": len(act.peers),
-                "alarm": alarms[act.key][0] if act.key in alarms else None,
-            }
-            for act in self._activations.values()
-        ]
-        seen = {room["key"] for room in known}
-        for key, (at, room_class, room_id) in alarms.items():
-            if key not in seen:
-                known.append(
-                    {
-                        "key": key,
-                        "label": room_label(room_class, room_id),
-                        "room_class": room_class.__name__,
-                        "name": room_id.name,
-                        "state": "unloaded",
-                        "connections": 0,
-                        "alarm": at,
-                    }
-                )
-        return known
+        known = [self._room_entry(act.key, alarms) for act in self._activations.values()]
+        held = {act.key for act in self._activations.values()}
+        return known + [self._room_entry(key, alarms) for key in alarms if key not in held]
+
+    def room(self, key: str) -> dict[str, Any] | None:
+        """The room ``key`` ("namespace/hex") for the operator: its key, label, class, name,
+        state (in memory: "live"; connections kept, instance gone: "hibernated"; out of
+        memory with an alarm set: "unloaded"), connections and alarm time (seconds since
+        the epoch); None if the host knows nothing of it."""
+        alarms = self.alarms.entries()
+        return self._room_entry(key, alarms) if self.known(key) or key in alarms else None
+
+    def _room_entry(
+        self, key: str, alarms: dict[str, tuple[float, type[Room], RoomId]]
+    ) -> dict[str, Any]:
+        act, alarm = self.known(key), alarms.get(key)
+        if act is not None:
+            room_class, room_id = act.room_class, act.room_id
+            state = "live" if act.instance is not None else "hibernated"
+        else:
+            assert alarm is not None
+            _, room_class, room_id = alarm
+            state = "unloaded"
+        return {
+            "key": key,
+            "label": room_label(room_class, room_id),
+            "room_class": room_class.__name__,
+            "name": room_id.name,
+            "state": state,
+            "connections": 0 if act is None else len(act.peers),
+            "alarm": None if alarm is None else alarm[0],
+        }
 
     def known(self, key: str) -> Activation | None:
         """The activation of the room ``key`` ("namespace/hex") if this host has one."""
