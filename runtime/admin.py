@@ -190,9 +190,7 @@ class Quantiles:
         self.before: list[int] = []
 
     def since_last(self) -> dict[str, float | None]:
-        counts = [0] * (len(self.histograms.bounds) + 1)
-        for histogram in self.histograms.by.values():
-            counts = [a + b for a, b in zip(counts, histogram.counts, strict=True)]
+        counts = self.histograms.merged().counts
         fresh = [now - then for now, then in zip(counts, self.before or counts, strict=True)]
         self.before = counts
         return {"p50": self._at(fresh, 0.5), "p99": self._at(fresh, 0.99)}

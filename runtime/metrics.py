@@ -47,6 +47,11 @@ class Histogram:
         self.counts[_bisect(self.bounds, value)] += 1
         self.sum += value
 
+    def add(self, other: Histogram) -> None:
+        """Count ``other``'s observations here too (the same bounds)."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.sum += other.sum
+
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative counts per bound, ``+Inf`` last, as Prometheus writes them."""
         total, out = 0, []
@@ -64,6 +69,13 @@ class Histograms:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.by: dict[str, Histogram] = {}
+
+    def merged(self) -> Histogram:
+        """Every label's observations in one histogram."""
+        total = Histogram(self.bounds)
+        for histogram in self.by.values():
+            total.add(histogram)
+        return total
 
     def of(self, label: str) -> Histogram:
         histogram = self.by.get(label)

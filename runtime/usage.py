@@ -61,23 +61,23 @@ class Usage:
             self._rooms[record["room"]] = room
             if len(self._rooms) > _MAX_ROOMS:
                 self._rooms.popitem(last=False)
-        if self._log is not None:
-            line = {
+        self._write(
+            {
                 **record,
                 "start": iso_utc(record["start"]),
                 "stop": iso_utc(record["stop"]),
                 "duration_s": round(record["stop"] - record["start"], 3),
             }
-            try:
-                self._log.write(json.dumps(line) + "\n")
-            except OSError as exc:
-                log.error("cannot write the usage log: %s", exc)
+        )
 
     def audit(self, line: dict[str, Any]) -> None:
         """An operator's action, as a line of its own in the usage log (``"audit"``)."""
+        self._write({"audit": line, "time": iso_utc(time.time())})
+
+    def _write(self, line: dict[str, Any]) -> None:
         if self._log is not None:
             try:
-                self._log.write(json.dumps({"audit": line, "time": iso_utc(time.time())}) + "\n")
+                self._log.write(json.dumps(line) + "\n")
             except OSError as exc:
                 log.error("cannot write the usage log: %s", exc)
 
@@ -138,10 +138,7 @@ class Minute:
     def add(self, other: Minute) -> None:
         for field in ANALYTICS_FIELDS:
             setattr(self, field, getattr(self, field) + getattr(other, field))
-        self.durations.counts = [
-            a + b for a, b in zip(self.durations.counts, other.durations.counts, strict=True)
-        ]
-        self.durations.sum += other.durations.sum
+        self.durations.add(other.durations)
         self.close_codes.update(other.close_codes)
 
     def as_dict(self) -> dict[str, Any]:
