@@ -56,14 +56,14 @@ class HttpServer:
             received = await self._receive(h, stream, client, timeout)
             if received is None:
                 return None
-            if isinstance(received, Response):
-                await self._send(h, stream, received)
+            if isinstance(received, Refusal):
+                await self._send(h, stream, received.response, head=received.head)
                 break
             event, request = received
             result = await answer(request, event.http_version, stream.tls is not None)
             if not isinstance(result, Response):
                 return result, h.trailing_data[0]
-            await self._send(h, stream, result, request)
+            await self._send(h, stream, result, request, head=request.method == "HEAD")
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                 break
             try:
@@ -76,8 +76,8 @@ class HttpServer:
 
     async def _receive(
         self, h: h11.Connection, stream: Stream, client: tuple[str, int], timeout: float
-    ) -> tuple[h11.Request, Request] | Response | None:
-        """The next request; or the error response to end the connection with; or None when
+    ) -> tuple[h11.Request, Request] | Refusal | None:
+        """The next request; or the error answer to end the connection with; or None when
         the client closed, or an idle keep-alive connection timed out."""
         settings, metrics = self.settings, self.metrics
         event: h11.Event | None = None
@@ -87,27 +87,27 @@ class HttpServer:
                 if h.their_state is h11.IDLE and timeout == settings.keepalive_timeout:
                     return None
                 metrics.limit_handshake_timeout_total += 1
-                return text_error(408, "request head not received in time")
+                return Refusal(text_error(408, "request head not received in time"))
             if not isinstance(event, h11.Request):
                 return None  # ConnectionClosed
             if _head_size(event) > settings.max_header_bytes:
                 # h11 only bounds a head that is still incomplete; bound complete ones too.
                 metrics.limit_header_too_big_total += 1
-                return _refusal(event, text_error(431, "request head too large"))
+                return Refusal.of(event, text_error(431, "request head too large"))
             return event, await self._read_request(h, stream, event, client)
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
                 metrics.limit_header_too_big_total += 1
             if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
                 return None
-            return _refusal(event, text_error(exc.error_status_hint, f"bad request: {exc}"))
+            return Refusal.of(event, text_error(exc.error_status_hint, f"bad request: {exc}"))
         except HTTPError as exc:
             if exc.status == 413:
                 metrics.limit_body_too_big_total += 1
             elif exc.status == 408:
                 metrics.limit_body_timeout_total += 1
                 log.info("%s:%d: %s; answered 408", client[0], client[1], exc.reason)
-            return _refusal(event, text_error(exc.status, exc.reason))
+            return Refusal.of(event, text_error(exc.status, exc.reason))
 
     async def _read_request(
         self, h: h11.Connection, stream: Stream, event: h11.Request, client: tuple[str, int]
@@ -169,12 +169,18 @@ class HttpServer:
         return peer
 
     async def _send(
-        self, h: h11.Connection, stream: Stream, response: Response, request: Request | None = None
+        self,
+        h: h11.Connection,
+        stream: Stream,
+        response: Response,
+        request: Request | None = None,
+        *,
+        head: bool,
     ) -> None:
-        """Send ``response`` (to ``request``; a HEAD gets no body)."""
-        response, head = sendable(response, request)
-        data = h.send(head) or b""
-        if response.body and not (request is not None and request.method == "HEAD"):
+        """Send ``response`` (to ``request``); to a HEAD (``head``) without its body."""
+        response, response_head = sendable(response, request)
+        data = h.send(response_head) or b""
+        if response.body and not head:
             data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
@@ -204,12 +210,18 @@ def _head(response: Response) -> h11.Response:
     )
 
 
-def _refusal(event: h11.Event | None, response: Response) -> Response:
-    """``response`` as the error answer to the request ``event`` began: without its body if
-    that is a HEAD (h11 refuses to send one)."""
-    if isinstance(event, h11.Request) and event.method == b"HEAD":
-        return attrs.evolve(response, body=b"")
-    return response
+@attrs.frozen
+class Refusal:
+    """An error answer that ends the connection; ``head``: it answers a HEAD request, so it
+    goes without its body, as every answer to a HEAD does."""
+
+    response: Response
+    head: bool = False
+
+    @classmethod
+    def of(cls, event: h11.Event | None, response: Response) -> Refusal:
+        """``response`` as the answer to the request ``event`` began (None: none began)."""
+        return cls(response, isinstance(event, h11.Request) and event.method == b"HEAD")
 
 
 def raw_response(response: Response) -> bytes:
