@@ -166,20 +166,29 @@ async def test_pipelined_garbage_after_a_good_request(srv: Server) -> None:
 async def test_slowloris_is_cut_off_and_others_are_served(srv: Server) -> None:
     """50 clients trickle a request head a byte at a time: each gets 408 once the
     handshake_timeout (1 s here) is over, and a normal request is served meanwhile."""
-    answers: list[bytes] = []
-
-    async def trickle() -> None:
-        head = b"GET /hello HTTP/1.1\r\nhost: x\r\nx-slow: " + b"z" * 1000
-        answers.append((await trickled(srv.port, b"", head, 0.1, 8))[1])
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(50):
-            nursery.start_soon(trickle)
-        await trio.sleep(0.3)
-        with trio.fail_after(2):
-            assert status(await raw_request(srv.port, HELLO)) == 200
+    head = b"GET /hello HTTP/1.1\r\nhost: x\r\nx-slow: " + b"z" * 1000
+    answers = [answer for _, answer in await tricklers(srv, 50, b"", head, 0.1, 8, 0.3)]
     assert len(answers) == 50
     assert all(status(a) == 408 for a in answers), answers
+
+
+async def tricklers(
+    srv: Server, count: int, first: bytes, rest: bytes, gap: float, patience: float, settle: float
+) -> list[tuple[float, bytes]]:
+    """``count`` clients trickling at once (``trickled``), and a normal request served
+    meanwhile, ``settle`` seconds in; what each trickler got, and when."""
+    answers: list[tuple[float, bytes]] = []
+
+    async def trickle() -> None:
+        answers.append(await trickled(srv.port, first, rest, gap, patience))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(trickle)
+        await trio.sleep(settle)
+        with trio.fail_after(2):
+            assert status(await raw_request(srv.port, HELLO)) == 200
+    return answers
 
 
 async def trickled(
@@ -222,17 +231,7 @@ async def test_a_trickled_body_is_cut_off_and_others_are_served(srv: Server, chu
     here): each gets 408 soon after, counted, and a normal request is served meanwhile."""
     before = await metric(srv.port, "limit_body_timeout_total")
     head, body = post("/upload", b"x" * 100, chunked)
-    answers: list[tuple[float, bytes]] = []
-
-    async def trickle() -> None:
-        answers.append(await trickled(srv.port, head, body, 0.2, 10))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(200):
-            nursery.start_soon(trickle)
-        await trio.sleep(0.5)
-        with trio.fail_after(2):
-            assert status(await raw_request(srv.port, HELLO)) == 200
+    answers = await tricklers(srv, 200, head, body, 0.2, 10, 0.5)
     assert [status(answer) for _, answer in answers] == [408] * 200
     assert b"request body not received within 1 s" in answers[0][1]
     assert max(elapsed for elapsed, _ in answers) < 8  # the 100 bytes would take 20 s
