@@ -17,6 +17,8 @@ import trio.testing
 
 from rooms import App, Connection, Request, Response, Room
 from rooms.testing import ConnectionClosed, RoomsHarness, Settings
+from runtime.admin import ROOM_PATH
+from runtime.events import Operator
 from runtime.server import open_backend
 from tests.support import HeldCommits, PausedCommit
 
@@ -173,10 +175,19 @@ class Serial(Room):
         await self._exclusive("call")
 
 
-async def test_one_event_at_a_time_for_every_kind_of_event() -> None:
+async def test_one_event_at_a_time_for_every_kind_of_event(monkeypatch: Any) -> None:
     Serial.inside, Serial.overlaps, Serial.seen = None, [], set()
     app = App()
     app.room("/serial/{name}", Serial)
+    action = Operator.run  # (an operator's action runs no room code: watched from outside)
+
+    async def watched(self: Operator, act: Any, room: Serial) -> str:
+        await room._exclusive("operator")
+        return await action(self, act, room)
+
+    monkeypatch.setattr(Operator, "run", watched)
+    key = f"{Serial.namespace}/{Serial.resolve('s').hex}"
+    notice = json.dumps({"key": key, "action": "notice", "text": "hello"})
     async with RoomsHarness(app) as h:
 
         async def member() -> None:
@@ -191,9 +202,11 @@ async def test_one_event_at_a_time_for_every_kind_of_event() -> None:
             for _ in range(10):
                 nursery.start_soon(h.request, "GET", "/serial/s")
                 nursery.start_soon(h.stub(Serial, "s").work)
+                nursery.start_soon(h.request, "POST", ROOM_PATH, notice)
         await h.settle()
     assert Serial.overlaps == []
-    assert Serial.seen == {"connect", "message", "close", "request", "call", "tick", "alarm"}
+    kinds = {"connect", "message", "close", "request", "call", "tick", "alarm", "operator"}
+    assert Serial.seen == kinds
 
 
 # -- failures stay where they are ----------------------------------------------------------------
