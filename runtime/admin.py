@@ -48,6 +48,7 @@ SORTS = {
     "connections": lambda room: room["connections"],
     "traffic": lambda room: room["bytes_in"] + room["bytes_out"],
     "messages": lambda room: room["messages_in"] + room["messages_out"],
+    "stored": lambda room: room["stored_bytes"],
 }
 PAGE = Path(__file__).with_name("static") / "admin.html"
 TOKEN_NEEDED = 4401  # (4400-4499: rooms' clients do not reconnect)
@@ -79,35 +80,50 @@ def page(request: Request, token: str) -> Response:
     return remote_refusal(request, token) or Response(200, PAGE.read_bytes(), headers)
 
 
-def find_rooms(
-    rooms: list[dict[str, Any]], traffic: dict[str, dict[str, int]], request: Request
+async def find_rooms(
+    host: Host, traffic: dict[str, dict[str, int]], request: Request
 ) -> dict[str, Any]:
     """The rooms the host knows of (``Host.rooms``) with their traffic (``Usage.report``'s
-    per room: closed and open connections), filtered by ``?class=`` and ``?q=`` (a part of
-    the name or id), the busiest first by ``?sort=`` (connections, traffic or messages),
-    a page of ``?limit=`` (at most 200) from ``?offset=``."""
-    sort = SORTS.get(request.query_param("sort") or "connections")
+    per room: closed and open connections) and what they have stored, filtered by
+    ``?class=`` and ``?q=`` (a part of the name or id), the busiest first by ``?sort=``
+    (connections, traffic, messages or stored bytes), a page of ``?limit=`` (at most 200)
+    from ``?offset=``. Stored sizes are read for the page's rooms only, or for every room
+    found when sorting by them."""
+    by = request.query_param("sort") or "connections"
     limit, offset = request.query_param("limit") or "50", request.query_param("offset") or "0"
-    if sort is None or not limit.isdigit() or not offset.isdigit() or not 0 < int(limit) <= 200:
-        raise HTTPError(400, "sort is connections, traffic or messages; limit 1 to 200")
+    if by not in SORTS or not limit.isdigit() or not offset.isdigit() or not 0 < int(limit) <= 200:
+        raise HTTPError(400, f"sort is one of {', '.join(SORTS)}; limit 1 to 200")
     wanted, text = request.query_param("class"), (request.query_param("q") or "").lower()
     found = []
-    for room in rooms:
+    for room in host.rooms():
         if wanted and room["room_class"] != wanted:
             continue
         if text and text not in f"{room['name'] or ''} {room['key']}".lower():
             continue
         used = traffic.get(room["label"], {})
         found.append({**room, **{key: used.get(key, 0) for key in COUNTS}})
-    found.sort(key=sort, reverse=True)
+    if by == "stored":
+        await _with_sizes(host, found)
+    found.sort(key=SORTS[by], reverse=True)
     start = int(offset)
-    return {"total": len(found), "rooms": found[start : start + int(limit)]}
+    page = found[start : start + int(limit)]
+    if by != "stored":
+        await _with_sizes(host, page)
+    return {"total": len(found), "rooms": page}
+
+
+async def _with_sizes(host: Host, rooms: list[dict[str, Any]]) -> None:
+    """Add to each room what it has stored: ``stored_keys`` and ``stored_bytes``."""
+    sizes = await host.backend.sizes([room["key"] for room in rooms])
+    for room in rooms:
+        room["stored_keys"], room["stored_bytes"] = sizes.get(room["key"], (0, 0))
 
 
 async def room_details(host: Host, key: str, prefix: str) -> dict[str, Any]:
-    """One room for its page: what ``Host.room`` says of it, its connections (address,
-    identity, tags, state size, traffic both ways, connected since) and up to 100 of its
-    stored keys from ``prefix``, values decoded and cut at 200 characters."""
+    """One room for its page: what ``Host.room`` says of it, what it has stored, its
+    connections (address, identity, tags, state size, traffic both ways, connected since)
+    and up to 100 of its stored keys from ``prefix``, values decoded and cut at 200
+    characters."""
     room = host.room(key)
     if room is None:
         raise HTTPError(404, f"no room {key!r} on this node (see {ROOMS_PATH})")
@@ -115,6 +131,7 @@ async def room_details(host: Host, key: str, prefix: str) -> dict[str, Any]:
     peers = [] if act is None else list(act.peers.values())
     rows = await host.backend.list(key, prefix or None, None, None, False, 100)
     stored = [{"key": name, "value": _preview(value)} for name, value in rows]
+    await _with_sizes(host, [room])
     return {**room, "connections": [_connection(peer) for peer in peers], "storage": stored}
 
 

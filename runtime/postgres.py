@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -34,6 +34,7 @@ from .storage import (
     FencedError,
     Job,
     ListResult,
+    Size,
     StorageError,
     ThreadedBackend,
     range_query,
@@ -298,6 +299,18 @@ class PgBackend(ThreadedBackend[Conn]):
 
         at: float | None = await self._call(run)
         return at
+
+    async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
+        def run(db: Conn) -> dict[str, Size]:
+            rows = db.execute(
+                "SELECT room, count(*), sum(length(key) + length(value)) FROM rooms_kv "
+                "WHERE room = ANY(%s) GROUP BY room",
+                ([*rooms],),
+            )
+            return {room: (keys, int(size)) for room, keys, size in rows}
+
+        result: dict[str, Size] = await self._call(run)
+        return result
 
     async def alarms(self) -> AlarmRows:
         """The alarms of the rooms this node holds (the others fire where they live, or are

@@ -135,7 +135,7 @@ class Router:
             return Response.json(await admin.room_details(self.host, key, prefix))
         if request.path == admin.ROOMS_PATH:
             traffic = self.usage.report(self._live_usage())["rooms"]
-            return Response.json(admin.find_rooms(self.host.rooms(), traffic, request))
+            return Response.json(await admin.find_rooms(self.host, traffic, request))
         usage = self.usage.report(self._live_usage())
         if request.path == "/_rooms/usage":
             return Response.json(usage)

@@ -7,7 +7,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -18,6 +18,7 @@ from .storage import (
     Done,
     Job,
     ListResult,
+    Size,
     StorageError,
     ThreadedBackend,
     range_query,
@@ -202,6 +203,23 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
 
         at: float | None = await self._call(run)
         return at
+
+    async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
+        def run(db: sqlite3.Connection) -> dict[str, Size]:
+            found: dict[str, Size] = {}
+            for start in range(0, len(rooms), 500):
+                chunk = rooms[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    "SELECT room, count(*), sum(length(CAST(key AS BLOB)) + length(value)) "
+                    f"FROM kv WHERE room IN ({marks}) GROUP BY room",
+                    chunk,
+                )
+                found.update((room, (keys, size)) for room, keys, size in rows)
+            return found
+
+        result: dict[str, Size] = await self._call(run)
+        return result
 
     async def alarms(self) -> AlarmRows:
         def run(db: sqlite3.Connection) -> AlarmRows:

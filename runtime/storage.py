@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import trio
@@ -29,6 +29,8 @@ AlarmChange = tuple[float | None, str | None]
 """An event's change to its room's alarm: (time, room name) to set it, (None, None) to delete."""
 AlarmRows = list[tuple[str, float, str | None]]
 """Every stored alarm: (room, time, room name)."""
+Size = tuple[int, int]
+"""What a room has stored: (keys, bytes of its keys and values)."""
 
 
 _IN_FLIGHT: trio.lowlevel.RunVar[list[int]] = trio.lowlevel.RunVar("rooms_storage_in_flight")
@@ -218,6 +220,11 @@ class Backend(Protocol):
         ...
 
     async def get_alarm(self, room: str) -> float | None: ...
+
+    async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
+        """What each of ``rooms`` has stored (rooms with nothing stored are left out), for
+        the operator; reads their rows, on the backend's thread like every job."""
+        ...
 
     async def alarms(self) -> AlarmRows:
         """Every stored alarm: (room, time, room name)."""

@@ -89,6 +89,7 @@ class Sleepy(EchoRoom):
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
         if message == "alarm":
             self.set_alarm(self.now() + 3600)
+            self.storage.put("note", "x" * 1000)
         conn.send(message)
 
 
@@ -133,6 +134,9 @@ async def test_finding_rooms_by_class_name_and_traffic(
         assert (await rooms("?limit=1&offset=1"))["total"] == 3
         assert len((await rooms("?limit=1&offset=1"))["rooms"]) == 1
         assert (await get(port, "/_rooms/admin/rooms?sort=size"))[0] == 400
+        largest = (await rooms("?sort=stored"))["rooms"]
+        assert [(r["name"], r["stored_keys"]) for r in largest][0] == ("dozing", 1)
+        assert largest[0]["stored_bytes"] > 1000 and largest[1]["stored_bytes"] == 0
 
 
 class Noted(EchoRoom):
@@ -175,6 +179,7 @@ async def test_a_rooms_page_and_the_operators_actions_run_in_its_order(
         room = json.loads(body)
         assert [entry["key"] for entry in room["storage"]] == ["config:colour"]
         assert room["storage"][0]["value"] == '"blue"'
+        assert room["stored_keys"] == 2 and room["stored_bytes"] > 500
         [one, two] = sorted(room["connections"], key=lambda c: c["messages_in"])
         assert (two["messages_in"], two["tags"], two["client"]) == (1, ["player"], "127.0.0.1")
         assert one["state_bytes"] > 0 and one["since"] > 0

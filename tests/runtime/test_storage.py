@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from rooms._engine import encode
 from runtime.postgres import PgBackend
 from runtime.sqlite import SqliteBackend
 from runtime.storage import MAX_KEY_BYTES, Backend, RoomStorage, StorageError, ThreadedBackend
@@ -647,3 +648,14 @@ async def test_a_key_sqlite_cannot_store_is_refused_and_never_kills_the_thread(
     assert isinstance(outcomes.errors["bad"], StorageError)
     assert outcomes.errors["good"] is None
     assert await view(backend, "ns/good").get("k") == "fine"
+
+
+async def test_sizes_count_each_rooms_keys_and_bytes(backend: Backend) -> None:
+    ours, other = view(backend, "ns/ours"), view(backend, "ns/other")
+    ours.put_many({"é": "x" * 100, "b": 1})
+    other.put("k", b"")
+    assert await commit(ours) is None and await commit(other) is None
+    ours_bytes = len("é".encode()) + len(encode("x" * 100, "")) + 1 + len(encode(1, ""))
+    sizes = await backend.sizes(["ns/ours", "ns/other", "ns/empty"])
+    assert sizes == {"ns/ours": (2, ours_bytes), "ns/other": (1, 1 + len(encode(b"", "")))}
+    assert await backend.sizes([f"ns/{n}" for n in range(1200)]) == {}  # (in chunks)
