@@ -2,7 +2,12 @@
 which pushes a snapshot of the server's figures every second; ``/_rooms/admin/rooms``, the
 rooms this node knows of, the busiest first; ``/_rooms/admin/room``, one room (connections,
 stored keys) and, by POST, the actions on it, each run as an event in the room's own order
-(``events.Operator``) and audited.
+(``events.Operator``) and audited; ``/_rooms/admin/nodes``, the nodes.
+
+In cluster mode every node answers for the whole cluster (``ClusterView``): the nodes are
+those the database says are alive, each asked over the link to it for its own view
+(``/_rooms/admin/node``: its figures, rooms and traffic), and a room's page and actions go to
+the node that holds the room.
 
 Who may look: as for ``/_rooms/metrics``, anyone with ``admin_token`` (the page asks for it
 and sends it as its first message: a browser cannot put an Authorization header on a
@@ -17,7 +22,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +35,15 @@ from rooms._engine import decode, encode, is_valid_close_code, text_error
 from .frames import encode_message
 from .gate import Transport
 from .metrics import Histograms, Metrics
+from .placement import Owner
+from .storage import Size
 from .usage import COUNTS, Usage
 
 if TYPE_CHECKING:
     from .activation import Peer
+    from .cluster import Cluster
     from .host import Host
+    from .outlink import Links
 
 log = logging.getLogger("rooms.admin")
 
@@ -42,6 +51,8 @@ ADMIN_PATH = "/_rooms/admin"
 LIVE_PATH = "/_rooms/admin/live"
 ROOMS_PATH = "/_rooms/admin/rooms"
 ROOM_PATH = "/_rooms/admin/room"
+NODES_PATH = "/_rooms/admin/nodes"
+NODE_PATH = "/_rooms/admin/node"  # (one node's own view: what the others ask it)
 ACTIONS = ("close", "notice", "evict")
 _PREVIEW = 200  # characters of a stored value shown
 SORTS = {
@@ -80,11 +91,17 @@ def page(request: Request, token: str) -> Response:
     return remote_refusal(request, token) or Response(200, PAGE.read_bytes(), headers)
 
 
+Traffic = dict[str, dict[str, int]]
+"""``Usage.report``'s per room: what its closed and open connections used, by room label."""
+Sizes = Callable[[list[str]], Awaitable[dict[str, Size]]]
+"""``Backend.sizes``."""
+
+
 async def find_rooms(
-    host: Host, traffic: dict[str, dict[str, int]], request: Request
+    rooms: list[dict[str, Any]], traffic: Traffic, request: Request, sizes: Sizes
 ) -> dict[str, Any]:
-    """The rooms the host knows of (``Host.rooms``) with their traffic (``Usage.report``'s
-    per room: closed and open connections) and what they have stored, filtered by
+    """The rooms (``Host.rooms``: of this node, or of every node) with their traffic and
+    what they have stored, filtered by
     ``?class=`` and ``?q=`` (a part of the name or id), the busiest first by ``?sort=``
     (connections, traffic, messages or stored bytes), a page of ``?limit=`` (at most 200)
     from ``?offset=``. Stored sizes are read for the page's rooms only, or for every room
@@ -95,7 +112,7 @@ async def find_rooms(
         raise HTTPError(400, f"sort is one of {', '.join(SORTS)}; limit 1 to 200")
     wanted, text = request.query_param("class"), (request.query_param("q") or "").lower()
     found = []
-    for room in host.rooms():
+    for room in rooms:
         if wanted and room["room_class"] != wanted:
             continue
         if text and text not in f"{room['name'] or ''} {room['key']}".lower():
@@ -103,20 +120,20 @@ async def find_rooms(
         used = traffic.get(room["label"], {})
         found.append({**room, **{key: used.get(key, 0) for key in COUNTS}})
     if by == "stored":
-        await _with_sizes(host, found)
+        await _with_sizes(sizes, found)
     found.sort(key=SORTS[by], reverse=True)
     start = int(offset)
     page = found[start : start + int(limit)]
     if by != "stored":
-        await _with_sizes(host, page)
+        await _with_sizes(sizes, page)
     return {"total": len(found), "rooms": page}
 
 
-async def _with_sizes(host: Host, rooms: list[dict[str, Any]]) -> None:
+async def _with_sizes(sizes: Sizes, rooms: list[dict[str, Any]]) -> None:
     """Add to each room what it has stored: ``stored_keys`` and ``stored_bytes``."""
-    sizes = await host.backend.sizes([room["key"] for room in rooms])
+    stored = await sizes([room["key"] for room in rooms])
     for room in rooms:
-        room["stored_keys"], room["stored_bytes"] = sizes.get(room["key"], (0, 0))
+        room["stored_keys"], room["stored_bytes"] = stored.get(room["key"], (0, 0))
 
 
 async def room_details(host: Host, key: str, prefix: str) -> dict[str, Any]:
@@ -131,7 +148,7 @@ async def room_details(host: Host, key: str, prefix: str) -> dict[str, Any]:
     peers = [] if act is None else list(act.peers.values())
     rows = await host.backend.list(key, prefix or None, None, None, False, 100)
     stored = [{"key": name, "value": _preview(value)} for name, value in rows]
-    await _with_sizes(host, [room])
+    await _with_sizes(host.backend.sizes, [room])
     return {**room, "connections": [_connection(peer) for peer in peers], "storage": stored}
 
 
@@ -179,6 +196,19 @@ async def act_on_room(host: Host, usage: Usage, request: Request) -> dict[str, A
     return {"room": act.label, "action": action, "result": done}
 
 
+def room_key(request: Request) -> str:
+    """The room a request to ``ROOM_PATH`` is about: ``?key=``, or a POST's ``key``."""
+    if request.method != "POST":
+        return request.query_param("key") or ""
+    try:
+        key = json.loads(request.body)["key"]
+    except (ValueError, TypeError, KeyError):
+        raise HTTPError(400, 'send JSON: {"key": ROOM_KEY, "action": ..., ...}') from None
+    if not isinstance(key, str):
+        raise HTTPError(400, "key must be a room's key (NAMESPACE/HEX)")
+    return key
+
+
 def _action_args(action: str, asked: dict[str, Any]) -> dict[str, Any]:
     if action == "close":
         code, reason = asked.get("code", 1000), asked.get("reason", "closed by the operator")
@@ -196,6 +226,114 @@ def _action_args(action: str, asked: dict[str, Any]) -> dict[str, Any]:
             raise HTTPError(400, "notice needs its text")
         return {"text": text}
     return {}
+
+
+NODE_FIGURES = (
+    "websockets_open",
+    "rooms_in_memory",
+    "rooms_hibernated",
+    "websocket_upgrades_total",
+    "messages_in_total",
+    "messages_out_total",
+    "cluster_forwarded_websockets",
+    "cluster_remote_peers",
+)
+"""What the nodes table shows of each node (``Metrics`` fields)."""
+_ASK_SECONDS = 5.0  # for a node's answer, before the page shows it as unreachable
+
+
+def node_view(
+    node: str, metrics: Metrics, rooms: list[dict[str, Any]] | None, traffic: Traffic
+) -> dict[str, Any]:
+    """One node's own view (``NODE_PATH``): its figures and, with ``rooms``, its rooms (each
+    marked with the node) and the traffic of its clients per room, wherever the room is."""
+    counts = metrics.counts()
+    view: dict[str, Any] = {"node": node, **{name: counts[name] for name in NODE_FIGURES}}
+    if rooms is not None:
+        view["rooms"] = [{**room, "node": node} for room in rooms]
+        view["traffic"] = traffic
+    return view
+
+
+class ClusterView:
+    """The operator's view across a cluster: the live nodes (as the database says), each
+    answering for itself (``NODE_PATH``; over the link, or ``own`` for this node), and the
+    room pages of rooms held elsewhere asked of their node."""
+
+    def __init__(
+        self, cluster: Cluster, links: Links, own: Callable[[Request], Awaitable[Response]]
+    ) -> None:
+        self.cluster = cluster
+        self.links = links
+        self.own = own
+
+    @property
+    def node(self) -> str:
+        """This node's id."""
+        return self.cluster.node_id
+
+    async def nodes(self, request: Request) -> dict[str, Any]:
+        """Every node the database knows of (``cluster.status``), with each live one's
+        figures, or why it did not answer."""
+        status = await self.cluster.status()
+        views = await self._ask_live(status["nodes"], request, with_rooms=False)
+        nodes = [{**row, **views.get(row["node"], {})} for row in status["nodes"]]
+        return {**status, "this": self.cluster.node_id, "nodes": nodes}
+
+    async def rooms(self, request: Request, sizes: Sizes) -> dict[str, Any]:
+        """``find_rooms`` over the rooms of every live node, with each room's traffic summed
+        over the nodes its clients came through."""
+        status = await self.cluster.status()
+        views = await self._ask_live(status["nodes"], request, with_rooms=True)
+        rooms: list[dict[str, Any]] = []
+        traffic: Traffic = {}
+        for view in views.values():
+            rooms += view.get("rooms", [])
+            for label, counts in view.get("traffic", {}).items():
+                summed = traffic.setdefault(label, dict.fromkeys(COUNTS, 0))
+                for key in COUNTS:
+                    summed[key] += counts.get(key, 0)
+        found = await find_rooms(rooms, traffic, request, sizes)
+        unreachable = sorted(node for node, view in views.items() if "error" in view)
+        return {**found, "unreachable": unreachable}
+
+    async def forward(self, key: str, request: Request) -> Response | None:
+        """Room ``key``'s page or action, answered by the node that holds it; None if no
+        other node does."""
+        owner = await self.cluster.owner_of(key)
+        if owner is None or owner.node_id == self.cluster.node_id:
+            return None
+        query = f"{request.query_string}&here=1".lstrip("&")
+        return await self.links.operator(owner, attrs.evolve(request, query_string=query))
+
+    async def _ask_live(
+        self, rows: list[dict[str, Any]], request: Request, with_rooms: bool
+    ) -> dict[str, dict[str, Any]]:
+        asked = attrs.evolve(
+            request, method="GET", path=NODE_PATH, query_string="rooms=1" if with_rooms else ""
+        )
+        views: dict[str, dict[str, Any]] = {}
+
+        async def ask(node: str, address: str) -> None:
+            try:
+                with trio.fail_after(_ASK_SECONDS):
+                    if node == self.cluster.node_id:
+                        answer = await self.own(asked)
+                    else:
+                        answer = await self.links.operator(Owner(node, address, 0), asked)
+                if answer.status != 200:
+                    raise RuntimeError(answer.body.decode(errors="replace"))
+                views[node] = json.loads(answer.body)
+            except Exception as exc:  # (a node away, or slow: the others are still shown)
+                error = "no answer within 5 s" if isinstance(exc, trio.TooSlowError) else exc
+                log.warning("admin: node %s at %s did not answer: %s", node, address, error)
+                views[node] = {"error": str(error)}
+
+        async with trio.open_nursery() as nursery:
+            for row in rows:
+                if row["status"] == "alive":
+                    nursery.start_soon(ask, row["node"], row["address"])
+        return views
 
 
 class Quantiles:

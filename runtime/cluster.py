@@ -307,6 +307,19 @@ class Cluster:
         except psycopg.Error as exc:
             log.warning("could not give back the rooms (the lease will run out): %s", exc)
 
+    async def status(self) -> dict[str, Any]:
+        """The cluster as the database sees it (``status``), for the operator."""
+        found: dict[str, Any] = await self._directory.run(_status)
+        return found
+
+    async def owner_of(self, key: str) -> Owner | None:
+        """The live node holding room ``key``, if one does (never claims it)."""
+        epoch = self.epochs.get(key)
+        if epoch is not None:
+            return Owner(self.node_id, self.address, epoch)
+        row = await self._directory.run(lambda conn: conn.execute(_OWNER, (key,)).fetchone())
+        return None if row is None else Owner(*row)
+
     async def due_alarms(self) -> list[tuple[str, float, str | None]]:
         """Alarms that are due in rooms nobody live holds (their node died): claim and fire."""
         rows: list[tuple[str, float, str | None]] = await self._directory.run(_due_orphan_alarms)
@@ -357,20 +370,24 @@ def _due_orphan_alarms(conn: Conn) -> list[tuple[str, float, str | None]]:
 
 def status(dsn: str) -> dict[str, Any]:
     """The cluster as the database sees it: every node not long dead, and rooms per node
-    (for ``rooms cluster status``)."""
+    (for ``rooms cluster status``; ``Cluster.status`` from a node)."""
     with connect(dsn) as conn:
-        nodes = conn.execute(
-            "SELECT n.node_id, n.address, n.status, "
-            "extract(epoch FROM n.lease_until - now())::float, "
-            "(SELECT count(*) FROM rooms_owners o WHERE o.node_id = n.node_id) "
-            "FROM rooms_nodes n "
-            "WHERE n.status = 'alive' OR n.lease_until > now() - interval '1 hour' "
-            "ORDER BY n.started_at"
-        ).fetchall()
-        unowned = conn.execute(
-            "SELECT count(*) FROM rooms_owners o WHERE o.node_id IS NULL OR NOT EXISTS "
-            "(SELECT 1 FROM rooms_nodes n WHERE n.node_id = o.node_id AND n.status = 'alive')"
-        ).fetchone()
+        return _status(conn)
+
+
+def _status(conn: Conn) -> dict[str, Any]:
+    nodes = conn.execute(
+        "SELECT n.node_id, n.address, n.status, "
+        "extract(epoch FROM n.lease_until - now())::float, "
+        "(SELECT count(*) FROM rooms_owners o WHERE o.node_id = n.node_id) "
+        "FROM rooms_nodes n "
+        "WHERE n.status = 'alive' OR n.lease_until > now() - interval '1 hour' "
+        "ORDER BY n.started_at"
+    ).fetchall()
+    unowned = conn.execute(
+        "SELECT count(*) FROM rooms_owners o WHERE o.node_id IS NULL OR NOT EXISTS "
+        "(SELECT 1 FROM rooms_nodes n WHERE n.node_id = o.node_id AND n.status = 'alive')"
+    ).fetchone()
     return {
         "nodes": [
             {"node": n, "address": a, "status": s, "lease_left_s": round(left, 2), "rooms": rooms}

@@ -78,7 +78,7 @@ class Edge:
         self._link_networks = networks(settings.cluster_link_networks)
         self.admission = Admission(settings, metrics)
         self.usage = Usage(settings)
-        self.router = Router(app, settings, metrics, host, self.usage, self._live_usage)
+        self.router = Router(app, settings, metrics, host, self.usage, self._live_usage, links)
         self.http = HttpServer(settings, metrics, host.stub)
         own = [c.first_message_timeout for c in app.room_classes()]
         self.sessions = Sessions(
@@ -257,7 +257,7 @@ class Edge:
             return target
         if isinstance(target, PeerNode):
             await send(upgrade.accept)
-            return InLink(self.host, transport, target.node_id)
+            return InLink(self.host, transport, target.node_id, self.router.operator)
         if isinstance(target, LiveAdmin):
             await send(upgrade.accept)
             token, figures = self.settings.admin_token, self._admin_figures

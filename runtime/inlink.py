@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from rooms import Request, Response
 
 from .events import Connect
 from .frames import encode_message
@@ -22,6 +25,7 @@ from .link import (
     JOINED,
     LINK_PATH,
     MESSAGE,
+    OPERATOR,
     PAUSE,
     REFUSED,
     REPLY,
@@ -59,12 +63,20 @@ class LinkTransport:
 
 class InLink:
     """The ``Target`` of a link's WebSocket on the room's node: what a peer's clients send,
-    and their rooms' calls and requests."""
+    their rooms' calls and requests, and its operator's requests (answered by ``operator``,
+    this node's own view: the peer checked the token)."""
 
-    def __init__(self, host: Host, ws: Transport, node_id: str) -> None:
+    def __init__(
+        self,
+        host: Host,
+        ws: Transport,
+        node_id: str,
+        operator: Callable[[Request], Awaitable[Response]],
+    ) -> None:
         self.host = host
         self.ws = ws
         self.node_id = node_id
+        self.operator = operator
         self.peers: dict[int, Peer] = {}
         self.draining = False
         # This tick's SEND frames in order, each with its message count and clients; where
@@ -129,7 +141,7 @@ class InLink:
                 self._closed_if_drained()
         elif kind == ATTACH:
             self._attach(*items[1:])
-        else:  # CALL or REQUEST
+        else:  # CALL, REQUEST or OPERATOR
             self.host.nursery.start_soon(self._answer, items)
 
     def _attach(
@@ -169,22 +181,27 @@ class InLink:
         self._write(RESUME, conn)
 
     async def _answer(self, items: list[Any]) -> None:
-        kind, number, namespace, hex_id, name = items[:5]
-        host = self.host
+        kind, number, host = items[0], items[1], self.host
         try:
-            act = host.held(namespace, hex_id, name)
-            if act is None:
-                raise NotHere("that room is not held by this node")
-            if kind == CALL:
-                method, payload, chain = items[5:]
-                value = await host.call_here(act, method, payload, chain)
+            if kind == OPERATOR:
+                value = _wire(await self.operator(request_from_wire(items[2], host.stub)))
             else:
-                response = await host.request_here(act, request_from_wire(items[5], host.stub))
-                value = [response.status, response.body, response.headers]
+                value = await self._answer_room(items)
             answer = (REPLY, number, True, value)
         except Exception as exc:
             answer = (REPLY, number, False, [type(exc).__name__, str(exc)])
         self._write(*answer)
+
+    async def _answer_room(self, items: list[Any]) -> Any:
+        kind, _, namespace, hex_id, name = items[:5]
+        host = self.host
+        act = host.held(namespace, hex_id, name)
+        if act is None:
+            raise NotHere("that room is not held by this node")
+        if kind == CALL:
+            method, payload, chain = items[5:]
+            return await host.call_here(act, method, payload, chain)
+        return _wire(await host.request_here(act, request_from_wire(items[5], host.stub)))
 
     def _write(self, *items: Any) -> None:
         self.ws.write(encode_message(pack(*items)))
@@ -219,6 +236,10 @@ class InLink:
         until its ``ENDED`` comes back, so that the room hears of its end.)"""
         self.flush()
         self._write(CLOSE, conn, code, reason)
+
+
+def _wire(response: Response) -> list[Any]:
+    return [response.status, response.body, response.headers]
 
 
 __all__ = ["InLink", "LinkTransport"]

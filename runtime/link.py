@@ -7,7 +7,9 @@ binary messages are msgpack arrays ``[kind, ...]``. Over it the client's node (t
 - attaches a client to the room (``ATTACH`` -> ``JOINED`` or ``REFUSED``), and once the
   client has its 101, connects it (``CONNECT``: the room's ``on_connect``); forwards its
   messages (``MESSAGE``) and its end (``ENDED``); calls rooms held there or sends them plain
-  HTTP requests (``CALL``, ``REQUEST`` -> ``REPLY``);
+  HTTP requests (``CALL``, ``REQUEST`` -> ``REPLY``); asks that node's operator's view about
+  itself for an admin page open on another node (``OPERATOR`` -> ``REPLY``: an operator's
+  request to ``/_rooms/admin/...``, whose token the asking node checked);
 
 and the room's node (the owner) sends back:
 
@@ -42,9 +44,9 @@ from .frames import ProtocolError
 
 log = logging.getLogger("rooms.cluster")
 
-PROTOCOL = 1
+PROTOCOL = 2  # (2: OPERATOR)
 ATTACH, JOINED, REFUSED, CONNECT, MESSAGE, ENDED, CALL, REQUEST, REPLY = range(1, 10)
-SEND, CLOSE, PAUSE, RESUME = range(10, 14)
+SEND, CLOSE, PAUSE, RESUME, OPERATOR = range(10, 15)
 LINK_PATH = "/_rooms/cluster"
 _LINK_OVERHEAD = 64 * 1024  # a link message's room for its header, past the client's limit
 
@@ -122,6 +124,7 @@ _SHAPES: dict[int, tuple[_Types, ...]] = {
     ENDED: (int, int, str, bool),  # conn, code, reason, send_close
     CALL: (int, str, str, _NAME, str, bytes, list),  # number, room, method, payload, chain
     REQUEST: (int, str, str, _NAME, dict),
+    OPERATOR: (int, dict),  # number, request
     # what the owner sends (the edge reads these)
     JOINED: (int,),
     REFUSED: (int, int, str),  # conn, status, text
@@ -131,7 +134,7 @@ _SHAPES: dict[int, tuple[_Types, ...]] = {
     PAUSE: (int,),
     RESUME: (int,),
 }
-TO_OWNER = frozenset({ATTACH, CONNECT, MESSAGE, ENDED, CALL, REQUEST})
+TO_OWNER = frozenset({ATTACH, CONNECT, MESSAGE, ENDED, CALL, REQUEST, OPERATOR})
 """The kinds a node reads on a link another node opened to it."""
 TO_EDGE = frozenset({JOINED, REFUSED, REPLY, SEND, CLOSE, PAUSE, RESUME})
 """The kinds a node reads on a link it opened."""

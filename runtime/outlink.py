@@ -14,6 +14,7 @@ import trio
 from rooms import Request, Response, Room, RoomCallError, RoomId
 from rooms._engine import text_error
 
+from .activation import room_label
 from .dial import ClientSocket, connect
 from .frames import Close, Ping, ProtocolError, encode_message
 from .gate import Reply, Transport
@@ -28,6 +29,7 @@ from .link import (
     JOINED,
     LINK_PATH,
     MESSAGE,
+    OPERATOR,
     PAUSE,
     PROTOCOL,
     REQUEST,
@@ -60,20 +62,20 @@ class Forwarded:
     """The ``Target`` of a client whose room lives on another node: its messages go over the
     link; what the room sends comes back as ``SEND`` frames written to ``ws``."""
 
-    __slots__ = ("_resumed", "auto_reply", "conn", "ended", "key", "link", "request", "ws")
+    __slots__ = ("_resumed", "auto_reply", "conn", "ended", "link", "request", "room", "ws")
 
     def __init__(
         self,
         link: OutLink,
         conn: int,
         room_class: type[Room],
-        key: str,
+        room_id: RoomId,
         ws: Transport,
         request: Request,
     ) -> None:
         self.link = link
         self.conn = conn
-        self.key = key
+        self.room = room_label(room_class, room_id)  # (as a client of a room here names it)
         self.ws = ws
         self.request = request
         self.auto_reply = room_class.auto_reply
@@ -82,7 +84,7 @@ class Forwarded:
 
     @property
     def label(self) -> str:
-        return f"connection {self.conn} to room {self.key} on node {self.link.owner.node_id}"
+        return f"connection {self.conn} to room {self.room} on node {self.link.owner.node_id}"
 
     async def deliver(self, message: str | bytes) -> None:
         auto = self.auto_reply
@@ -108,7 +110,7 @@ class Forwarded:
     def usage(self) -> dict[str, Any]:
         return {
             "route": self.request.route,
-            "room": self.key,
+            "room": self.room,
             "connection": f"{self.link.owner.node_id}:{self.conn}",
             "client_ip": self.request.client[0],
         }
@@ -287,8 +289,7 @@ class OutLink:
         """A place for ``ws``'s client in the room there: its target, or the refusal
         (``NotHere`` if that node does not hold the room any more)."""
         conn = self._number()
-        key = f"{room_class.namespace}/{room_id.hex}"
-        client = self.clients[conn] = Forwarded(self, conn, room_class, key, ws, request)
+        client = self.clients[conn] = Forwarded(self, conn, room_class, room_id, ws, request)
         self.links.metrics.cluster_forwarded_websockets += 1
         room = (room_class.namespace, room_id.hex, room_id.name)
         try:
@@ -320,6 +321,14 @@ class OutLink:
         _, _, ok, value = await self._ask(REQUEST, *room, request_to_wire(request))
         if not ok:
             raise NotHere(value[1])
+        status, body, headers = value
+        return Response(status, body, headers)
+
+    async def operator(self, request: Request) -> Response:
+        _, _, ok, value = await self._ask(OPERATOR, request_to_wire(request))
+        if not ok:
+            kind, text = value
+            return text_error(500, f"node {self.owner.node_id} failed: {kind}: {text}")
         status, body, headers = value
         return Response(status, body, headers)
 
@@ -399,6 +408,12 @@ class Links:
     async def request(self, owner: Owner, room: Room3, request: Request) -> Response:
         link = await self.to(owner)
         return await link.request(room, request)
+
+    async def operator(self, node: Owner, request: Request) -> Response:
+        """An operator's request answered by ``node``'s own view of itself
+        (``runtime.admin``); the caller checked the token."""
+        link = await self.to(node)
+        return await link.operator(request)
 
 
 __all__ = ["Forwarded", "Links", "OutLink"]

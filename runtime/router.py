@@ -33,6 +33,7 @@ from . import admin
 from .config import Settings
 from .host import Host
 from .metrics import CONTENT_TYPE, Metrics
+from .outlink import Links
 from .placement import ClusterUnavailable
 from .usage import Usage
 
@@ -43,13 +44,22 @@ RoomTarget = tuple[type[Room], RoomId]
 
 _CLIENT_JS = Path(__file__).with_name("static") / "client.js"
 _OPERATOR_PATHS = frozenset(
-    {"/_rooms/metrics", "/_rooms/usage", "/_rooms/analytics", admin.ROOMS_PATH, admin.ROOM_PATH}
+    {
+        "/_rooms/metrics",
+        "/_rooms/usage",
+        "/_rooms/analytics",
+        admin.ROOMS_PATH,
+        admin.ROOM_PATH,
+        admin.NODES_PATH,
+        admin.NODE_PATH,
+    }
 )
 
 
 class Router:
     """Routes the requests of one server. ``live_usage`` gives the usage records of the
-    WebSockets still open (for ``/_rooms/usage``)."""
+    WebSockets still open (for ``/_rooms/usage``); ``links``, in cluster mode, the links to
+    the other nodes (the operator's view covers them all)."""
 
     def __init__(
         self,
@@ -59,6 +69,7 @@ class Router:
         host: Host,
         usage: Usage,
         live_usage: Callable[[], list[dict[str, Any]]],
+        links: Links | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -66,6 +77,9 @@ class Router:
         self.host = host
         self.usage = usage
         self._live_usage = live_usage
+        self.cluster_view = (
+            None if links is None else admin.ClusterView(links.cluster, links, self.operator)
+        )
 
     async def route(self, request: Request, upgrade: bool) -> Response | RoomTarget | ProxyRoute:
         """The response to a request, or for a WebSocket upgrade the room it joins or the
@@ -120,23 +134,49 @@ class Router:
         return Response(200, body, {"content-type": kind, "cache-control": "no-cache"})
 
     async def _admin(self, request: Request) -> Response:
-        """The operator's endpoints: /_rooms/metrics (Prometheus text), /_rooms/usage (JSON),
-        /_rooms/analytics (JSON, CSV or JSON Lines), and the admin page's rooms, a room and
-        the actions on it (``runtime.admin``)."""
+        """The operator's endpoints, once the request may see them (``operator``)."""
         refused = admin.refusal(request, self.settings.admin_token)
-        if refused is not None:
-            return refused
-        if request.path == "/_rooms/analytics":
+        return refused or await self.operator(request)
+
+    async def operator(self, request: Request) -> Response:
+        """The operator's endpoints, for a client that may see them or (over a link) another
+        node's: /_rooms/metrics (Prometheus text), /_rooms/usage (JSON), /_rooms/analytics
+        (JSON, CSV or JSON Lines), and the admin page's rooms, nodes, a room and the actions
+        on it (``runtime.admin``)."""
+        try:
+            return await self._operator(request)
+        except HTTPError as exc:
+            return error_response(exc)
+
+    async def _operator(self, request: Request) -> Response:
+        path, host, view = request.path, self.host, self.cluster_view
+        if path == "/_rooms/analytics":
             return self._analytics(request)
-        if request.path == admin.ROOM_PATH:
+        if path == admin.ROOM_PATH:
+            key = admin.room_key(request)
+            if view is not None and request.query_param("here") != "1" and not host.room(key):
+                forwarded = await view.forward(key, request)
+                if forwarded is not None:
+                    return forwarded
             if request.method == "POST":
-                return Response.json(await admin.act_on_room(self.host, self.usage, request))
-            key, prefix = request.query_param("key") or "", request.query_param("prefix") or ""
-            return Response.json(await admin.room_details(self.host, key, prefix))
-        if request.path == admin.ROOMS_PATH:
-            traffic = self.usage.report(self._live_usage())["rooms"]
-            return Response.json(await admin.find_rooms(self.host, traffic, request))
+                return Response.json(await admin.act_on_room(host, self.usage, request))
+            details = await admin.room_details(host, key, request.query_param("prefix") or "")
+            return Response.json(details if view is None else {**details, "node": view.node})
+        if path == admin.ROOMS_PATH and view is not None:
+            return Response.json(await view.rooms(request, host.backend.sizes))
+        if path == admin.NODES_PATH and view is not None:
+            return Response.json(await view.nodes(request))
         usage = self.usage.report(self._live_usage())
+        if path == admin.ROOMS_PATH:
+            found = await admin.find_rooms(
+                host.rooms(), usage["rooms"], request, host.backend.sizes
+            )
+            return Response.json(found)
+        if path in (admin.NODE_PATH, admin.NODES_PATH):
+            node = "this server" if view is None else view.node
+            rooms = host.rooms() if request.query_param("rooms") == "1" else None
+            own = admin.node_view(node, self.metrics, rooms, usage["rooms"])
+            return Response.json(own if path == admin.NODE_PATH else {"nodes": [own]})
         if request.path == "/_rooms/usage":
             return Response.json(usage)
         text = self.metrics.prometheus(usage["routes"])

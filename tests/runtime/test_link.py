@@ -60,7 +60,7 @@ def frames_of(wire: Wire, conn: int) -> list[bytes]:
 
 async def test_a_broadcast_crosses_the_link_once_per_frame() -> None:
     wire = Wire()
-    link = InLink(host=None, ws=wire, node_id="peer")  # type: ignore[arg-type]
+    link = InLink(None, wire, "peer", None)  # type: ignore[arg-type]
     hello = encode_message("hello")
     for conn in (1, 2, 3):
         link.queue_frame(conn, hello, 1)
@@ -73,7 +73,7 @@ async def test_a_frame_queued_again_after_another_keeps_each_clients_order() -> 
     # broadcast of its last line, released in the same tick after the next line (106): the
     # grouping of equal frames must not move a frame ahead of one queued before it.
     wire = Wire()
-    link = InLink(host=None, ws=wire, node_id="peer")  # type: ignore[arg-type]
+    link = InLink(None, wire, "peer", None)  # type: ignore[arg-type]
     f105, f106 = encode_message("105"), encode_message("106")
     link.queue_frame(1, f105, 1)
     link.queue_frame(1, f106, 1)

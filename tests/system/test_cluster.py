@@ -21,7 +21,7 @@ import trio_websocket
 
 from rooms import RoomId
 from runtime.frames import OP_BINARY
-from runtime.link import LINK_PATH
+from runtime.link import LINK_PATH, PROTOCOL
 from tests.support import REPO, Node, cluster_of, metric, raw_request
 from tests.system.raw import RawWebSocket, frame
 from tests.system.raw import upgrade as upgrade_to
@@ -130,6 +130,59 @@ async def test_clients_on_different_nodes_chat_in_one_room(
             while await metric(far.port, "cluster_forwarded_websockets"):  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert await metric(home.port, "cluster_remote_peers") == 0
+
+
+async def test_the_admin_view_of_any_node_shows_every_node_and_acts_on_rooms_held_elsewhere(
+    pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The operator's view in cluster mode, asked of one node: every node with its figures,
+    the rooms of all of them with the node that holds each (and a room's traffic summed over
+    the nodes its clients came through), and a room held by another node opened and acted on
+    from this one: the action runs on the room's node and is audited there."""
+    async with cluster_of(pg_dsn, 2, tmp_path, **QUIET) as (home, far):
+        ada = await joined(nursery, home.url, "alpha", "ada")  # alpha is claimed by home
+        bob = await joined(nursery, far.url, "beta", "bob")  # beta by far
+        cy = await joined(nursery, far.url, "alpha", "cy")  # through far to home's alpha
+        await cy.send_message(json.dumps({"message": "hi"}))
+        for ws in (ada, cy):
+            await next_chat(ws)
+        _, nodes = await http(far, "GET", "/_rooms/admin/nodes")
+        far_id = nodes["this"]
+        _, nodes = await http(home, "GET", "/_rooms/admin/nodes")
+        home_id = nodes["this"]
+        figures = {node["node"]: node for node in nodes["nodes"]}
+        assert set(figures) == {home_id, far_id} and home_id != far_id
+        assert {node["status"] for node in figures.values()} == {"alive"}
+        # far: bob, cy and the link home opened to ask it; home: ada and far's link (cy's)
+        assert (figures[far_id]["websockets_open"], figures[home_id]["websockets_open"]) == (3, 2)
+        assert figures[far_id]["cluster_forwarded_websockets"] == 1
+        assert figures[home_id]["cluster_remote_peers"] == 1
+
+        _, found = await http(home, "GET", "/_rooms/admin/rooms?class=ChatRoom")
+        rooms = {room["name"]: room for room in found["rooms"]}
+        assert (found["total"], found["unreachable"]) == (2, [])
+        assert (rooms["alpha"]["node"], rooms["beta"]["node"]) == (home_id, far_id)
+        assert (rooms["alpha"]["connections"], rooms["beta"]["connections"]) == (2, 1)
+        assert rooms["alpha"]["messages_in"] >= 3  # ada's and cy's hellos, cy's line (far)
+
+        beta = rooms["beta"]["key"]
+        status, page = await http(home, "GET", f"/_rooms/admin/room?key={beta}")
+        assert status == 200 and page["node"] == far_id, page
+        assert [c["client"] for c in page["connections"]] == ["127.0.0.1"]
+        body = json.dumps({"key": beta, "action": "notice", "text": "maintenance at noon"})
+        head = (
+            "POST /_rooms/admin/room HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        answer = await raw_request(home.port, (head + body).encode(), closes=True)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        while True:
+            if json.loads(await bob.get_message()).get("notice") == "maintenance at noon":
+                break
+        assert "operator at 127.0.0.1: notice" in far.log.read_text()
+        assert "operator at" not in home.log.read_text()
+        missing = f"/_rooms/admin/room?key=chat/{'0' * 64}"
+        assert (await http(home, "GET", missing))[0] == 404
 
 
 async def test_a_room_with_clients_on_another_node_hibernates_and_wakes_with_their_state(
@@ -438,7 +491,7 @@ async def test_a_node_link_needs_the_token_and_a_peer_that_breaks_the_protocol_i
     async with cluster_of(pg_dsn, 2, tmp_path, **QUIET) as (home, far):
         local = await joined(nursery, home.url, "guarded", "local")
         remote = await joined(nursery, far.url, "guarded", "remote")  # over far's link
-        link = b"x-rooms-protocol: 1\r\nx-rooms-node: intruder\r\n"
+        link = f"x-rooms-protocol: {PROTOCOL}\r\nx-rooms-node: intruder\r\n".encode()
         version = b"sec-websocket-version: 13\r\n"
         for token in (b"", b"authorization: Bearer guess\r\n"):
             refused = await raw_request(
@@ -447,14 +500,15 @@ async def test_a_node_link_needs_the_token_and_a_peer_that_breaks_the_protocol_i
             assert refused.startswith(b"HTTP/1.1 401 "), refused
         # A node of another version (a rolling upgrade across link protocols): refused, and
         # both sides can read which versions met.
-        newer = link.replace(b"x-rooms-protocol: 1", b"x-rooms-protocol: 2")
+        newer = link.replace(f": {PROTOCOL}".encode(), f": {PROTOCOL + 1}".encode())
         token = b"authorization: Bearer test-token\r\n"
         refused = await raw_request(home.port, upgrade_to(LINK_PATH, extra=version + newer + token))
         assert refused.startswith(b"HTTP/1.1 400 "), refused
-        assert b"node link protocol 2 met protocol 1 here" in refused
+        assert f"node link protocol {PROTOCOL + 1} met protocol {PROTOCOL} here".encode() in refused
         assert await metric(home.port, "cluster_link_refusals_total") == 3
         logged = (tmp_path / "node-0.log").read_text()
-        assert "refused a node link from node intruder at 127.0.0.1: node link protocol 2" in logged
+        said = f"from node intruder at 127.0.0.1: node link protocol {PROTOCOL + 1}"
+        assert f"refused a node link {said}" in logged
 
         peer = link + b"authorization: Bearer test-token\r\n"
         garbage = {
