@@ -355,6 +355,58 @@ def test_the_chat_page_loads_without_a_404(browser: Browser, tmp_path: Path) -> 
         assert page.locator("link[rel=icon]").count() == 1
 
 
+def test_the_admin_page_of_one_cluster_node_shows_every_node_and_acts_on_their_rooms(
+    browser: Browser, chat_env: None, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cluster mode: the admin page of node A lists both nodes (alive, with their figures)
+    and the rooms of both, each with its node; the room held by node B opens from A's page
+    and a notice sent from it reaches the chat page on B. Screenshot:
+    artifacts/admin-cluster.png."""
+    monkeypatch.setenv("ROOMS_CLUSTER_TOKEN", "browser-test")
+    cluster = ("--cluster", pg_dsn)
+    with (
+        server("examples.chat.app:app", REPO, tmp_path / "a", *cluster) as (proc_a, port_a),
+        server("examples.chat.app:app", REPO, tmp_path / "b", *cluster) as (proc_b, port_b),
+    ):
+        wait_for_port_sync(port_a, proc_a)
+        wait_for_port_sync(port_b, proc_b)
+        ada = open_chat(browser, port_a, "Ada", "north")  # north is held by A
+        grace = open_chat(browser, port_b, "Grace", "south")  # south by B
+        say(ada, "Up north.")
+        say(grace, "Down south.")
+        admin = browser.new_context(viewport={"width": 1100, "height": 760}).new_page()
+        admin.goto(f"http://127.0.0.1:{port_a}/_rooms/admin")
+        admin.wait_for_selector("[data-testid=status][data-state=live]", timeout=10_000)
+        admin.wait_for_function(
+            "[...document.querySelectorAll('[data-testid=node-row]')]"
+            ".filter(r => r.cells[2].textContent === 'alive').length === 2",
+            timeout=10_000,
+        )
+        assert f"127.0.0.1:{port_b}" in (admin.text_content("[data-testid=nodes-table]") or "")
+        admin.fill("[data-testid=rooms-class]", "ChatRoom")
+        row = "[data-testid=room-row]"
+        admin.wait_for_function(
+            f"document.querySelectorAll('{row}').length === 2"
+            f" && new Set([...document.querySelectorAll('{row}')].map(r => r.cells[1]"
+            ".textContent)).size === 2",
+            timeout=10_000,
+        )
+        assert admin.is_visible(f"{row} td.node")  # the node column, in cluster mode
+        admin.click(f"{row} >> text=south")
+        admin.wait_for_selector("[data-testid=connection-close]", timeout=10_000)
+        assert "on node" in (admin.text_content("#room-title") or "")
+        admin.fill("[data-testid=notice-text]", "maintenance at noon")
+        admin.click("[data-testid=notice-send]")
+        result = "[data-testid=room-result]"
+        admin.wait_for_selector(f"{result}:has-text('notice sent to 1 connections')")
+        grace.wait_for_selector(".notice:has-text('The operator says: maintenance at noon')")
+        for i in range(8):  # (traffic in the screenshot)
+            say(ada if i % 2 else grace, f"line {i}")
+            admin.wait_for_timeout(250)
+        ARTIFACTS.mkdir(exist_ok=True)
+        admin.screenshot(path=str(ARTIFACTS / "admin-cluster.png"), full_page=True)
+
+
 def test_the_live_admin_page_moves_with_the_traffic(
     browser: Browser, chat_env: None, tmp_path: Path
 ) -> None:
@@ -390,7 +442,7 @@ def test_the_live_admin_page_moves_with_the_traffic(
         row = "[data-testid=room-row]"
         admin.wait_for_function(
             f"[...document.querySelectorAll('{row}')].some(r => r.cells[0].textContent"
-            " === 'busy' && r.cells[2].textContent === 'live' && r.cells[3].textContent === '1')",
+            " === 'busy' && r.cells[3].textContent === 'live' && r.cells[4].textContent === '1')",
             timeout=10_000,
         )
         # One room: its connection, a notice to its clients, then closing that connection.
