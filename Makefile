@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat cluster game test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation clean
+.PHONY: chat cluster game test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation bench-admin clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,9 @@ bench: $(VENV)/.postgres bench/.ready  ## about 13 minutes
 
 bench-quick: $(VENV)/.postgres bench/.ready  ## about 4 minutes
 	bench/.venv/bin/python bench/run.py --quick $(BENCH_ARGS)
+
+bench-admin: $(VENV)/.dev  ## what the admin page costs at 10,000 connections in 1,000 rooms
+	$(BIN)/python bench/admin.py $(BENCH_ARGS)
 
 bench-hibernation: $(VENV)/.dev  ## memory per connection while rooms hibernate
 	$(BIN)/python bench/hibernation.py $(BENCH_ARGS)

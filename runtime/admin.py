@@ -386,6 +386,7 @@ class AdminFeed:
         self.events = Quantiles(metrics.event_seconds)
         self.commits = Quantiles(metrics.commit_seconds)
         self.allowed = trio.Event()
+        self.update_ms: float | None = None
 
     @property
     def label(self) -> str:
@@ -414,12 +415,16 @@ class AdminFeed:
             **self.figures(),
             "event_ms": self.events.since_last(),
             "commit_ms": self.commits.since_last(),
+            "update_ms": self.update_ms,
         }
 
     async def run(self) -> None:
         """Push a snapshot every second, once the token is in (until the connection's
-        nursery is cancelled as it closes)."""
+        nursery is cancelled as it closes). Each says what the one before cost to build,
+        encode and queue (``update_ms``: time the event loop did nothing else)."""
         await self.allowed.wait()
         while True:
+            started = time.perf_counter()
             self.ws.write(encode_message(json.dumps(self.snapshot())))
+            self.update_ms = round((time.perf_counter() - started) * 1000, 3)
             await trio.sleep(1.0)
