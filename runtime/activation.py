@@ -83,13 +83,20 @@ class Peer:
             self.room_told = True
             self.activation.post_unbounded(Closed(self, code, reason, send_close))
 
+    @property
+    def route(self) -> str:
+        return self.conn.request.route
+
+    @property
+    def room(self) -> str:
+        return self.activation.label
+
     def usage(self) -> dict[str, Any]:
-        request = self.conn.request
         return {
-            "route": request.route,
-            "room": self.activation.label,
+            "route": self.route,
+            "room": self.room,
             "connection": self.conn.id,
-            "client_ip": request.client[0],
+            "client_ip": self.conn.request.client[0],
         }
 
 

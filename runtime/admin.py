@@ -392,6 +392,8 @@ class AdminFeed:
     def label(self) -> str:
         return "live admin page"
 
+    route, room = LIVE_PATH, None
+
     def usage(self) -> dict[str, Any]:
         return {"route": LIVE_PATH, "room": None, "connection": "admin", "client_ip": ""}
 

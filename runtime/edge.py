@@ -18,7 +18,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -44,7 +44,7 @@ from .proxy import Upstream, relay
 from .proxy import connect as connect_upstream
 from .router import RoomTarget, Router
 from .stream import ConnectionBroken, Stream
-from .usage import USAGE_TOTALS, Usage
+from .usage import USAGE_TOTALS, Open, Usage
 from .websocket import Sessions, WebSocket
 
 log = logging.getLogger("rooms.edge")
@@ -352,17 +352,41 @@ class Edge:
 
     def _admin_figures(self) -> dict[str, Any]:
         """What the live admin page shows besides the event and commit times."""
-        routes = self.usage.report(self._live_usage())["routes"]
-        routes.pop(LIVE_PATH, None)  # (what the pages themselves receive is not traffic)
-        total = {key: sum(counts[key] for counts in routes.values()) for key in USAGE_TOTALS}
+        closed = self.usage.report((), rooms=False)["routes"]
+        closed.pop(LIVE_PATH, None)  # (what the pages themselves receive is not traffic)
+        total = {key: sum(counts[key] for counts in closed.values()) for key in USAGE_TOTALS}
+        # Every second, over every open connection: a loop of sums, nothing built per
+        # connection (about 2 ms at 10,000 connections; bench/admin.py).
+        opened = bytes_in = bytes_out = messages_in = messages_out = 0
+        for ws in self._websockets:
+            if ws.target is None or isinstance(ws.target, AdminFeed):
+                continue
+            opened += 1
+            bytes_in += ws.bytes_in
+            bytes_out += ws.bytes_out
+            messages_in += ws.messages_in
+            messages_out += ws.messages_out
+        live = (opened, opened, 0, bytes_in, bytes_out, messages_in, messages_out)
+        for key, value in zip(USAGE_TOTALS, live, strict=True):
+            total[key] += value
         codes = self.usage.analytics.close_codes(3600)
         return {"metrics": self.metrics.counts(), "usage": total, "close_codes": codes}
 
     # -- accounting ------------------------------------------------------------------------
 
-    def _live_usage(self) -> list[dict[str, Any]]:
-        now = time.time()
-        return [self._usage_record(ws, now) for ws in self._websockets]
+    def _live_usage(self) -> Iterator[Open]:
+        """What each open WebSocket used so far (``Usage.report``)."""
+        for ws in self._websockets:
+            target = ws.target
+            if target is not None:
+                yield (
+                    target.route,
+                    target.room,
+                    ws.bytes_in,
+                    ws.bytes_out,
+                    ws.messages_in,
+                    ws.messages_out,
+                )
 
     @staticmethod
     def _usage_record(ws: WebSocket, stop: float) -> dict[str, Any]:

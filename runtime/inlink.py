@@ -91,6 +91,8 @@ class InLink:
     def label(self) -> str:
         return f"link from node {self.node_id}"
 
+    route, room = LINK_PATH, None
+
     def usage(self) -> dict[str, Any]:
         return {"route": LINK_PATH, "room": None, "connection": self.node_id, "client_ip": ""}
 

@@ -107,9 +107,13 @@ class Forwarded:
         if not send_close:  # (with it, the room's CLOSE comes first, then this again)
             self.link.forget(self.conn)
 
+    @property
+    def route(self) -> str:
+        return self.request.route
+
     def usage(self) -> dict[str, Any]:
         return {
-            "route": self.request.route,
+            "route": self.route,
             "room": self.room,
             "connection": f"{self.link.owner.node_id}:{self.conn}",
             "client_ip": self.request.client[0],

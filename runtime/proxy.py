@@ -71,9 +71,15 @@ class Upstream(ClientSocket):
         if send_close and self.client is not None:
             self.client.close(code, reason)
 
+    room = None
+
+    @property
+    def route(self) -> str:
+        return self.request.route
+
     def usage(self) -> dict[str, Any]:
         return {
-            "route": self.request.route,
+            "route": self.route,
             "room": None,
             "upstream": self.url,
             "connection": self.id,

@@ -13,9 +13,8 @@ import hashlib
 import json
 import logging
 import mimetypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -35,7 +34,7 @@ from .host import Host
 from .metrics import CONTENT_TYPE, Metrics
 from .outlink import Links
 from .placement import ClusterUnavailable
-from .usage import Usage
+from .usage import Open, Usage
 
 log = logging.getLogger("rooms.edge")
 
@@ -68,7 +67,7 @@ class Router:
         metrics: Metrics,
         host: Host,
         usage: Usage,
-        live_usage: Callable[[], list[dict[str, Any]]],
+        live_usage: Callable[[], Iterable[Open]],
         links: Links | None = None,
     ) -> None:
         self.app = app
@@ -166,7 +165,7 @@ class Router:
             return Response.json(await view.rooms(request, host.backend.sizes))
         if path == admin.NODES_PATH and view is not None:
             return Response.json(await view.nodes(request))
-        usage = self.usage.report(self._live_usage())
+        usage = self.usage.report(self._live_usage(), rooms=path != "/_rooms/metrics")
         if path == admin.ROOMS_PATH:
             found = await admin.find_rooms(
                 host.rooms(), usage["rooms"], request, host.backend.sizes

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from .config import Settings
@@ -26,6 +26,8 @@ from .metrics import DURATIONS, Histogram
 log = logging.getLogger("rooms.usage")
 
 COUNTS = ("bytes_in", "bytes_out", "messages_in", "messages_out")
+Open = tuple[str, str | None, int, int, int, int]
+"""An open WebSocket as ``Usage.report`` counts it: its route and room, then ``COUNTS``."""
 _MAX_ROOMS = 10_000  # rooms whose totals are kept (least recently closed go first)
 
 
@@ -81,24 +83,26 @@ class Usage:
             except OSError as exc:
                 log.error("cannot write the usage log: %s", exc)
 
-    def report(self, live: list[dict[str, Any]]) -> dict[str, Any]:
-        """Totals per route and room, closed connections and ``live`` ones included."""
-        routes = {k: dict(v) for k, v in self._routes.items()}
-        rooms = {k: dict(v) for k, v in self._rooms.items()}
-        for record in live:
-            self._add(routes.setdefault(record["route"], _zero()), record, open_=True)
-            if record["room"] is not None:
-                self._add(rooms.setdefault(record["room"], _zero()), record, open_=True)
+    def report(self, live: Iterable[Open], rooms: bool = True) -> dict[str, Any]:
+        """Totals per route and (unless ``rooms`` is False) per room, closed connections
+        and the ``live`` ones included. (Once a second per admin page, over every open
+        connection: tuples and a loop, no record per connection.)"""
+        per_route = {k: dict(v) for k, v in self._routes.items()}
+        per_room = {k: dict(v) for k, v in self._rooms.items()} if rooms else {}
+        for route, room, *used in live:
+            _add_open(per_route.get(route) or per_route.setdefault(route, _zero()), used)
+            if rooms and room is not None:
+                _add_open(per_room.get(room) or per_room.setdefault(room, _zero()), used)
         total = _zero()
-        for counts in routes.values():
+        for counts in per_route.values():
             for key, value in counts.items():
                 total[key] += value
-        return {"total": total, "routes": routes, "rooms": rooms}
+        return {"total": total, "routes": per_route, "rooms": per_room}
 
     @staticmethod
-    def _add(into: dict[str, int], record: dict[str, Any], open_: bool = False) -> None:
+    def _add(into: dict[str, int], record: dict[str, Any]) -> None:
         into["websockets"] += 1
-        into["open" if open_ else "closed"] += 1
+        into["closed"] += 1
         for key in COUNTS:
             into[key] += record[key]
 
@@ -235,3 +239,10 @@ USAGE_TOTALS = ("websockets", "open", "closed", *COUNTS)
 
 def _zero() -> dict[str, int]:
     return dict.fromkeys(USAGE_TOTALS, 0)
+
+
+def _add_open(into: dict[str, int], counts: list[int]) -> None:
+    into["websockets"] += 1
+    into["open"] += 1
+    for key, value in zip(COUNTS, counts, strict=True):
+        into[key] += value

@@ -62,6 +62,17 @@ class Target(Protocol):
         room's, after its answers to what the client sent before."""
         ...
 
+    @property
+    def route(self) -> str:
+        """The pattern of the route the connection came by."""
+        ...
+
+    @property
+    def room(self) -> str | None:
+        """The label of the room it is in (None: a proxied route, a node link, the admin
+        page)."""
+        ...
+
     def usage(self) -> dict[str, Any]:
         """This connection's fields of a usage record (route, room or upstream, ids)."""
         ...

@@ -17,7 +17,7 @@ from trio_websocket import open_websocket_url
 
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
-from runtime.usage import Usage, iso_utc
+from runtime.usage import COUNTS, Open, Usage, iso_utc
 from tests.support import raw_request, start_server
 
 START = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
@@ -52,6 +52,11 @@ def record(
         "messages_out": messages_out,
         **extra,
     }
+
+
+def live(entry: dict[str, Any]) -> Open:
+    """An open connection as ``Edge._live_usage`` gives it, for a record's figures."""
+    return (entry["route"], entry["room"], *(entry[key] for key in COUNTS))
 
 
 def proxied(**counts: Any) -> dict[str, Any]:
@@ -128,7 +133,7 @@ def test_the_total_sums_the_routes() -> None:
 def test_open_connections_are_reported_as_open() -> None:
     usage = Usage(Settings())
     usage.closed(record(room="A"))
-    report = usage.report([record(room="A", bytes_in=1), record(room="C", bytes_in=2)])
+    report = usage.report([live(record(room="A", bytes_in=1)), live(record(room="C", bytes_in=2))])
     assert report["routes"] == {"/room/{name}": counts(3, 2, 1, 13, 600, 3, 12)}
     assert report["rooms"] == {
         "A": counts(2, 1, 1, 11, 400, 2, 8),
@@ -137,8 +142,17 @@ def test_open_connections_are_reported_as_open() -> None:
     assert report["total"] == counts(3, 2, 1, 13, 600, 3, 12)
 
 
+def test_a_report_without_rooms_has_the_same_routes() -> None:
+    usage = Usage(Settings())
+    usage.closed(record(room="A"))
+    open_ = [live(record(room="A", bytes_in=1)), live(record("/other/{name}", "B"))]
+    routes_only = usage.report(open_, rooms=False)
+    assert routes_only["rooms"] == {}
+    assert routes_only["routes"] == usage.report(open_)["routes"]
+
+
 def test_an_open_proxied_connection_counts_for_its_route_only() -> None:
-    report = Usage(Settings()).report([proxied()])
+    report = Usage(Settings()).report([live(proxied())])
     assert report["routes"] == {"/p/{x}": counts(1, 1, 0, 10, 200, 1, 4)}
     assert report["rooms"] == {}
 
@@ -147,7 +161,7 @@ def test_reporting_open_connections_does_not_change_the_stored_totals() -> None:
     usage = Usage(Settings())
     usage.closed(record(room="A"))
     before = usage.report([])
-    usage.report([record(room="A"), record("/other/{name}", "B"), proxied()])
+    usage.report([live(record(room="A")), live(record("/other/{name}", "B")), live(proxied())])
     assert usage.report([]) == before
     assert before["routes"] == {"/room/{name}": counts(1, 0, 1, 10, 200, 1, 4)}
 
@@ -222,7 +236,7 @@ def test_the_log_is_appended_to(tmp_path: Path) -> None:
 def test_open_connections_are_not_logged(tmp_path: Path) -> None:
     log = tmp_path / "usage.jsonl"
     usage = Usage(Settings(usage_log=str(log)))
-    usage.report([record()])
+    usage.report([live(record())])
     usage.close()
     assert log.read_text() == ""
 
