@@ -186,6 +186,9 @@ async def test_a_rooms_page_and_the_operators_actions_run_in_its_order(
         _, body = await get(port, f"/_rooms/admin/room?key={key}&prefix=log:")
         assert json.loads(body)["storage"][0]["value"].endswith("…")  # cut at 200
 
+        # A GET never acts, whatever it asks: the next thing the clients get is the POST's.
+        acting = f"/_rooms/admin/room?key={key}&action=notice&text=not+sent"
+        assert (await get(port, acting))[0] == 200
         status, done = await post({"key": key, "action": "notice", "text": "closing soon"})
         assert status == 200 and done["result"] == "notice sent to 2 connections"
         for ws in (first, second):
