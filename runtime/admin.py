@@ -101,11 +101,10 @@ async def find_rooms(
     rooms: list[dict[str, Any]], traffic: Traffic, request: Request, sizes: Sizes
 ) -> dict[str, Any]:
     """The rooms (``Host.rooms``: of this node, or of every node) with their traffic and
-    what they have stored, filtered by
-    ``?class=`` and ``?q=`` (a part of the name or id), the busiest first by ``?sort=``
-    (connections, traffic, messages or stored bytes), a page of ``?limit=`` (at most 200)
-    from ``?offset=``. Stored sizes are read for the page's rooms only, or for every room
-    found when sorting by them."""
+    what they have stored, filtered by ``?class=`` and ``?q=`` (a part of the name or id),
+    the busiest first by ``?sort=`` (connections, traffic, messages or stored bytes), a page
+    of ``?limit=`` (at most 200) from ``?offset=``. Stored sizes are read for the page's
+    rooms only, or for every room found when sorting by them."""
     by = request.query_param("sort") or "connections"
     limit, offset = request.query_param("limit") or "50", request.query_param("offset") or "0"
     if by not in SORTS or not limit.isdigit() or not offset.isdigit() or not 0 < int(limit) <= 200:
@@ -320,7 +319,8 @@ class ClusterView:
                     if node == self.cluster.node_id:
                         answer = await self.own(asked)
                     else:
-                        answer = await self.links.operator(Owner(node, address, 0), asked)
+                        node_only = Owner(node, address, 0)  # (no room: no epoch)
+                        answer = await self.links.operator(node_only, asked)
                 if answer.status != 200:
                     raise RuntimeError(answer.body.decode(errors="replace"))
                 views[node] = json.loads(answer.body)

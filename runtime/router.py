@@ -56,8 +56,8 @@ _OPERATOR_PATHS = frozenset(
 
 
 class Router:
-    """Routes the requests of one server. ``live_usage`` gives the usage records of the
-    WebSockets still open (for ``/_rooms/usage``); ``links``, in cluster mode, the links to
+    """Routes the requests of one server. ``live_usage`` gives what each WebSocket still
+    open used so far (for ``/_rooms/usage``); ``links``, in cluster mode, the links to
     the other nodes (the operator's view covers them all)."""
 
     def __init__(

@@ -7,7 +7,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -127,9 +127,7 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
     async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
         def run(db: sqlite3.Connection) -> dict[str, bytes]:
             found: dict[str, bytes] = {}
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(keys):
                 rows = db.execute(
                     f"SELECT key, value FROM kv WHERE room = ? AND key IN ({marks})", (room, *chunk)
                 )
@@ -207,9 +205,7 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
     async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
         def run(db: sqlite3.Connection) -> dict[str, Size]:
             found: dict[str, Size] = {}
-            for start in range(0, len(rooms), 500):
-                chunk = rooms[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(rooms):
                 rows = db.execute(
                     "SELECT room, count(*), sum(length(CAST(key AS BLOB)) + length(value)) "
                     f"FROM kv WHERE room IN ({marks}) GROUP BY room",
@@ -227,6 +223,14 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
 
         rows: AlarmRows = await self._call(run)
         return rows
+
+
+def _in_chunks(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """``values`` in chunks of 500 (under SQLite's limit on parameters), each with its
+    ``?,?,...`` for an ``IN (...)``."""
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +160,9 @@ def test_two_pages_chat_reload_and_survive_a_server_restart(
         ada.screenshot(path=str(ARTIFACTS / "chat.png"))
 
 
-def test_two_pages_on_two_cluster_nodes_chat_in_one_room(
-    browser: Browser, chat_env: None, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The chat in cluster mode: each page served by its own node process, one room (on
-    whichever node the first page reached), one history."""
-    monkeypatch.setenv("ROOMS_CLUSTER_TOKEN", "browser-test")
+@contextmanager
+def two_chat_nodes(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """The chat served by two cluster nodes (processes) on ``pg_dsn``: their ports."""
     cluster = ("--cluster", pg_dsn)
     with (
         server("examples.chat.app:app", REPO, tmp_path / "a", *cluster) as (proc_a, port_a),
@@ -172,6 +170,16 @@ def test_two_pages_on_two_cluster_nodes_chat_in_one_room(
     ):
         wait_for_port_sync(port_a, proc_a)
         wait_for_port_sync(port_b, proc_b)
+        yield port_a, port_b
+
+
+def test_two_pages_on_two_cluster_nodes_chat_in_one_room(
+    browser: Browser, chat_env: None, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat in cluster mode: each page served by its own node process, one room (on
+    whichever node the first page reached), one history."""
+    monkeypatch.setenv("ROOMS_CLUSTER_TOKEN", "browser-test")
+    with two_chat_nodes(pg_dsn, tmp_path) as (port_a, port_b):
         ada = open_chat(browser, port_a, "Ada", "across-nodes")
         grace = open_chat(browser, port_b, "Grace", "across-nodes")
         ada.wait_for_function("document.querySelectorAll('.member').length === 2")
@@ -363,13 +371,7 @@ def test_the_admin_page_of_one_cluster_node_shows_every_node_and_acts_on_their_r
     and a notice sent from it reaches the chat page on B. Screenshot:
     artifacts/admin-cluster.png."""
     monkeypatch.setenv("ROOMS_CLUSTER_TOKEN", "browser-test")
-    cluster = ("--cluster", pg_dsn)
-    with (
-        server("examples.chat.app:app", REPO, tmp_path / "a", *cluster) as (proc_a, port_a),
-        server("examples.chat.app:app", REPO, tmp_path / "b", *cluster) as (proc_b, port_b),
-    ):
-        wait_for_port_sync(port_a, proc_a)
-        wait_for_port_sync(port_b, proc_b)
+    with two_chat_nodes(pg_dsn, tmp_path) as (port_a, port_b):
         ada = open_chat(browser, port_a, "Ada", "north")  # north is held by A
         grace = open_chat(browser, port_b, "Grace", "south")  # south by B
         say(ada, "Up north.")
