@@ -159,3 +159,14 @@ class RoomContext(Protocol):
     ) -> Timer: ...
 
     def now(self) -> float: ...
+
+    @property
+    def seats(self) -> Seats: ...
+
+    def issue_ticket(self, room_key: str, identity: Any, ttl: float) -> str: ...
+
+
+class Seats(Protocol):
+    """A room's seats, as the room sees them (``Room.lock``)."""
+
+    locked: bool

@@ -30,16 +30,20 @@ class Connection:
     ``id`` is unique within the server. ``request`` is the HTTP upgrade request (headers,
     query, client address). ``tags`` label the connection for ``Room.broadcast(tag=...)`` and
     ``Room.connections(tag)``. ``state`` is a small msgpack-encodable attachment (at most
-    16 KiB encoded) that lives as long as the connection, across room restarts.
+    16 KiB encoded) that lives as long as the connection, across room restarts. ``seated``:
+    whether it holds one of the room's seats (``Room.max_clients``; False: it watches).
     """
 
-    __slots__ = ("_link", "_state", "id", "request", "tags")
+    __slots__ = ("_link", "_state", "id", "request", "seated", "tags")
 
-    def __init__(self, link: ConnectionLink, id: str, request: Request) -> None:
+    def __init__(
+        self, link: ConnectionLink, id: str, request: Request, seated: bool = True
+    ) -> None:
         self._link = link
         self._state: Any = None
         self.id = id
         self.request = request
+        self.seated = seated
         self.tags: set[str] = set()
 
     def send(self, message: str | bytes) -> None:
@@ -135,6 +139,16 @@ class Room:
       1008 without waking the room, so connections that never speak cannot pile up. For
       rooms whose clients start with a message (a join, a hello); 0: never. Default None:
       the server's ``first_message_timeout`` setting (0 unless set).
+    - ``max_clients``: seats. At most this many connections of a room hold one
+      (``conn.seated``); the edge takes and counts them as connections attach, on the node
+      that holds the room, so simultaneous joins never take more and never see a false
+      "full". A connection with a seat ticket (``seat_ticket``, in ``?ticket=``) takes a
+      seat; one without takes a free seat unless ``seats_by_ticket``. None (default): no
+      limit, every connection is seated.
+    - ``seats_by_ticket``: seats only for connections with a ticket. Default False.
+    - ``when_full``: what a connection gets when no seat is free (full, locked, or no
+      ticket where one is needed): ``"refuse"`` (default: 503 full, 403 locked, 401 no
+      ticket) or ``"watch"`` (it joins without a seat).
     """
 
     hibernate_after: ClassVar[float | None] = 10.0
@@ -143,6 +157,9 @@ class Room:
     auto_reply: ClassVar[tuple[str, str] | None] = None
     allowed_origins: ClassVar[tuple[str, ...] | None] = None
     first_message_timeout: ClassVar[float | None] = None
+    max_clients: ClassVar[int | None] = None
+    seats_by_ticket: ClassVar[bool] = False
+    when_full: ClassVar[str] = "refuse"
 
     _ctx: RoomContext
 
@@ -150,6 +167,10 @@ class Room:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("namespace"):
             cls.namespace = cls.__name__
+        if cls.when_full not in ("refuse", "watch"):
+            raise ValueError(f"{cls.__name__}.when_full must be 'refuse' or 'watch'")
+        if cls.max_clients is not None and cls.max_clients < 0:
+            raise ValueError(f"{cls.__name__}.max_clients must be a number of seats, or None")
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -280,6 +301,32 @@ class Room:
     def delete_alarm(self) -> None:
         """Cancel this room's alarm, if any."""
         self._ctx.storage.delete_alarm()
+
+    def lock(self) -> None:
+        """Take no new players: no seat is given until ``unlock`` (connections already in
+        keep theirs; new ones are refused with 403, or watch, as ``when_full`` says). In
+        memory: the lock ends when the room leaves memory with no connections."""
+        self._ctx.seats.locked = True
+
+    def unlock(self) -> None:
+        """Give seats again (see ``lock``)."""
+        self._ctx.seats.locked = False
+
+    @property
+    def locked(self) -> bool:
+        """Whether ``lock`` holds."""
+        return self._ctx.seats.locked
+
+    def seat_ticket(
+        self, room_class: type[Room], room: str | RoomId, identity: Any = None, ttl: float = 15.0
+    ) -> str:
+        """A seat ticket for one connection to that room as ``identity`` (anything msgpack
+        encodes; it becomes ``request.identity`` there unless ``on_before_connect`` gives one,
+        which must then be equal), good for ``ttl`` seconds and once. The client passes it
+        in the upgrade URL's query as ``?ticket=``; the edge checks it without waking either
+        room. What a lobby hands out."""
+        room_id = room if isinstance(room, RoomId) else room_class.resolve(room)  # (as its URL)
+        return self._ctx.issue_ticket(f"{room_class.namespace}/{room_id.hex}", identity, ttl)
 
     def stub(self, room_class: type[Room], room: str | RoomId) -> Stub:
         """A stub to call public methods of another room, by name or id.

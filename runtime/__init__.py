@@ -5,7 +5,8 @@ General layout. Four layers; a module imports only from its own layer or an earl
 
 1. sans-I/O, no sockets and no tasks: ``frames`` (the RFC 6455 codec), ``handshake`` (the
    opening handshake both ways, the closing states), ``config`` (settings), ``metrics``,
-   ``placement`` (where a room lives in a cluster: the terms host, cluster and links share).
+   ``placement`` (where a room lives in a cluster: the terms host, cluster and links share),
+   ``seats`` (a room's seats and lock, and seat tickets).
 2. the engine core, trio but no sockets: ``gate`` (the output gate and the burst batch),
    ``events`` (a room's events, one class per kind), ``activation`` (one room: mailbox,
    task, instance), ``host`` (every room: lifecycle, calls, alarms), ``storage`` (the

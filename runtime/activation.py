@@ -27,6 +27,7 @@ from .events import MOVED, Closed, Mailbox, Message, RoomEvent, Tick
 from .frames import encode_message
 from .gate import Batch, OutputGate, Transport
 from .placement import NotHere
+from .seats import Seats
 from .storage import FencedError, RoomStorage
 
 if TYPE_CHECKING:
@@ -45,10 +46,12 @@ class Peer:
 
     __slots__ = ("activation", "conn", "room_told", "transport")
 
-    def __init__(self, activation: Activation, transport: Transport, request: Request) -> None:
+    def __init__(
+        self, activation: Activation, transport: Transport, request: Request, seated: bool = True
+    ) -> None:
         self.activation = activation
         self.transport = transport
-        self.conn = Connection(self, secrets.token_hex(8), request)
+        self.conn = Connection(self, secrets.token_hex(8), request, seated)
         self.room_told = False
 
     def send(self, message: str | bytes) -> None:
@@ -189,6 +192,7 @@ class Activation:
         "peers",
         "room_class",
         "running",
+        "seats",
         "timers",
         "waiting_on",
     )
@@ -201,6 +205,7 @@ class Activation:
         self.instance: Room | None = None
         self.peers: dict[str, Peer] = {}
         self.attached = 0  # peers attached, including those whose connect is still queued
+        self.seats = Seats(room_class.max_clients, room_class.seats_by_ticket, room_class.when_full)
         self.waiting_on: set[Activation] = set()  # rooms whose calls this room awaits
         self.key = f"{room_class.namespace}/{room_id.hex}"
         self.chain: list[str] = []  # the rooms waiting on the call this room handles now
@@ -259,6 +264,9 @@ class Activation:
         timer = Timer(self, delay, interval, callback)
         self.timers.append(timer)
         return timer
+
+    def issue_ticket(self, room_key: str, identity: Any, ttl: float) -> str:
+        return self.host.tickets.issue(room_key, identity, ttl, self.host.now())
 
     def now(self) -> float:
         return self.host.now()

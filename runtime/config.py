@@ -133,6 +133,10 @@ class Settings:
     """Bytes queued on the link to another node; past it the edge stops reading the sockets
     of the clients sending through that link until it drains (backpressure, as a full
     mailbox does)."""
+    ticket_secret: str = ""
+    """The secret seat tickets (``Room.seat_ticket``) are signed with; empty: in a cluster,
+    one derived from ``cluster_token`` (every node agrees), else a fresh one at each start
+    (tickets live seconds)."""
     admin_token: str = ""
     """Bearer token for /_rooms/metrics, /_rooms/usage and /_rooms/analytics; empty: only
     loopback clients may read them."""

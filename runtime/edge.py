@@ -43,6 +43,7 @@ from .placement import ClusterUnavailable, Owner
 from .proxy import Upstream, relay
 from .proxy import connect as connect_upstream
 from .router import RoomTarget, Router
+from .seats import TICKET_PARAM, SeatRefused
 from .stream import ConnectionBroken, Stream
 from .usage import USAGE_TOTALS, Open, Usage
 from .websocket import Sessions, WebSocket
@@ -199,7 +200,9 @@ class Edge:
         if problem is not None:
             return problem
         if not isinstance(target, ProxyRoute):
-            return Upgrade(request, target, accept_response(request))
+            return self._check_ticket(request, target) or Upgrade(
+                request, target, accept_response(request)
+            )
         settings = self.settings
         upstream = await connect_upstream(
             target,
@@ -216,6 +219,26 @@ class Edge:
                 log.warning("%s %s: %s", request.method, request.path, upstream.body.decode())
             return upstream
         return Upgrade(request, upstream, accept_response(request, upstream.subprotocol))
+
+    def _check_ticket(self, request: Request, target: RoomTarget) -> Response | None:
+        """The upgrade's seat ticket, if it has one (``runtime.seats``), checked here, at the
+        client's node: signed by this cluster, for this room, not expired, and for the
+        identity ``on_before_connect`` gave, which it becomes if there was none (the node
+        holding the room sees that it was not used before). A refusal, or None."""
+        token = request.query_param(TICKET_PARAM)
+        if token is None:
+            return None
+        room_class, room_id = target
+        key = f"{room_class.namespace}/{room_id.hex}"
+        try:
+            ticket = self.host.tickets.check(token, key, self.host.now())
+            if request.identity is not None and request.identity != ticket.identity:
+                raise SeatRefused(403, "the seat ticket is for another identity")
+        except SeatRefused as refused:
+            self.metrics.tickets_refused_total += 1
+            return text_error(refused.status, refused.text)
+        request.identity = ticket.identity
+        return None
 
     def _link_upgrade(self, request: Request, http_version: bytes) -> Upgrade | Response:
         """A link from another node of the cluster (``runtime.link``)."""
@@ -263,8 +286,6 @@ class Edge:
             token, figures = self.settings.admin_token, self._admin_figures
             return AdminFeed(transport, token, self.metrics, figures)
         joined = await self._place(target, transport, upgrade.request)
-        if joined is None:
-            return text_error(503, "room is full")
         if isinstance(joined, Response):
             return joined
         try:
@@ -280,12 +301,16 @@ class Edge:
 
     async def _place(
         self, target: RoomTarget, transport: Transport, request: Request
-    ) -> Peer | Forwarded | Response | None:
-        """A place in the room, here or on the node that holds it; None if it is full."""
+    ) -> Peer | Forwarded | Response:
+        """A place in the room, here or on the node that holds it, or the refusal (full,
+        locked, a ticket not good: ``runtime.seats``)."""
         room_class, room_id = target
 
-        async def here(act: Activation) -> Peer | None:
-            return self.host.attach(act, transport, request)
+        async def here(act: Activation) -> Peer | Response:
+            try:
+                return self.host.attach(act, transport, request)
+            except SeatRefused as refused:
+                return text_error(refused.status, refused.text)
 
         async def there(_: object, owner: Owner, room: object) -> Forwarded | Response:
             assert self.links is not None

@@ -126,6 +126,7 @@ class Closed(_Event):
         if self.send_close:
             self.peer.close(self.code, self.reason)
         act.attached -= 1
+        act.seats.leave(self.peer.conn.seated)
         return act.peers.pop(self.peer.conn.id, None) is not None
 
     async def run(self, act: Activation, room: Room) -> None:

@@ -34,6 +34,7 @@ from .events import Alarm, Call, Connect, Http, Operator, pack
 from .gate import Reply, Transport
 from .metrics import Metrics
 from .placement import ClusterUnavailable, Directory, NotHere, Owner, RemoteRooms, Room3
+from .seats import TICKET_PARAM, SeatRefused, Tickets, ticket_secret
 from .storage import Backend
 
 log = logging.getLogger("rooms.host")
@@ -70,6 +71,7 @@ class Host:
         self.settings = settings
         self.metrics = metrics
         self.nursery = nursery
+        self.tickets = Tickets(ticket_secret(settings.ticket_secret, settings.cluster_token))
         self._activations: dict[tuple[str, str], Activation] = {}
         self._classes: dict[str, type[Room]] = {}
         for room_class in room_classes:
@@ -318,13 +320,26 @@ class Host:
 
     # -- entry points for the edge -------------------------------------------------------
 
-    def attach(self, act: Activation, transport: Transport, request: Request) -> Peer | None:
-        """Reserve a place for a new connection in the room; None if the room is full."""
+    def attach(self, act: Activation, transport: Transport, request: Request) -> Peer:
+        """A place for a new connection in the room, with a seat if it gets one
+        (``runtime.seats``: its ticket, if any, is checked and spent here); SeatRefused if
+        the room is full (``max_connections_per_room``, or no seat where one is needed),
+        locked, or the ticket is not good."""
         if act.attached >= self.settings.max_connections_per_room:
             self.metrics.limit_room_connections_total += 1
-            return None
+            raise SeatRefused(503, "room is full")
+        token, now = request.query_param(TICKET_PARAM), self.now()
+        try:
+            ticket = None if token is None else self.tickets.check(token, act.key, now)
+            seated = act.seats.take(ticket, now)
+        except SeatRefused as refused:
+            if token is not None and refused.status in (401, 403, 409):
+                self.metrics.tickets_refused_total += 1
+            else:
+                self.metrics.limit_seats_total += 1
+            raise
         act.attached += 1
-        return Peer(act, transport, request)
+        return Peer(act, transport, request, seated)
 
     async def connected(self, peer: Peer) -> None:
         await peer.activation.post(Connect(peer))

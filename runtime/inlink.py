@@ -37,6 +37,7 @@ from .link import (
     unpack,
 )
 from .placement import NotHere
+from .seats import SeatRefused
 
 if TYPE_CHECKING:
     from .activation import Peer
@@ -154,9 +155,10 @@ class InLink:
         if act is None:
             self._write(REFUSED, conn, 421, "that room is not held by this node")
             return
-        peer = host.attach(act, LinkTransport(self, conn), request_from_wire(data, host.stub))
-        if peer is None:
-            self._write(REFUSED, conn, 503, "room is full")
+        try:
+            peer = host.attach(act, LinkTransport(self, conn), request_from_wire(data, host.stub))
+        except SeatRefused as refused:
+            self._write(REFUSED, conn, refused.status, refused.text)
             return
         self.peers[conn] = peer
         host.metrics.cluster_remote_peers += 1

@@ -146,6 +146,12 @@ class Metrics:
     )
     limit_origin_total: int = _counter("upgrades refused 403: Origin not in allowed_origins")
     limit_auth_total: int = _counter("upgrades refused by a room class's on_before_connect")
+    limit_seats_total: int = _counter(
+        "upgrades refused for want of a seat: the room full or locked (max_clients, lock)"
+    )
+    tickets_refused_total: int = _counter(
+        "upgrades refused for their seat ticket: forged, expired, for another room, or used"
+    )
     limit_ip_rate_total: int = _counter("upgrades refused 429: upgrades_per_second_per_ip")
     limit_ip_connections_total: int = _counter("upgrades refused 429: max_connections_per_ip")
     idle_timeouts_total: int = _counter("connections closed 1001: no message in idle_timeout")

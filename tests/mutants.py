@@ -42,6 +42,24 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "seats.max",
+        "no more seated connections than max_clients",
+        "runtime/seats.py",
+        "free = not self.locked and self.taken < self.max_clients",
+        "free = not self.locked and self.taken <= self.max_clients",
+        (
+            "tests/runtime/test_seats.py::test_simultaneous_joins_never_take_more_seats_than_there_are",
+        ),
+    ),
+    Mutant(
+        "seats.once",
+        "a seat ticket is good for one connection",
+        "runtime/seats.py",
+        "if ticket is not None and ticket.nonce in self._used:",
+        "if False:",
+        ("tests/runtime/test_seats.py::test_a_ticket_admits_one_connection_with_its_identity",),
+    ),
+    Mutant(
         "activation.one",
         "one activation per room",
         "runtime/host.py",

@@ -14,7 +14,9 @@ from pathlib import Path
 from tests.support import REPO
 
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("frames", "handshake", "config", "metrics", "placement"), 1),  # sans-I/O
+    **dict.fromkeys(
+        ("frames", "handshake", "config", "metrics", "placement", "seats"), 1
+    ),  # sans-I/O
     **dict.fromkeys(
         ("gate", "events", "activation", "host", "storage", "sqlite", "postgres", "cluster"), 2
     ),  # core
