@@ -12,6 +12,7 @@ from ._app import App
 from ._engine import Storage, Timer
 from ._http import HTTPError, Request, Response
 from ._ids import RoomId, is_room_id
+from ._lobby import Listed, Lobby
 from ._room import CallCycleError, Connection, Room, RoomCallError, Stub
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "CallCycleError",
     "Connection",
     "HTTPError",
+    "Listed",
+    "Lobby",
     "Request",
     "Response",
     "Room",

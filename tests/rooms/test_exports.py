@@ -13,6 +13,8 @@ ROOMS = [
     "CallCycleError",
     "Connection",
     "HTTPError",
+    "Listed",
+    "Lobby",
     "Request",
     "Response",
     "Room",
