@@ -165,11 +165,13 @@ class Lobby(Room):
 
 
 class Listed:
-    """What a listed room tells its lobby (``Lobby``): create one in ``on_start`` and call
-    ``update()`` after each connect and close; ``metadata``, ``private`` are sent with each
-    report. A room reports at least every ``lobby ttl / 3`` seconds while it has players
-    (``refresh_every``: a timer, so a room with players does not hibernate; one without
-    reports ``remove``)."""
+    """What a listed room tells its lobby (``Lobby``): create one in ``on_start``, call
+    ``update()`` after each connect and close, and at least every ``refresh_every`` seconds
+    (a third of the lobby's ``ttl``) while the room should stay listed, e.g. from its game
+    loop. ``metadata`` and ``private`` go with each report. A room that stops reporting
+    (it hibernated with nothing going on, or died with its node) leaves the listing after
+    the ttl; one with no seated connection is removed at once. (No timer of its own: that
+    would keep an idle room from hibernating.)"""
 
     def __init__(
         self,
@@ -184,7 +186,6 @@ class Listed:
         self.metadata = metadata or {}
         self.private = private
         self.refresh_every = lobby_class.ttl / 3
-        self._timer: Any = None
 
     async def update(self) -> None:
         """Report the room's seated players now (or its removal, if it has none)."""
@@ -192,9 +193,6 @@ class Listed:
         name = room.name or room.id.hex  # (a unique room is listed by its id)
         seated = [conn for conn in room.connections() if conn.seated]
         if not seated:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             await self.lobby.remove(name)
             return
         tickets = [t for t in (conn.request.query_param("ticket") for conn in seated) if t]
@@ -202,5 +200,3 @@ class Listed:
         await self.lobby.report(
             name, len(seated), capacity, tickets, room.locked, self.private, self.metadata
         )
-        if self._timer is None:
-            self._timer = room.every(self.refresh_every, self.update)

@@ -157,3 +157,54 @@ async def test_a_board_with_only_watchers_hibernates_and_wakes(
         state = await next_state(watcher)
         assert [p["name"] for p in state["players"]] == ["gus"]
         assert rooms.metrics.room_activations_total == starts + 1
+
+
+# -- the lobby ---------------------------------------------------------------------------------
+
+
+async def post(rooms: RoomsHarness, path: str, name: str) -> Any:
+    answer = await rooms.request("POST", path, json.dumps({"name": name}))
+    assert answer.status == 200, answer.body
+    return json.loads(answer.body)
+
+
+async def test_fifty_quick_plays_fill_thirteen_boards_of_four_and_the_rest_watch() -> None:
+    async with RoomsHarness(game.app) as rooms:
+        seats: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def quickplay(i: int) -> None:
+                seats.append(await post(rooms, "/api/quickplay", f"p{i}"))
+
+            for i in range(50):
+                nursery.start_soon(quickplay, i)
+        assert len({seat["board"] for seat in seats}) == 13
+        clients = []
+        for i, seat in enumerate(seats):
+            assert seat["url"].startswith("ws://") and seat["url"].endswith(seat["path"])
+            client = await rooms.connect(seat["path"])
+            assert (await frames(client, "hello"))[0]["seated"] is True
+            await client.send(json.dumps({"join": f"p{i}"}))
+            clients.append(client)
+        await rooms.settle()
+        listed = json.loads((await rooms.request("GET", "/api/boards")).body)
+        assert sorted(board["players"] for board in listed) == [2] + [4] * 12
+        assert {board["max_players"] for board in listed} == {4}
+        full = next(board["name"] for board in listed if board["players"] == 4)
+        late = await rooms.connect(f"/game/{full}")  # a fifth: watches
+        assert (await frames(late, "hello"))[0]["seated"] is False
+        await late.send(json.dumps({"join": "late"}))
+        assert "full" in (await frames(late, "error"))[0]
+
+
+async def test_a_private_board_is_not_listed_and_its_link_lets_friends_in() -> None:
+    async with RoomsHarness(game.app) as rooms:
+        mine = await post(rooms, "/api/boards", "host")
+        host = await rooms.connect(mine["path"])
+        await host.send(json.dumps({"join": "host"}))
+        await rooms.settle()
+        assert json.loads((await rooms.request("GET", "/api/boards")).body) == []
+        friend = await rooms.connect(f"/game/{mine['board']}")  # the shared link: no ticket
+        assert (await frames(friend, "hello"))[0]["seated"] is True
+        bad = await rooms.request("POST", "/api/quickplay", "not json")
+        assert bad.status == 400

@@ -19,6 +19,7 @@ class Table(Room):
 
     async def on_start(self) -> None:
         self.listing = Listed(self, Tables, "tables", metadata={"mode": "duel"})
+        self.every(self.listing.refresh_every, self.listing.update)  # (its own loop)
 
     async def on_connect(self, conn: Connection, request: Request) -> None:
         conn.send(json.dumps({"seated": conn.seated, "identity": request.identity}))
@@ -116,14 +117,16 @@ async def test_a_listing_lives_through_a_missed_refresh_and_expires_after_its_tt
         ada = await h.connect(f"/table/{seat['room']}?ticket={seat['ticket']}")
         await ada.receive()
         await h.settle()
-        clock.jump(Tables.ttl * 2)  # the table refreshes every ttl / 3 meanwhile
+        for _ in range(6):  # the table refreshes every ttl / 3 meanwhile
+            clock.jump(Tables.ttl / 3)
+            await h.settle()
         await h.settle()
         assert [e["name"] for e in await lobby.rooms()] == [seat["room"]]
         await ada.disconnect()
         await h.settle()
         assert await lobby.rooms() == []  # the last player left: removed at once
         await lobby.report("ghost", 1, 4, [])  # a room that reports once, then dies
-        clock.jump(Tables.ttl / 2)
+        clock.jump(Tables.ttl / 2)  # (a refresh missed: still listed)
         assert [e["name"] for e in await lobby.rooms()] == ["ghost"]
         clock.jump(Tables.ttl)
         assert await lobby.rooms() == []
