@@ -351,6 +351,40 @@ def test_the_game_moves_a_player_on_every_page(browser: Browser, tmp_path: Path)
         player.screenshot(path=str(ARTIFACTS / "game.png"))
 
 
+def test_quick_play_from_the_lobby_puts_two_pages_on_one_board(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The game's lobby page: two pages press Quick play and land on the same board (the
+    fullest open one), both playing; the lobby lists it with its two players. Screenshot:
+    artifacts/game-lobby.png."""
+    with server("examples.game.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        pages = []
+        for name in ("Ada", "Grace"):
+            page = browser.new_context(viewport={"width": 900, "height": 560}).new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#lobby-name", name)
+            page.click("[data-testid=quickplay]")
+            page.wait_for_function("location.hash.length > 1", timeout=10_000)
+            pages.append(page)
+        ada, grace = pages
+        assert ada.evaluate("location.hash") == grace.evaluate("location.hash")
+        for page in pages:
+            page.wait_for_function(
+                "document.querySelectorAll('#players li').length === 2", timeout=20_000
+            )
+        assert sorted(positions(ada)) == ["Ada", "Grace"]
+        lobby = browser.new_context(viewport={"width": 900, "height": 400}).new_page()
+        lobby.goto(f"http://127.0.0.1:{port}/")
+        lobby.wait_for_selector("[data-testid=board-row] >> text=2 / 4", timeout=10_000)
+        lobby.fill("#lobby-name", "Host")
+        lobby.click("[data-testid=private]")
+        lobby.wait_for_selector("[data-testid=share] >> text=Share this link", timeout=10_000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        lobby.screenshot(path=str(ARTIFACTS / "game-lobby.png"))
+        assert lobby.locator("[data-testid=board-row]").count() == 1  # the private one: not listed
+
+
 def test_the_chat_page_loads_without_a_404(browser: Browser, tmp_path: Path) -> None:
     with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
         wait_for_port_sync(port, proc)
