@@ -13,6 +13,7 @@ from ._engine import Storage, Timer
 from ._http import HTTPError, Request, Response
 from ._ids import RoomId, is_room_id
 from ._lobby import Listed, Lobby
+from ._presence import Presence
 from ._room import CallCycleError, Connection, Room, RoomCallError, Stub
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "HTTPError",
     "Listed",
     "Lobby",
+    "Presence",
     "Request",
     "Response",
     "Room",

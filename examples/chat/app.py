@@ -17,6 +17,13 @@ that reconnects sends ``{"name": NAME, "after": SEQ}`` (the last seq it saw) and
 exactly the messages after it instead of the last 100. The text message ``ping`` is answered
 ``pong`` by the server (the page's heartbeat).
 
+Presence, for clients that ask with ``"presence": true`` in their first frame (others see the
+demo's protocol unchanged): the roster is one entry per name, however many tabs carry it
+(``{"joined": NAME}`` once, ``{"quit": NAME}`` when its last tab has been gone for
+``CHAT_PRESENCE_GRACE_SECONDS``, 5: a reload neither leaves nor joins), and
+``{"typing": true}`` / ``false`` from one is relayed to the others as ``{"typing": {"name":
+NAME, "typing": BOOL}}``, never stored (a message sent clears it).
+
 Configuration (environment variables, read at start):
 
 - ``CHAT_SECONDS_PER_MESSAGE`` (5) and ``CHAT_BURST_SECONDS`` (20): the rate limit per client
@@ -33,7 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rooms import App, Connection, HTTPError, Request, Response, Room, RoomId, is_room_id
+from rooms import (
+    App,
+    Connection,
+    HTTPError,
+    Presence,
+    Request,
+    Response,
+    Room,
+    RoomId,
+    is_room_id,
+)
 
 MAX_NAME = 32
 MAX_MESSAGE = 256
@@ -81,6 +98,7 @@ class ChatRoom(Room):
     first_message_timeout = _setting("CHAT_FIRST_MESSAGE_SECONDS", 30.0)
     retention_messages = int(_setting("CHAT_RETENTION_MESSAGES", 10_000))
     retention_seconds = _setting("CHAT_RETENTION_DAYS", 0) * 86400
+    presence_grace = _setting("CHAT_PRESENCE_GRACE_SECONDS", 5.0)
 
     @classmethod
     def resolve(cls, name: str) -> RoomId:
@@ -108,6 +126,7 @@ class ChatRoom(Room):
     async def on_start(self) -> None:
         self.seq: int = await self.storage.get("seq", 0)
         self.last_timestamp: int = await self.storage.get("last_timestamp", 0)
+        self.presence = Presence(self, self._member_left, self.presence_grace)
         await self._trim(everything=True)
 
     async def on_connect(self, conn: Connection, request: Request) -> None:
@@ -119,13 +138,26 @@ class ChatRoom(Room):
             conn.send(json.dumps({"error": data}))
         elif conn.state["name"] is None:
             await self._join(conn, data)
+        elif "typing" in data and "message" not in data:
+            self._typing(conn, data["typing"] is True)
         else:
             await self._chat(conn, data)
 
     async def on_close(self, conn: Connection, code: int, reason: str) -> None:
         name = conn.state["name"] if conn.state else None
         if name is not None:
-            self.broadcast(json.dumps({"quit": name}), tag="ready")
+            self.broadcast(json.dumps({"quit": name}), tag="classic")  # (the demo's, at once)
+            self.presence.leave(conn)
+
+    async def _member_left(self, name: str) -> None:
+        """A name's last tab has been gone for the grace period."""
+        self.broadcast(json.dumps({"quit": name}), tag="presence")
+
+    def _typing(self, conn: Connection, typing: bool) -> None:
+        name = conn.state["name"]
+        if self.presence.update(conn, typing=typing):
+            frame = json.dumps({"typing": {"name": name, "typing": typing}})
+            self.broadcast(frame, exclude=[conn], tag="presence")
 
     async def _join(self, conn: Connection, data: dict[str, Any]) -> None:
         name = data.get("name")
@@ -140,12 +172,21 @@ class ChatRoom(Room):
         if after is not None and (type(after) is not int or after < 0):
             conn.send(json.dumps({"error": '"after" must be the last seq you saw (0 or more).'}))
             return
-        for other in self.connections("ready"):
-            conn.send(json.dumps({"joined": other.state["name"]}))
+        aware = data.get("presence") is True
+        if aware:  # one roster line per name, and who is typing
+            for member, state in self.presence.members().items():
+                conn.send(json.dumps({"joined": member}))
+                if state.get("typing"):
+                    conn.send(json.dumps({"typing": {"name": member, "typing": True}}))
+        else:  # the demo's: one line per connection
+            for other in self.connections("ready"):
+                conn.send(json.dumps({"joined": other.state["name"]}))
         await self._send_history(conn, after)
         conn.state = {**conn.state, "name": name}
-        conn.tags.add("ready")
-        self.broadcast(json.dumps({"joined": name}), tag="ready")
+        conn.tags.update(("ready", "presence" if aware else "classic"))
+        self.broadcast(json.dumps({"joined": name}), tag="classic")
+        if self.presence.join(conn, name):  # (a name already here is in the roster sent)
+            self.broadcast(json.dumps({"joined": name}), tag="presence")
         # "seq" lets a client notice that the room's history is not the one it remembers.
         conn.send(json.dumps({"ready": True, "seq": self.seq}))
 
@@ -191,6 +232,8 @@ class ChatRoom(Room):
         # Held by the output gate until the write above is durable: nobody sees a message
         # that could still be lost.
         self.broadcast(json.dumps(entry), tag="ready")
+        if "presence" in conn.tags:
+            self._typing(conn, False)  # a line sent: no longer typing
 
     async def _trim(self, everything: bool = False) -> None:
         """Apply the retention settings: drop what is past the count or the age. After each

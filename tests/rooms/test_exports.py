@@ -15,6 +15,7 @@ ROOMS = [
     "HTTPError",
     "Listed",
     "Lobby",
+    "Presence",
     "Request",
     "Response",
     "Room",

@@ -196,6 +196,34 @@ def test_two_pages_on_two_cluster_nodes_chat_in_one_room(
         grace.screenshot(path=str(ARTIFACTS / "cluster.png"))
 
 
+def test_the_other_page_sees_who_is_typing_and_one_line_per_name_across_tabs(
+    browser: Browser, chat_env: None, tmp_path: Path
+) -> None:
+    """Presence in the chat page: Grace types (without sending) and Ada's page shows "Grace is
+    typing…" until she sends the line; a second tab of Ada's adds no roster line on Grace's
+    page. Screenshot: artifacts/chat-typing.png."""
+    with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        ada = open_chat(browser, port, "Ada", "typing-room")
+        grace = open_chat(browser, port, "Grace", "typing-room")
+        ada.wait_for_function("document.querySelectorAll('.member').length === 2")
+        grace.fill("[data-testid=chat-input]", "")
+        grace.type("[data-testid=chat-input]", "on my w")
+        ada.wait_for_selector("[data-testid=typing]:has-text('Grace is typing…')", timeout=10_000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        ada.screenshot(path=str(ARTIFACTS / "chat-typing.png"))
+        grace.type("[data-testid=chat-input]", "ay")
+        grace.press("[data-testid=chat-input]", "Enter")
+        wait_for_lines(ada, 1)
+        ada.wait_for_function(
+            "document.querySelector('[data-testid=typing]').textContent === ''", timeout=10_000
+        )
+        second_tab = open_chat(browser, port, "Ada", "typing-room")
+        second_tab.wait_for_function("document.querySelectorAll('.member').length === 2")
+        grace.wait_for_timeout(500)
+        assert roster(grace) == ["Ada", "Grace"]
+
+
 def test_the_page_fits_a_phone(browser: Browser, chat_env: None, tmp_path: Path) -> None:
     with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
         wait_for_port_sync(port, proc)
