@@ -10,12 +10,18 @@ refreshed for ``ttl`` seconds is dropped, so one missed report never drops a liv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ._ids import RoomId
 from ._room import Room
 
 _ENTRIES = "lobby:entries"  # the stored listing
+_SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "players": lambda entry: (-entry["players"], entry["name"]),
+    "free": lambda entry: (entry["players"] - (entry["max_players"] or 0), entry["name"]),
+    "name": lambda entry: entry["name"],
+}
 
 
 class Lobby(Room):
@@ -77,13 +83,20 @@ class Lobby(Room):
     # -- what players call -------------------------------------------------------------------
 
     async def rooms(
-        self, filters: dict[str, Any] | None = None, limit: int = 50, offset: int = 0
+        self,
+        filters: dict[str, Any] | None = None,
+        sort: str = "players",
+        limit: int = 50,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """The public rooms (never the private ones) whose metadata matches ``filters``, the
-        fullest first: name, players (pending seats included), max_players, locked,
-        metadata."""
+        """The public rooms (never the private ones) whose metadata matches ``filters``:
+        name, players (pending seats included), max_players, locked, metadata; sorted by
+        ``sort``, "players" (the fullest first), "free" (the most free seats first) or
+        "name"; ``limit`` of them from ``offset``."""
+        if sort not in _SORTS:
+            raise ValueError(f"sort is one of {', '.join(_SORTS)}")
         found = [self._public(entry) for entry in self._live(filters) if not entry["private"]]
-        found.sort(key=lambda entry: (-entry["players"], entry["name"]))
+        found.sort(key=_SORTS[sort])
         return found[offset : offset + limit]
 
     async def join_or_create(

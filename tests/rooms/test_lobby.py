@@ -78,7 +78,10 @@ async def test_fifty_quick_plays_fill_thirteen_tables_and_every_ticket_seats_onc
             players.append(client)
         await h.settle()
         listed = await lobby.rooms({"mode": "duel"}, limit=100)
-        assert sorted(entry["players"] for entry in listed) == [2] + [4] * 12
+        assert [entry["players"] for entry in listed] == [4] * 12 + [2]  # the fullest first
+        assert (await lobby.rooms({"mode": "duel"}, sort="free", limit=1))[0]["players"] == 2
+        assert len(await lobby.rooms({"mode": "duel"}, limit=5, offset=10)) == 3
+        assert await lobby.rooms({"mode": "ranked"}) == []
         # The open table fills first; a ticket is good once.
         again = await lobby.join_or_create({"name": "late"}, {"mode": "duel"})
         assert again["room"] == next(e["name"] for e in listed if e["players"] == 2)

@@ -22,7 +22,7 @@ import trio_websocket
 from rooms import RoomId
 from runtime.frames import OP_BINARY
 from runtime.link import LINK_PATH, PROTOCOL
-from tests.support import REPO, Node, cluster_of, metric, raw_request
+from tests.support import REPO, Node, cluster_of, metric, raw_request, server, wait_for_port
 from tests.system.raw import RawWebSocket, frame
 from tests.system.raw import upgrade as upgrade_to
 
@@ -185,50 +185,62 @@ async def test_the_admin_view_of_any_node_shows_every_node_and_acts_on_rooms_hel
         assert (await http(home, "GET", missing))[0] == 404
 
 
+async def fifty_quick_plays(nursery: trio.Nursery, urls: list[str]) -> None:
+    """50 concurrent quick plays spread over ``urls`` (nodes, or one server), then 50 real
+    WebSockets with the URLs returned, each through another node than the one that
+    answered: 13 boards, none with more than 4 seated players, every ticket admitted once;
+    a ticket used again is refused with 409."""
+
+    async def quickplay(i: int) -> dict[str, Any]:
+        body = json.dumps({"name": f"p{i}"})
+        head = (
+            "POST /api/quickplay HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        port = int(urls[i % len(urls)].rsplit(":", 1)[1])
+        answer = await raw_request(port, (head + body).encode(), closes=True)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        return json.loads(answer.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
+
+    seats: list[dict[str, Any]] = []
+    async with trio.open_nursery() as plays:
+
+        async def play(i: int) -> None:
+            seats.append(await quickplay(i))
+
+        for i in range(50):
+            plays.start_soon(play, i)
+    assert len({seat["board"] for seat in seats}) == 13
+    seated: dict[str, int] = {}
+    for i, seat in enumerate(seats):
+        ws = await trio_websocket.connect_websocket_url(
+            nursery, f"{urls[(i + 1) % len(urls)]}{seat['path']}"
+        )
+        hello = json.loads(await ws.get_message())["hello"]
+        assert hello["seated"] is True, (i, hello)
+        seated[seat["board"]] = seated.get(seat["board"], 0) + 1
+    assert sorted(seated.values()) == [2] + [4] * 12
+    try:
+        async with trio_websocket.open_websocket_url(f"{urls[-1]}{seats[0]['path']}"):
+            raise AssertionError("a used ticket was admitted again")
+    except trio_websocket.ConnectionRejected as exc:
+        assert exc.status_code == 409 and b"used already" in (exc.body or b"")
+
+
 async def test_fifty_quick_plays_through_three_nodes_seat_every_ticket_once(
     pg_dsn: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    """The game's lobby in cluster mode: 50 concurrent quick plays spread over three nodes,
-    then 50 real WebSockets with the URLs returned, each through another node than the one
-    that answered: 13 boards, none with more than 4 seated players, every ticket admitted
-    once; a ticket used again (through yet another node) is refused with 409."""
-    app = "examples.game.app:app"
-    async with cluster_of(pg_dsn, 3, tmp_path, app=app) as nodes:
+    async with cluster_of(pg_dsn, 3, tmp_path, app="examples.game.app:app") as nodes:
+        await fifty_quick_plays(nursery, [node.url for node in nodes])
 
-        async def quickplay(i: int) -> dict[str, Any]:
-            body = json.dumps({"name": f"p{i}"})
-            head = (
-                "POST /api/quickplay HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
-                f"content-length: {len(body)}\r\n\r\n"
-            )
-            answer = await raw_request(nodes[i % 3].port, (head + body).encode(), closes=True)
-            assert answer.startswith(b"HTTP/1.1 200 "), answer
-            return json.loads(answer.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
 
-        seats: list[dict[str, Any]] = []
-        async with trio.open_nursery() as plays:
-
-            async def play(i: int) -> None:
-                seats.append(await quickplay(i))
-
-            for i in range(50):
-                plays.start_soon(play, i)
-        boards = {seat["board"] for seat in seats}
-        assert len(boards) == 13
-        seated: dict[str, int] = {}
-        for i, seat in enumerate(seats):
-            url = f"{nodes[(i + 1) % 3].url}{seat['path']}"
-            ws = await trio_websocket.connect_websocket_url(nursery, url)
-            hello = json.loads(await ws.get_message())["hello"]
-            assert hello["seated"] is True, (i, hello)
-            seated[seat["board"]] = seated.get(seat["board"], 0) + 1
-        assert sorted(seated.values()) == [2] + [4] * 12
-        again = f"{nodes[2].url}{seats[0]['path']}"
-        try:
-            async with trio_websocket.open_websocket_url(again):
-                raise AssertionError("a used ticket was admitted again")
-        except trio_websocket.ConnectionRejected as exc:
-            assert exc.status_code == 409 and b"used already" in (exc.body or b"")
+async def test_fifty_quick_plays_on_one_server_seat_every_ticket_once(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The same on one server (embedded mode), beside its cluster twin."""
+    with server("examples.game.app:app", REPO, tmp_path / "data") as (proc, port):
+        await wait_for_port(port, proc)
+        await fifty_quick_plays(nursery, [f"ws://127.0.0.1:{port}"])
 
 
 async def test_a_room_with_clients_on_another_node_hibernates_and_wakes_with_their_state(
