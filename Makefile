@@ -50,7 +50,13 @@ WSCAT := tests/system/wscat/node_modules/.bin/wscat
 $(WSCAT): tests/system/wscat/package.json tests/system/wscat/package-lock.json
 	cd tests/system/wscat && npm ci --no-audit --no-fund --silent || echo "make: no wscat; its test will be skipped"
 
-unit: $(VENV)/.dev $(WSTEST) $(WSCAT)
+# The standard Yjs clients (y-websocket on Node) for tests/system/test_yjs.py, skipped with the
+# reason if npm is missing.
+YJS_CLIENTS := tests/system/yjs/node_modules/.package-lock.json
+$(YJS_CLIENTS): tests/system/yjs/package.json tests/system/yjs/package-lock.json
+	cd tests/system/yjs && npm ci --no-audit --no-fund --silent || echo "make: no y-websocket clients; their test will be skipped"
+
+unit: $(VENV)/.dev $(WSTEST) $(WSCAT) $(YJS_CLIENTS)
 	$(BIN)/python -m pytest -q
 
 # Each guarantee broken on purpose in a copy of the tree: the tests named with it must fail
@@ -108,4 +114,4 @@ bench-hibernation: $(VENV)/.dev  ## memory per connection while rooms hibernate
 	$(BIN)/python bench/hibernation.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .autobahn tests/system/wscat/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache site
+	rm -rf $(VENV) .autobahn tests/system/wscat/node_modules tests/system/yjs/node_modules bench/.venv bench/node_modules bench/wsload bench/.ready .mypy_cache .ruff_cache .pytest_cache site

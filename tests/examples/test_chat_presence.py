@@ -50,7 +50,8 @@ async def test_one_roster_line_per_name_however_many_tabs(clock: trio.testing.Mo
     async with RoomsHarness(chat.app) as h:
         watcher = await joined(h, "watcher", presence=True)
         demo = await joined(h, "demo", presence=False)  # a workers-chat-demo client
-        await roster_frames(h, watcher), await roster_frames(h, demo)
+        for client in (watcher, demo):
+            await roster_frames(h, client)
         first = await joined(h, "ada", presence=True)
         second = await joined(h, "ada", presence=True)  # a second tab
         assert await roster_frames(h, watcher) == [{"joined": "ada"}]  # once
@@ -58,7 +59,8 @@ async def test_one_roster_line_per_name_however_many_tabs(clock: trio.testing.Mo
         late, roster = await joining(h, "late", presence=True)
         got = [f["joined"] for f in roster + await roster_frames(h, late)]
         assert sorted(got) == ["ada", "demo", "late", "watcher"]  # one line each
-        await roster_frames(h, watcher), await roster_frames(h, demo)  # (late's joined)
+        for client in (watcher, demo):  # (late's joined: seen)
+            await roster_frames(h, client)
         await first.disconnect()
         assert await roster_frames(h, watcher) == []  # ada still has a tab
         assert await roster_frames(h, demo) == [{"quit": "ada"}]  # the demo's: per connection
