@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat cluster game test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation bench-admin clean
+.PHONY: chat cluster game notes notes-bundle test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation bench-admin clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ cluster: $(VENV)/.postgres  ## serve the example chat as a 3-node cluster on Pos
 
 game: $(BIN)/rooms  ## serve the example game on http://127.0.0.1:8001
 	$(BIN)/rooms serve examples.game.app:app --host 127.0.0.1 --port 8001 --data-dir data/game
+
+$(VENV)/.yjs: $(BIN)/rooms
+	$(BIN)/python -m pip install -q -e '.[yjs]'
+	touch $@
+
+notes: $(VENV)/.yjs  ## serve the example collaborative notes on http://127.0.0.1:8002
+	$(BIN)/rooms serve examples.notes.app:app --host 127.0.0.1 --port 8002 --data-dir data/notes
+
+# The notes page's editor bundle (examples/notes/static/editor.js, kept in the repository so
+# that make notes needs no npm): rebuilt from examples/notes/web with the versions it pins.
+notes-bundle:
+	cd examples/notes/web && npm ci --no-audit --no-fund --silent && npm run build --silent
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

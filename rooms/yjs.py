@@ -16,7 +16,10 @@ updates or ``compact_bytes`` bytes, in the same event, so a wake-up reads a boun
 the document is loaded from storage on start, so a hibernated room, a restarted server or
 another node (cluster mode) serves the same document. Awareness (cursors, names) is relayed
 to every connection, the sender's included (its echo keeps the client's 30 s silence timer
-fed), never stored, and removed for the others when a connection closes.
+fed), never stored, and removed for the others when a connection closes. A client that
+connects with ``?acks=1`` also gets a one-byte frame, ``SAVED`` (4), once each of its updates
+is stored: a page can show "saved" (y-websocket's provider takes a handler for it in
+``provider.messageHandlers[4]``; other clients never get it).
 
 Hooks: ``may_edit`` (read-only members: their updates are dropped), ``check_update`` (refuse
 one: raise ``ValueError`` and the connection is closed 1008 with the reason), ``on_change``
@@ -55,6 +58,8 @@ from ._room import Connection, Room
 SNAPSHOT = "yjs:snapshot"
 LOG = "yjs:u:"  # + a 12-digit sequence number: the updates since the snapshot
 _AWARENESS_QUERY = 3
+SAVED = bytes([4])
+"""Sent to a client that asked (``?acks=1``) once its updates so far are stored."""
 
 Root = type[Text] | type[Map[Any]] | type[Array[Any]]
 
@@ -172,14 +177,15 @@ class DocRoom(Room):
         except Exception:
             conn.close(1007, "an update that is not a Yjs update")
             return
-        if self.doc.get_state() == before:
-            return  # nothing new (a client's step 2 of what the room had)
-        change = self.doc.get_update(before)
-        self._store(change)
-        await self.on_change(change)
-        # Held by the output gate until the write is durable: nobody sees an edit that
-        # could still be lost.
-        self.broadcast(create_update_message(change), exclude=[conn])
+        if self.doc.get_state() != before:
+            change = self.doc.get_update(before)
+            self._store(change)
+            await self.on_change(change)
+            # Held by the output gate until the write is durable: nobody sees an edit that
+            # could still be lost.
+            self.broadcast(create_update_message(change), exclude=[conn])
+        if conn.request.query_param("acks") == "1":
+            conn.send(SAVED)  # (behind the same gate: once what it sent is stored)
 
     def _store(self, change: bytes) -> None:
         self._seq += 1

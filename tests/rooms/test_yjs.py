@@ -20,7 +20,7 @@ from pycrdt import (
 
 from rooms import App, Connection
 from rooms.testing import ConnectionClosed, FakeClient, RoomsHarness
-from rooms.yjs import LOG, SNAPSHOT, DocRoom, _awareness
+from rooms.yjs import LOG, SAVED, SNAPSHOT, DocRoom, _awareness
 
 
 class Notes(DocRoom):
@@ -49,6 +49,7 @@ class Editor:
         self.doc: Doc[Any] = Doc()
         self.text = self.doc.get("content", type=Text)
         self.awareness: list[bytes] = []
+        self.saved = 0  # SAVED frames (for a client that asked: ?acks=1)
 
     @classmethod
     async def open(cls, h: RoomsHarness, path: str = "/yjs/n") -> Editor:
@@ -62,7 +63,9 @@ class Editor:
         await self.h.settle()
         for message in self.client.drain():
             assert isinstance(message, bytes)
-            if message[0] == YMessageType.SYNC:
+            if message == SAVED:
+                self.saved += 1
+            elif message[0] == YMessageType.SYNC:
                 reply = handle_sync_message(message[1:], self.doc)
                 if reply is not None:
                     await self.client.send(reply)

@@ -413,6 +413,46 @@ def test_quick_play_from_the_lobby_puts_two_pages_on_one_board(
         assert lobby.locator("[data-testid=board-row]").count() == 1  # the private one: not listed
 
 
+def test_two_pages_write_one_note_and_see_each_others_cursor(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The notes example (a rooms.yjs.DocRoom): two pages type into one document at once and
+    each sees the other's text and named cursor, the status says "saved", and a reload shows
+    the document. Screenshot: artifacts/notes.png."""
+    with server("examples.notes.app:app", REPO, tmp_path / "data") as (proc, port):
+        wait_for_port_sync(port, proc)
+        pages = []
+        for who in ("Ada", "Grace"):
+            context = browser.new_context(viewport={"width": 900, "height": 500})
+            context.add_init_script(f"localStorage.setItem('notes-name', '{who}')")
+            page = context.new_page()
+            missing = missing_requests(page)
+            page.goto(f"http://127.0.0.1:{port}/#shared-note")
+            page.wait_for_selector(".cm-content:has-text('Welcome to a new note')")
+            pages.append(page)
+        ada, grace = pages
+        for page, line in ((ada, "Ada writes here. "), (grace, "Grace writes there. ")):
+            page.click(".cm-content")
+            page.keyboard.press("Control+End")
+            page.keyboard.type(line)
+        for page in pages:
+            page.wait_for_function(
+                "['Ada writes here.', 'Grace writes there.'].every(t => "
+                "document.querySelector('.cm-content').textContent.includes(t))",
+                timeout=10_000,
+            )
+            page.wait_for_selector("[data-testid=status][data-state=saved]", timeout=10_000)
+        ada.wait_for_selector(".cm-ySelectionInfo:has-text('Grace')", state="attached")
+        assert "Grace" in (ada.text_content("[data-testid=people]") or "")
+        ARTIFACTS.mkdir(exist_ok=True)
+        ada.screenshot(path=str(ARTIFACTS / "notes.png"))
+        text = ada.evaluate("window.notes.text.toString()")
+        assert "Ada writes here." in text and "Grace writes there." in text
+        grace.reload()
+        grace.wait_for_function(f"window.notes.text.toString() === {text!r}", timeout=10_000)
+        assert missing == []
+
+
 def test_the_chat_page_loads_without_a_404(browser: Browser, tmp_path: Path) -> None:
     with server("examples.chat.app:app", REPO, tmp_path / "data") as (proc, port):
         wait_for_port_sync(port, proc)
