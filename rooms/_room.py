@@ -32,9 +32,11 @@ class Connection:
     ``Room.connections(tag)``. ``state`` is a small msgpack-encodable attachment (at most
     16 KiB encoded) that lives as long as the connection, across room restarts. ``seated``:
     whether it holds one of the room's seats (``Room.max_clients``; False: it watches).
+    ``relayed``: the last message of this connection the server relayed for the room
+    (``Room.relay_prefix``), or None.
     """
 
-    __slots__ = ("_link", "_state", "id", "request", "seated", "tags")
+    __slots__ = ("_link", "_state", "id", "relayed", "request", "seated", "tags")
 
     def __init__(
         self, link: ConnectionLink, id: str, request: Request, seated: bool = True
@@ -44,6 +46,7 @@ class Connection:
         self.id = id
         self.request = request
         self.seated = seated
+        self.relayed: bytes | None = None
         self.tags: set[str] = set()
 
     def send(self, message: str | bytes) -> None:
@@ -139,6 +142,11 @@ class Room:
       1008 without waking the room, so connections that never speak cannot pile up. For
       rooms whose clients start with a message (a join, a hello); 0: never. Default None:
       the server's ``first_message_timeout`` setting (0 unless set).
+    - ``relay_prefix``: a prefix of binary messages (e.g. ``b"\\x01"``) that the server sends on to
+      every connection of the room, the sender's included, without waking the room, keeping
+      each connection's last one as ``conn.relayed``: presence traffic such as Yjs awareness
+      (renewed every 15 s per client) that would otherwise keep an idle room in memory. Such
+      messages never reach ``on_message``, and the room does not check them. Default None.
     - ``max_clients``: seats. At most this many connections of a room hold one
       (``conn.seated``); the edge takes and counts them as connections attach, on the node
       that holds the room, so simultaneous joins never take more and never see a false
@@ -157,6 +165,7 @@ class Room:
     auto_reply: ClassVar[tuple[str, str] | None] = None
     allowed_origins: ClassVar[tuple[str, ...] | None] = None
     first_message_timeout: ClassVar[float | None] = None
+    relay_prefix: ClassVar[bytes | None] = None
     max_clients: ClassVar[int | None] = None
     seats_by_ticket: ClassVar[bool] = False
     when_full: ClassVar[str] = "refuse"

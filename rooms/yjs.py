@@ -15,8 +15,11 @@ relays). The update log is merged into one snapshot once it passes ``compact_upd
 updates or ``compact_bytes`` bytes, in the same event, so a wake-up reads a bounded amount;
 the document is loaded from storage on start, so a hibernated room, a restarted server or
 another node (cluster mode) serves the same document. Awareness (cursors, names) is relayed
-to every connection, the sender's included (its echo keeps the client's 30 s silence timer
-fed), never stored, and removed for the others when a connection closes. A client that
+by the server to every connection, the sender's included (its echo keeps the client's 30 s
+silence timer fed), without waking the room (``Room.relay_prefix``): clients renew it every 15 s,
+and a document nobody edits still hibernates. It is never stored; each connection's last one
+is kept with the connection (``conn.relayed``), sent to newcomers, and removed for the others
+when the connection closes. A client that
 connects with ``?acks=1`` also gets a one-byte frame, ``SAVED`` (4), once each of its updates
 is stored: a page can show "saved" (y-websocket's provider takes a handler for it in
 ``provider.messageHandlers[4]``; other clients never get it).
@@ -29,7 +32,6 @@ content), ``as_json`` (what ``GET`` on the room answers).
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 try:
@@ -67,14 +69,13 @@ Root = type[Text] | type[Map[Any]] | type[Array[Any]]
 class DocRoom(Room):
     """A Yjs document (see the module's docstring). Class settings: ``shape`` (root name ->
     ``Text``, ``Map`` or ``Array``), ``compact_updates`` (200) and ``compact_bytes``
-    (256 KiB), ``max_update_bytes`` (1 MiB: a larger update closes its sender with 1009),
-    and ``hibernate_after`` (60 s: clients renew their awareness every 15 s)."""
+    (256 KiB) and ``max_update_bytes`` (1 MiB: a larger update closes its sender with 1009)."""
 
     shape: ClassVar[dict[str, Root]] = {}
     compact_updates: ClassVar[int] = 200
     compact_bytes: ClassVar[int] = 256 * 1024
     max_update_bytes: ClassVar[int] = 1024 * 1024
-    hibernate_after = 60.0
+    relay_prefix = bytes([YMessageType.AWARENESS])  # (relayed by the server: see the module)
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -107,7 +108,6 @@ class DocRoom(Room):
         self._log = list(log)
         self._log_bytes = sum(len(update) for update in log.values())
         self._seq = int(self._log[-1][len(LOG) :]) if self._log else 0
-        self.awareness: dict[int, tuple[int, str]] = {}  # client id -> (clock, state JSON)
         for name, kind in self.shape.items():
             self.doc.get(name, type=kind)
         if not stored:
@@ -116,26 +116,33 @@ class DocRoom(Room):
                 self.storage.put(SNAPSHOT, self.doc.get_update())
 
     async def on_connect(self, conn: Connection, request: Request) -> None:
-        conn.state = {"clients": []}  # its awareness client ids
         conn.send(create_sync_message(self.doc))
-        if self.awareness:
-            conn.send(create_awareness_message(_awareness(self.awareness.items())))
+        self._send_awareness(conn)
 
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
         if isinstance(message, str) or not message:
             conn.close(1003, "a Yjs document speaks binary y-websocket frames")
         elif message[0] == YMessageType.SYNC:
             await self._sync(conn, message)
-        elif message[0] == YMessageType.AWARENESS:
-            self._awareness(conn, message)
-        elif message[0] == _AWARENESS_QUERY and self.awareness:
-            conn.send(create_awareness_message(_awareness(self.awareness.items())))
+        elif message[0] == _AWARENESS_QUERY:
+            self._send_awareness(conn)
 
     async def on_close(self, conn: Connection, code: int, reason: str) -> None:
-        gone = [(client, self.awareness.pop(client, (0, ""))[0] + 1) for client in _ids(conn)]
+        try:
+            entries = _parse_awareness(read_message(conn.relayed[1:])) if conn.relayed else []
+        except Exception:  # (a frame it relayed that does not decode: nothing to remove)
+            entries = []
+        gone = [
+            (client, (clock + 1, "null")) for client, clock, state in entries if state != "null"
+        ]
         if gone:  # (as y-protocols' removal: a later clock, a null state)
-            frame = create_awareness_message(_awareness((c, (k, "null")) for c, k in gone))
-            self.broadcast(frame, exclude=[conn])
+            self.broadcast(create_awareness_message(_awareness(gone)), exclude=[conn])
+
+    def _send_awareness(self, conn: Connection) -> None:
+        """Everyone's awareness (the last each connection relayed) to ``conn``."""
+        for other in self.connections():
+            if other is not conn and other.relayed is not None:
+                conn.send(other.relayed)
 
     async def on_request(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
@@ -199,29 +206,6 @@ class DocRoom(Room):
                 self.storage.delete(old)
             self._log, self._log_bytes = [], 0
 
-    # -- awareness -----------------------------------------------------------------------
-
-    def _awareness(self, conn: Connection, message: bytes) -> None:
-        try:
-            entries = _parse_awareness(read_message(message[1:]))
-        except Exception:
-            conn.close(1002, "an awareness message that does not decode")
-            return
-        clients = set(_ids(conn))
-        for client, clock, state in entries:
-            if state == "null":
-                self.awareness.pop(client, None)
-                clients.discard(client)
-            else:
-                self.awareness[client] = (clock, state)
-                clients.add(client)
-        conn.state = {**conn.state, "clients": sorted(clients)}
-        self.broadcast(message)  # to everyone, the sender too: it keeps its client alive
-
-
-def _ids(conn: Connection) -> list[int]:
-    return list((conn.state or {}).get("clients", []))
-
 
 def _parse_awareness(update: bytes) -> list[tuple[int, int, str]]:
     """An awareness update: (client id, clock, state JSON) for each client in it."""
@@ -230,9 +214,7 @@ def _parse_awareness(update: bytes) -> list[tuple[int, int, str]]:
     entries = []
     for _ in range(count):
         client, clock = decoder.read_var_uint(), decoder.read_var_uint()
-        state = decoder.read_var_string()
-        json.loads(state)  # (checked: relayed to every client)
-        entries.append((client, clock, state))
+        entries.append((client, clock, decoder.read_var_string()))
     return entries
 
 

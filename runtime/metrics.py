@@ -116,6 +116,9 @@ class Metrics:
     http_requests_total: int = _counter("plain HTTP requests answered")
     websocket_upgrades_total: int = _counter("WebSocket upgrades accepted")
     messages_in_total: int = _counter("WebSocket messages received from clients")
+    relayed_messages_total: int = _counter(
+        "messages the server relayed for their room without waking it (Room.relay_prefix)"
+    )
     messages_out_total: int = _counter("WebSocket messages sent to clients")
     room_activations_total: int = _counter("room instances started")
     handler_errors_total: int = _counter("exceptions raised by room hooks")

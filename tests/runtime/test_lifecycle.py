@@ -405,6 +405,40 @@ async def test_the_edge_auto_reply_does_not_wake_a_hibernated_room(
             assert await metric(port, "room_activations_total") == 2
 
 
+class Cursors(Quiet):
+    relay_prefix = b"\x01"
+
+    async def on_close(self, conn: Connection, code: int, reason: str) -> None:
+        for other in self.connections():
+            other.send(f"left, last relayed {conn.relayed!r}")
+
+
+async def test_relayed_messages_reach_everyone_without_waking_a_hibernated_room(
+    nursery: trio.Nursery, settings: Settings
+) -> None:
+    application = App()
+    application.room("/cursors/{name}", Cursors)
+    port = await start_server(nursery, application, settings)
+    url = f"ws://127.0.0.1:{port}/cursors/c"
+    with trio.fail_after(20):
+        async with open_websocket_url(url) as ada, open_websocket_url(url) as bob:
+            await ada.send_message("hello")
+            assert await ada.get_message() == "room: hello"
+            while await metric(port, "rooms_hibernated") != 1:  # noqa: ASYNC110 - polling
+                await trio.sleep(0.05)
+            for n in range(3):
+                await ada.send_message(b"\x01cursor %d" % n)
+                for ws in (ada, bob):  # the sender too
+                    assert await ws.get_message() == b"\x01cursor %d" % n
+            assert await metric(port, "room_activations_total") == 1  # still hibernated
+            await bob.send_message(b"\x02 not relayed")
+            assert await bob.get_message() == "room: b'\\x02 not relayed'"  # woke it
+            assert await metric(port, "relayed_messages_total") == 3
+            assert await metric(port, "room_activations_total") == 2
+            await ada.aclose()
+            assert await bob.get_message() == "left, last relayed b'\\x01cursor 2'"
+
+
 async def test_set_alarm_takes_aware_datetimes_and_refuses_naive_ones(
     clock: trio.testing.MockClock,
 ) -> None:
