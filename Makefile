@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat cluster game notes notes-bundle test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation bench-admin clean
+.PHONY: chat cluster game notes notes-bundle test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation bench-admin bench-yjs clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -113,8 +113,12 @@ bench/.ready: bench/requirements.txt bench/package.json bench/wsload.c
 	cc -O2 -Wall -o bench/wsload bench/wsload.c
 	touch $@
 
-bench: $(VENV)/.postgres bench/.ready  ## about 13 minutes
+bench: $(VENV)/.postgres $(VENV)/.yjs bench/.ready  ## about 15 minutes
 	bench/.venv/bin/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/yjs.py
+
+bench-yjs: $(VENV)/.yjs bench/.ready  ## one Yjs document: Rooms' DocRoom against y-websocket's server
+	$(BIN)/python bench/yjs.py $(BENCH_ARGS)
 
 bench-quick: $(VENV)/.postgres bench/.ready  ## about 4 minutes
 	bench/.venv/bin/python bench/run.py --quick $(BENCH_ARGS)
