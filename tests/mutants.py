@@ -42,6 +42,14 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "yjs.store",
+        "a Yjs edit anyone has seen is stored",
+        "rooms/yjs.py",
+        "            self._store(change)\n",
+        "",
+        ("tests/rooms/test_yjs.py::test_two_editors_converge_and_a_third_gets_the_whole_document",),
+    ),
+    Mutant(
         "seats.max",
         "no more seated connections than max_clients",
         "runtime/seats.py",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio.testing
 from pycrdt import (
     Doc,
     Text,
@@ -157,3 +158,22 @@ async def test_a_text_frame_or_garbage_closes_its_sender_only() -> None:
         assert closed.value.code in (1002, 1007)
         await bob.insert(0, "still here")
         assert str(bob.text) == "still here"
+
+
+async def test_a_document_with_only_awareness_traffic_hibernates_and_wakes_whole(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with RoomsHarness(app()) as h:
+        ada, bob = await Editor.open(h), await Editor.open(h)
+        await ada.insert(0, "kept")
+        for clock_tick in range(1, 13):  # y-websocket renews its awareness every 15 s; faster
+            renewal = _awareness([(7, (clock_tick, '{"user": {"name": "ada"}}'))])
+            await ada.client.send(create_awareness_message(renewal))
+            clock.jump(5)
+            await h.settle()
+        assert not h.is_active(Notes, "n")  # hibernated all along the renewals
+        await bob.pump()
+        assert bob.awareness[-1] == create_awareness_message(renewal)  # relayed meanwhile
+        await bob.insert(len(bob.text), "!")  # an edit wakes it, from storage
+        await ada.pump()
+        assert str(ada.text) == "kept!"
