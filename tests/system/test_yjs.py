@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.support import REPO, server, wait_for_port
+from tests.support import REPO, cluster_of, server, wait_for_port
 
 CLIENTS = REPO / "tests" / "system" / "yjs"
 APP = "tests.system.yjs_app:app"
@@ -82,3 +82,28 @@ async def test_a_long_edit_session_keeps_the_stored_document_bounded(
         await wait_for_port(port, proc)
         content = await editor(node, port, "--expect", "end")
         assert content == "end" + "0123456789" * 60  # every edit, in order
+
+
+async def test_a_document_on_a_cluster_serves_every_node_and_outlives_its_node(
+    node: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Cluster mode: two y-websocket clients through different nodes edit one document (one
+    of them forwarded over the node link, binary frames and all); its node is killed with
+    ``kill -9``; a client through the other node gets every edit, from PostgreSQL."""
+    async with cluster_of(pg_dsn, 2, tmp_path, app=APP) as (home, far):
+        found: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for port, me, other in (
+                (home.port, "at home; ", "far away; "),
+                (far.port, "far away; ", "at home; "),
+            ):
+
+                async def write(port: int = port, me: str = me, other: str = other) -> None:
+                    found.append(await editor(node, port, "--insert", me, "--expect", other))
+
+                nursery.start_soon(write)
+                await trio.sleep(0.5)  # (home's client first: the document lives there)
+        assert found[0] == found[1]
+        home.kill_9()
+        content = await editor(node, far.port, "--expect", "at home; ", "--expect", "far away; ")
+        assert content == found[0]
