@@ -11,7 +11,10 @@ README points to; in memory, it stores nothing). For E editors (10, 100) on one 
   valid Yjs updates of their own documents) for SECONDS, so that the server has DELIVERIES
   frames a second to send whatever E (20,000 by default: what this process's clients can
   read; more and the clients, not the servers, are measured); an observer editor counts the
-  updates it receives and the latency of a probe editor's updates to it, p50 / p99.
+  updates it receives and the latency of a probe editor's updates to it, p50 / p99;
+- idle: IDLE editors over IDLE / 10 documents (Rooms only), each having synced, made one
+  edit and sent its awareness: the server's RSS per editor once every document hibernated,
+  against the same with hibernation off (every document in memory).
 
     .venv/bin/python bench/yjs.py [--editors 10,100] [--deliveries 20000] [--seconds 5] [--reps 3]
 """
@@ -32,11 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from pycrdt import Doc, Text, create_sync_message, create_update_message, read_message
+from pycrdt import (
+    Doc,
+    Text,
+    create_awareness_message,
+    create_sync_message,
+    create_update_message,
+    read_message,
+)
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from rooms import App
-from rooms.yjs import DocRoom
+from rooms.yjs import DocRoom, _awareness
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -44,6 +54,7 @@ REPO = HERE.parent
 
 class BenchDoc(DocRoom):
     shape = {"probe": Text}
+    hibernate_after = float(os.environ.get("HIBERNATE_AFTER", "10")) or None
 
 
 app = App()
@@ -56,10 +67,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def command(server: str, port: int, data: str) -> tuple[list[str], dict[str, str]]:
+def command(
+    server: str, port: int, data: str, hibernate_after: str = "10"
+) -> tuple[list[str], dict[str, str]]:
     if server == "rooms":
         args = [sys.executable, "-m", "runtime.cli", "serve", "bench.yjs:app", "--port", str(port)]
-        return [*args, "--data-dir", data, "--log-level", "WARNING"], {"PYTHONPATH": str(REPO)}
+        env = {"PYTHONPATH": str(REPO), "HIBERNATE_AFTER": hibernate_after}
+        return [*args, "--data-dir", data, "--log-level", "WARNING"], env
     script = HERE / "node_modules" / "@y" / "websocket-server" / "src" / "server.js"
     return ["node", str(script)], {"HOST": "127.0.0.1", "PORT": str(port)}
 
@@ -164,12 +178,71 @@ async def load(
     return result
 
 
+async def idle(editors: int, hibernate_after: str) -> dict[str, Any]:
+    """RSS per idle editor of Rooms, its documents hibernated or (``"0"``) in memory."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        args, env = command("rooms", port, data, hibernate_after)
+        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **env})  # noqa: ASYNC220
+        try:
+            with trio.fail_after(15):
+                while True:
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+            before = rss_kib(proc.pid)
+            async with trio.open_nursery() as nursery:
+                for i in range(editors):
+                    ws, doc = await synced(
+                        f"ws://127.0.0.1:{port}/yjs/doc{i % (editors // 10)}", nursery
+                    )
+                    nursery.start_soon(_drain_forever, ws)
+                    state = doc.get_state()
+                    doc.get("probe", type=Text).insert(0, f"editor {i} ")
+                    await ws.send_message(create_update_message(doc.get_update(state)))
+                    cursor = json.dumps({"user": {"name": f"editor {i}"}, "cursor": i})
+                    await ws.send_message(awareness_frame(i + 1, cursor))
+                await trio.sleep(3 if hibernate_after != "0" else 1)
+                hibernated = await metric(port, "rooms_hibernated")
+                per_editor = (rss_kib(proc.pid) - before) / editors
+                nursery.cancel_scope.cancel()
+            return {"kib_per_editor": per_editor, "documents_hibernated": hibernated}
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def _drain_forever(ws: WebSocketConnection) -> None:
+    while True:
+        await ws.get_message()
+
+
+def awareness_frame(client: int, state: str) -> bytes:
+    return create_awareness_message(_awareness([(client, (1, state))]))
+
+
+async def metric(port: int, name: str) -> int:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    found = re.search(rf"^rooms_{name} (\d+)", data.decode(), re.MULTILINE)
+    return int(found.group(1)) if found else -1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--editors", default="10,100")
     parser.add_argument("--deliveries", type=float, default=20_000.0, help="frames/s out")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=1000, help="idle editors (0: skip)")
     args = parser.parse_args()
     servers = ["rooms", "y-websocket-server"]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -191,12 +264,22 @@ def main() -> None:
             f"{median['deliveries_per_s']:.0f} | {median['p50_ms']:.1f} / "
             f"{median['p99_ms']:.1f} | {median['kib_per_editor']:.1f} |"
         )
+    if args.idle:
+        for label, after in (("hibernated", "1"), ("in memory", "0")):
+            found = [trio.run(idle, args.idle, after) for _ in range(args.reps)]
+            per = statistics.median(run["kib_per_editor"] for run in found)
+            docs = min(run["documents_hibernated"] for run in found)
+            report[f"idle/{label}"] = {"kib_per_editor": per, "documents_hibernated": docs}
+            table.append(
+                f"| {args.idle} idle, {args.idle // 10} documents {label} "
+                f"({docs} hibernated) | rooms | | | | {per:.1f} |"
+            )
     print(json.dumps(report, indent=2))
     print("\n".join(table))
     print(
         f"(medians of {args.reps}; {time.monotonic() - started:.0f} s; command: python "
         f"bench/yjs.py --editors {args.editors} --deliveries {args.deliveries:g} --seconds "
-        f"{args.seconds:g} --reps {args.reps})"
+        f"{args.seconds:g} --reps {args.reps} --idle {args.idle})"
     )
 
 
