@@ -78,6 +78,17 @@ def command(
     return ["node", str(script)], {"HOST": "127.0.0.1", "PORT": str(port)}
 
 
+async def listening(port: int) -> None:
+    """Once the server started on ``port`` accepts connections."""
+    with trio.fail_after(15):
+        while True:
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                return
+            except OSError:
+                await trio.sleep(0.05)
+
+
 def rss_kib(pid: int) -> int:
     match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     assert match is not None
@@ -107,13 +118,7 @@ async def measure(server: str, editors: int, offered: float, seconds: float) -> 
 async def load(
     proc: subprocess.Popen[bytes], port: int, editors: int, offered: float, seconds: float
 ) -> dict[str, Any]:
-    with trio.fail_after(15):
-        while True:
-            try:
-                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                break
-            except OSError:
-                await trio.sleep(0.05)
+    await listening(port)
     url = f"ws://127.0.0.1:{port}/yjs/bench"
     before = rss_kib(proc.pid)
     result: dict[str, Any] = {}
@@ -185,13 +190,7 @@ async def idle(editors: int, hibernate_after: str) -> dict[str, Any]:
         args, env = command("rooms", port, data, hibernate_after)
         proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **env})  # noqa: ASYNC220
         try:
-            with trio.fail_after(15):
-                while True:
-                    try:
-                        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
+            await listening(port)
             before = rss_kib(proc.pid)
             async with trio.open_nursery() as nursery:
                 for i in range(editors):

@@ -63,15 +63,7 @@ class Lobby(Room):
         for ticket in tickets:
             pending.pop(ticket, None)
         private = private or self.entries.get(room, {}).get("private", False)  # (as created)
-        self.entries[room] = {
-            "name": room,
-            "players": players,
-            "max_players": max_players,
-            "locked": locked,
-            "private": private,
-            "metadata": metadata or {},
-            "expires": self.now() + self.ttl,
-        }
+        self._list(room, players, max_players, locked, private, metadata or {})
         self.storage.put(_ENTRIES, self.entries)
 
     async def remove(self, room: str) -> None:
@@ -112,31 +104,36 @@ class Lobby(Room):
         if open_rooms:
             entry = max(open_rooms, key=lambda e: (self._taken(e), e["name"]))
             return {**self._seat(entry["name"], identity), "created": False}
-        name = RoomId.unique().hex
-        self.entries[name] = {
-            "name": name,
-            "players": 0,
-            "max_players": self.room_class.max_clients,
-            "locked": False,
-            "private": False,
-            "metadata": dict(filters or {}),
-            "expires": self.now() + self.ttl,
-        }
-        return {**self._seat(name, identity), "created": True}
+        return self._new(identity, False, dict(filters or {}))
 
     async def create(self, identity: Any = None, private: bool = True) -> dict[str, Any]:
         """A new room (private by default: never listed; share its name) and a seat in it."""
+        return self._new(identity, private, {})
+
+    def _new(self, identity: Any, private: bool, metadata: dict[str, Any]) -> dict[str, Any]:
+        """A new room, listed (until its ttl) before any report, and a seat in it."""
         name = RoomId.unique().hex
-        self.entries[name] = {
-            "name": name,
-            "players": 0,
-            "max_players": self.room_class.max_clients,
-            "locked": False,
+        self._list(name, 0, self.room_class.max_clients, False, private, metadata)
+        return {**self._seat(name, identity), "created": True}
+
+    def _list(
+        self,
+        room: str,
+        players: int,
+        max_players: int | None,
+        locked: bool,
+        private: bool,
+        metadata: dict[str, Any],
+    ) -> None:
+        self.entries[room] = {
+            "name": room,
+            "players": players,
+            "max_players": max_players,
+            "locked": locked,
             "private": private,
-            "metadata": {},
+            "metadata": metadata,
             "expires": self.now() + self.ttl,
         }
-        return {**self._seat(name, identity), "created": True}
 
     # -- the listing --------------------------------------------------------------------------
 
