@@ -431,10 +431,14 @@ def test_two_pages_write_one_note_and_see_each_others_cursor(
             page.wait_for_selector(".cm-content:has-text('Welcome to a new note')")
             pages.append(page)
         ada, grace = pages
-        for page, line in ((ada, "Ada writes here. "), (grace, "Grace writes there. ")):
+        lines = {ada: "Ada writes here. ", grace: "Grace writes there. "}
+        for page in pages:
             page.click(".cm-content")
             page.keyboard.press("Control+End")
-            page.keyboard.type(line)
+        for i in range(max(map(len, lines.values()))):  # at once: a key each, in turn
+            for page, line in lines.items():
+                if i < len(line):
+                    page.keyboard.type(line[i])
         for page in pages:
             page.wait_for_function(
                 "['Ada writes here.', 'Grace writes there.'].every(t => "
