@@ -468,8 +468,23 @@ class Activation:
         except Exception as exc:
             self._recover(event, exc)
             return
+        if room is not self.instance:
+            self._outrun(event)
+            return
         self.commit()
         event.done(self, result)
+
+    def _outrun(self, event: RoomEvent) -> None:
+        """The instance ``event`` ran on left while it ran, across an await (an earlier
+        commit failed, and the room restarts from storage): what it did was built on a state
+        that is gone. Its writes, and what it sent after them, are dropped, as for a hook
+        that raised; its origin is told to retry (a client is being closed with 1011)."""
+        log.warning(
+            "room %s: %s ran on across a restart; its writes dropped", self.label, event.hook
+        )
+        self._storage.rollback()
+        self.gate.rollback()
+        event.tell(self, "the room restarted from storage meanwhile: retry")
 
     async def _start(self) -> Room:
         instance = new_room(self.room_class, self)

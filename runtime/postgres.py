@@ -37,6 +37,7 @@ from .storage import (
     Size,
     StorageError,
     ThreadedBackend,
+    earlier_failure,
     range_query,
 )
 
@@ -202,8 +203,10 @@ class PgBackend(ThreadedBackend[Conn]):
         """A read alone, or consecutive commits in one statement; if that statement fails,
         each commit alone, so that the bad one fails alone (and never the thread: every
         room needs it)."""
-        if len(group) == 1:
-            self._run_alone(conn, group[0])
+        group = [job for job in group if not self._failed_earlier(job)]
+        if len(group) <= 1:
+            if group:
+                self._run_alone(conn, group[0])
             return
         commits = [job.run for job in group if isinstance(job.run, _Commit)]
         try:
@@ -217,7 +220,15 @@ class PgBackend(ThreadedBackend[Conn]):
         for job in group:
             _outcome(job, held)
 
+    @staticmethod
+    def _failed_earlier(job: Job[Conn]) -> bool:
+        """Whether ``job`` fails for its room's failed previous commit (left unwritten)."""
+        job.error = earlier_failure(job)
+        return job.error is not None
+
     def _run_alone(self, conn: Conn, job: Job[Conn]) -> None:
+        if self._failed_earlier(job):
+            return
         try:
             result = job.run(conn)
         except Exception as exc:
@@ -279,7 +290,8 @@ class PgBackend(ThreadedBackend[Conn]):
         done: Done,
         alarm: AlarmChange | None = None,
         epoch: int | None = None,
-    ) -> None:
+        after: Any = None,
+    ) -> Job[Conn]:
         if epoch is None:
             raise StorageError(f"room {room}: a cluster commit needs the room's epoch")
 
@@ -290,7 +302,7 @@ class PgBackend(ThreadedBackend[Conn]):
             done(error)
 
         commit = _Commit(self.directory, room, epoch, writes, delete_all, alarm)
-        self._submit(commit, deliver, fence=(room, epoch))
+        return self._submit(commit, deliver, fence=(room, epoch), after=after)
 
     async def get_alarm(self, room: str) -> float | None:
         def run(db: Conn) -> float | None:

@@ -9,7 +9,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .config import ConfigError
 from .storage import (
@@ -21,6 +21,7 @@ from .storage import (
     Size,
     StorageError,
     ThreadedBackend,
+    earlier_failure,
     range_query,
 )
 
@@ -91,6 +92,8 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
                 # Fast path: the whole batch in one transaction, one statement per job.
                 db.execute("BEGIN")
                 for job in batch:
+                    if earlier_failure(job):
+                        raise _Dependent  # (sorted out one job at a time, below)
                     job.result = job.run(db)
                 db.execute("COMMIT")
             except Exception:
@@ -110,7 +113,9 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
     def _run_isolated(db: sqlite3.Connection, batch: list[Job[sqlite3.Connection]]) -> None:
         db.execute("BEGIN")
         for job in batch:
-            job.result = None
+            job.result, job.error = None, earlier_failure(job)
+            if job.error is not None:
+                continue
             db.execute("SAVEPOINT job")
             try:
                 job.result = job.run(db)
@@ -171,7 +176,8 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
         done: Done,
         alarm: AlarmChange | None = None,
         epoch: int | None = None,
-    ) -> None:
+        after: Any = None,
+    ) -> Job[sqlite3.Connection]:
         puts = [(room, k, v) for k, v in writes.items() if v is not None]
         deletes = [(room, k) for k, v in writes.items() if v is None]
 
@@ -192,7 +198,7 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
         def deliver(job: Job[sqlite3.Connection]) -> None:
             done(StorageError(f"commit failed: {job.error}") if job.error else None)
 
-        self._submit(run, deliver)
+        return self._submit(run, deliver, after=after)
 
     async def get_alarm(self, room: str) -> float | None:
         def run(db: sqlite3.Connection) -> float | None:
@@ -231,6 +237,10 @@ def _in_chunks(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
     for start in range(0, len(values), 500):
         chunk = values[start : start + 500]
         yield chunk, ",".join("?" * len(chunk))
+
+
+class _Dependent(Exception):
+    """A job of the batch depends on a failed commit: the batch runs one job at a time."""
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

@@ -65,21 +65,35 @@ _BATCH_MAX = 1024  # jobs per transaction: bounds the latency of the first job i
 
 
 class Job(Generic[Db]):
-    """One unit of work for a backend's thread; ``fence`` is a commit's (room, epoch)."""
+    """One unit of work for a backend's thread; ``fence`` is a commit's (room, epoch);
+    ``after``, the same room's previous commit if it was still in flight when this one was
+    queued (this one was computed on top of it: if it fails, so must this one)."""
 
-    __slots__ = ("deliver", "error", "fence", "result", "run")
+    __slots__ = ("after", "deliver", "error", "fence", "result", "run")
 
     def __init__(
         self,
         run: Callable[[Db], Any],
         deliver: Callable[[Job[Db]], None],
         fence: tuple[str, int] | None = None,
+        after: Job[Db] | None = None,
     ) -> None:
         self.run = run
         self.deliver = deliver
         self.fence = fence
+        self.after = after
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+def earlier_failure(job: Job[Any]) -> StorageError | None:
+    """Why ``job`` must not run: the room's previous commit, which it was built on, failed
+    (a room's commits apply in order, and a failed one stops the rest: the room restarts
+    from what is stored). None if it may."""
+    after = job.after
+    if after is None or after.error is None:
+        return None
+    return StorageError(f"an earlier commit of this room failed ({after.error})")
 
 
 class ThreadedBackend(Generic[Db]):
@@ -149,6 +163,7 @@ class ThreadedBackend(Generic[Db]):
     def _deliver_batch(self, batch: list[Job[Db]]) -> None:
         self._in_flight[0] -= len(batch)
         for job in batch:
+            job.after = None  # (its outcome is known: the chain of commits ends here)
             job.deliver(job)
 
     def _submit(
@@ -156,11 +171,14 @@ class ThreadedBackend(Generic[Db]):
         run: Callable[[Db], Any],
         deliver: Callable[[Job[Db]], None],
         fence: tuple[str, int] | None = None,
-    ) -> None:
+        after: Job[Db] | None = None,
+    ) -> Job[Db]:
         if self._closed:
             raise StorageError("storage is closed (the server is shutting down)")
         self._in_flight[0] += 1
-        self._jobs.put(Job(run, deliver, fence))
+        job = Job(run, deliver, fence, after)
+        self._jobs.put(job)
+        return job
 
     async def _call(self, run: Callable[[Db], Any]) -> Any:
         """Run ``run`` on the thread, in queue order; its result."""
@@ -212,11 +230,13 @@ class Backend(Protocol):
         done: Done,
         alarm: AlarmChange | None = None,
         epoch: int | None = None,
-    ) -> None:
+        after: Any = None,
+    ) -> Any:
         """Queue an atomic batch; ``done(error)`` is called on the trio thread once durable.
         ``epoch``: the ownership epoch under which the room made the writes (cluster mode);
         a backend that fences refuses them with ``FencedError`` if the node no longer holds
-        the room at that epoch."""
+        the room at that epoch. ``after``: what this returned for the room's previous commit
+        (if that one fails, this one fails too, unwritten). Returns the commit's handle."""
         ...
 
     async def get_alarm(self, room: str) -> float | None: ...
@@ -249,6 +269,7 @@ class RoomStorage:
         "_deleted_all",
         "_dirty",
         "_epoch",
+        "_last_commit",
         "_name",
         "_on_first_write",
         "_room",
@@ -272,6 +293,7 @@ class RoomStorage:
         self._deleted_all = False
         self._alarm: float | _Unknown | None = _UNKNOWN  # as stored (durable or on its way)
         self._alarm_change: AlarmChange | None = None  # this event's
+        self._last_commit: Any = None  # (the backend's handle of the previous commit)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -400,10 +422,14 @@ class RoomStorage:
         self._remember(writes)
         if alarm is not None:
             self._alarm = alarm[0]
-        self._backend.commit(self._room, writes, deleted_all, done, alarm, epoch=self._epoch)
+        self._last_commit = self._backend.commit(
+            self._room, writes, deleted_all, done, alarm, epoch=self._epoch, after=self._last_commit
+        )
 
     def rollback(self) -> None:
-        """Forget this event's writes and everything cached (the room restarts)."""
+        """Forget this event's writes and everything cached (the room restarts, from what is
+        stored: its next commit depends on none before)."""
+        self._last_commit = None
         self._dirty.clear()
         self._deleted_all = False
         self._cache.clear()

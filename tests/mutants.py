@@ -42,6 +42,24 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "restart.outrun",
+        "an event that outruns a restart from a failed commit keeps nothing",
+        "runtime/activation.py",
+        "        if room is not self.instance:\n            self._outrun(event)\n",
+        "        if False:\n            self._outrun(event)\n",
+        (G + "test_an_event_that_outruns_a_restart_from_a_failed_commit_keeps_nothing",),
+    ),
+    Mutant(
+        "commits.chain",
+        "a failed commit stops the room's later commits in flight",
+        "runtime/storage.py",
+        "    if after is None or after.error is None:\n        return None",
+        "    return None",
+        (
+            "tests/runtime/test_storage.py::test_a_failed_commit_fails_the_rooms_later_ones_in_flight",
+        ),
+    ),
+    Mutant(
         "yjs.store",
         "a Yjs edit anyone has seen is stored",
         "rooms/yjs.py",

@@ -7,10 +7,12 @@ import base64
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -348,3 +350,72 @@ async def cluster_of(
     finally:
         for node in nodes:
             node.close()
+
+
+PG_BIN = (
+    Path("/usr/lib/postgresql")
+    / (
+        sorted(os.listdir("/usr/lib/postgresql"))[-1]
+        if Path("/usr/lib/postgresql").is_dir()
+        else "?"
+    )
+    / "bin"
+)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of one test's own, to restart and stop under load without touching
+    the shared one: ``initdb`` in a temporary folder (trust authentication; removed at the
+    end) and ``pg_ctl``, run as the ``postgres`` user (PostgreSQL refuses to run as root), on
+    a free loopback port."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="rooms-postgres-"))  # (postgres reaches it)
+        self.port = free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @staticmethod
+    def available() -> str | None:
+        """Why it cannot run here, or None."""
+        if not (PG_BIN / "initdb").exists():
+            return f"no PostgreSQL server binaries in {PG_BIN}"
+        if os.geteuid() != 0:
+            return "a private PostgreSQL runs as the postgres user: run the tests as root"
+        return None
+
+    def _pg_ctl(self, *args: str) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        command = [str(PG_BIN / "pg_ctl"), "-D", str(self.folder / "db"), "-w", "-t", "30"]
+        command += ["-l", str(self.folder / "postgres.log"), "-o", options, *args]
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *command], check=True, stdout=subprocess.DEVNULL
+        )
+
+    def __enter__(self) -> PrivatePostgres:
+        os.chown(self.folder, *_postgres_ids())
+        initdb = [str(PG_BIN / "initdb"), "-D", str(self.folder / "db"), "-A", "trust"]
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *initdb, "-U", "postgres"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._pg_ctl("start")
+        return self
+
+    def restart(self, mode: str) -> None:
+        """Stop the server with ``mode`` (``fast``: clients are disconnected, transactions
+        rolled back; ``immediate``: as a crash, recovery at the next start), then start it."""
+        self._pg_ctl("-m", mode, "stop")
+        self._pg_ctl("start")
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._pg_ctl("-m", "immediate", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _postgres_ids() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return entry.pw_uid, entry.pw_gid

@@ -20,6 +20,7 @@ from rooms.testing import ConnectionClosed, RoomsHarness, Settings
 from runtime.admin import ROOM_PATH
 from runtime.events import Operator
 from runtime.server import open_backend
+from runtime.storage import StorageError
 from tests.support import HeldCommits, PausedCommit
 
 
@@ -234,6 +235,49 @@ def fragile_app() -> App:
     app = App()
     app.room("/fragile/{name}", Fragile)
     return app
+
+
+class Pipelined(Room):
+    """Counts messages durably; "slow" waits (on ``go``) before it counts."""
+
+    go: ClassVar[trio.Event]
+
+    async def on_start(self) -> None:
+        self.n = await self.storage.get("n", 0)
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        if message == "slow":
+            await Pipelined.go.wait()  # an await across which the room may restart
+        self.n += 1
+        self.storage.put("n", self.n)
+        conn.send(f"n={self.n}")
+
+
+async def test_an_event_that_outruns_a_restart_from_a_failed_commit_keeps_nothing() -> None:
+    """An event still running when an earlier commit fails (the room restarts from storage)
+    was built on a state that is gone: its writes must not be stored, nor what it sent after
+    them sent (the room's next start would find n=2 without n=1)."""
+    Pipelined.go = trio.Event()
+    app = App()
+    app.room("/pipelined/{name}", Pipelined)
+    async with RoomsHarness(app) as h:
+        client = await h.connect("/pipelined/p")
+        backend = h._server.backend
+        with HeldCommits(backend) as held:
+            await client.send("count")  # n=1: its commit is held
+            await held.wait_for(1)
+            await client.send("slow")  # n=2, once go is set: it waits meanwhile
+            await h.settle_events()
+            (args, _) = held.parked.pop()
+            args[3](StorageError("injected: the database went away"))  # n=1 failed
+            Pipelined.go.set()
+            await h.settle_events()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                assert await client.receive() != "n=2"
+        assert closed.value.code == 1011
+        key = f"{Pipelined.namespace}/{Pipelined.resolve('p').hex}"
+        assert await backend.get_many(key, ["n"]) == {}  # neither n=1 nor the stale n=2
 
 
 async def test_a_failing_handler_costs_its_sender_only(clock: trio.testing.MockClock) -> None:

@@ -354,10 +354,11 @@ async def test_messages_wait_until_the_writes_before_them_are_durable() -> None:
             done: Any,
             alarm: Any = None,
             epoch: Any = None,
+            after: Any = None,
         ) -> None:
-            parked.append((room, writes, delete_all, done, alarm, epoch))
+            parked.append((room, writes, delete_all, done, alarm, epoch, after))
 
-        backend.commit = slow_commit  # type: ignore[method-assign]
+        backend.commit = slow_commit  # type: ignore[method-assign, assignment]
         c = await h.connect("/count/g")
         other = await h.connect("/tag/elsewhere")
         await c.send("inc")  # writes, then sends "1": held

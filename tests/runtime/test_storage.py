@@ -659,3 +659,34 @@ async def test_sizes_count_each_rooms_keys_and_bytes(backend: Backend) -> None:
     sizes = await backend.sizes(["ns/ours", "ns/other", "ns/empty"])
     assert sizes == {"ns/ours": (2, ours_bytes), "ns/other": (1, 1 + len(encode(b"", "")))}
     assert await backend.sizes([f"ns/{n}" for n in range(1200)]) == {}  # (in chunks)
+
+
+async def test_a_failed_commit_fails_the_rooms_later_ones_in_flight(backend: Backend) -> None:
+    """A room's next commit was computed on top of the one before it: when that one fails
+    (a lost connection, a bad value), the later one, already queued, must fail unwritten,
+    or the room restarting from storage would find a gap (a chat's seq 176 without 175).
+    Other rooms' commits are not touched, and the room's next commit after its restart is."""
+    room, other = "ns/chained", "ns/bystander"
+    epochs = {}
+    if isinstance(backend, PgBackend):
+        holder = backend.directory
+        assert isinstance(holder, Holder)
+        for key in (room, other):
+            holder.hold(key)
+        epochs = holder.epochs
+    outcomes = Outcomes(3)
+    bad: Any = {"k": object()}  # (a value no database takes)
+    first = backend.commit(room, bad, False, outcomes.callback("first"), epoch=epochs.get(room))
+    backend.commit(
+        room, {"seq": b"2"}, False, outcomes.callback("second"), epoch=epochs.get(room), after=first
+    )
+    backend.commit(other, {"k": b"v"}, False, outcomes.callback("other"), epoch=epochs.get(other))
+    await outcomes.wait()
+    assert outcomes.errors["first"] is not None and outcomes.errors["other"] is None
+    assert "an earlier commit of this room failed" in str(outcomes.errors["second"])
+    assert await backend.get_many(room, ["seq"]) == {}
+    assert await backend.get_many(other, ["k"]) == {"k": b"v"}
+    again = Outcomes(1)
+    backend.commit(room, {"seq": b"1"}, False, again.callback("restarted"), epoch=epochs.get(room))
+    await again.wait()
+    assert again.errors["restarted"] is None
