@@ -115,8 +115,8 @@ MUTANTS = [
         "atomic.first_write_only",
         "an event's writes commit together",
         "runtime/storage.py",
-        "self._backend.commit(self._room, writes, deleted_all",
-        "self._backend.commit(self._room, dict([*writes.items()][:1]), deleted_all",
+        "self._room, writes, deleted_all, done",
+        "self._room, dict([*writes.items()][:1]), deleted_all, done",
         (H + "test_writes_commit_atomically_and_a_failed_event_loses_its_writes",),
     ),
     Mutant(
