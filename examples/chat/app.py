@@ -17,6 +17,12 @@ that reconnects sends ``{"name": NAME, "after": SEQ}`` (the last seq it saw) and
 exactly the messages after it instead of the last 100. The text message ``ping`` is answered
 ``pong`` by the server (the page's heartbeat).
 
+A message may carry an id of the client's choosing, ``{"message": TEXT, "id": ID}`` (at most
+64 characters), then kept with it: the same id sent again (a client resending what it is not
+sure was stored, after a drop) is not stored twice; the sender alone gets the stored message
+back, as its acknowledgement. Ids are remembered for the room's last ``DEDUP_WINDOW`` (1000)
+messages. The page sends one with each line and resends the lines it saw no echo of.
+
 Presence, for clients that ask with ``"presence": true`` in their first frame (others see the
 demo's protocol unchanged): the roster is one entry per name, however many tabs carry it
 (``{"joined": NAME}`` once, ``{"quit": NAME}`` when its last tab has been gone for
@@ -57,6 +63,8 @@ MAX_MESSAGE = 256
 HISTORY = 100  # messages sent to a client that joins without "after"
 MAX_REPLAY = 1000  # messages sent to a resuming client; more missed: a "missed" frame first
 MAX_PAGE = 1000  # messages in one history page
+DEDUP_WINDOW = 1000  # messages whose ids a room remembers (a resend is not stored twice)
+MAX_ID = 64
 RATE_LIMITED = "Your IP is being rate-limited, please try again later."
 
 
@@ -127,6 +135,8 @@ class ChatRoom(Room):
         self.seq: int = await self.storage.get("seq", 0)
         self.last_timestamp: int = await self.storage.get("last_timestamp", 0)
         self.presence = Presence(self, self._member_left, self.presence_grace)
+        recent = await self.storage.list(prefix="msg:", reverse=True, limit=DEDUP_WINDOW)
+        self.ids = {m["id"]: m for m in reversed(recent.values()) if "id" in m}  # oldest first
         await self._trim(everything=True)
 
     async def on_connect(self, conn: Connection, request: Request) -> None:
@@ -214,6 +224,13 @@ class ChatRoom(Room):
         if len(text) > MAX_MESSAGE:
             conn.send(json.dumps({"error": "Message too long."}))
             return
+        message_id = data.get("id")
+        if message_id is not None and (not isinstance(message_id, str) or len(message_id) > MAX_ID):
+            conn.send(json.dumps({"error": f'"id" must be text of at most {MAX_ID} characters.'}))
+            return
+        if message_id in self.ids:  # sent again: stored already, once
+            conn.send(json.dumps(self.ids[message_id]))
+            return
         wait = await self.stub(RateLimiter, conn.state["ip"]).check()
         if wait > 0:
             conn.send(json.dumps({"error": RATE_LIMITED}))
@@ -226,6 +243,11 @@ class ChatRoom(Room):
             "timestamp": self.last_timestamp,
             "seq": self.seq,
         }
+        if message_id is not None:
+            entry["id"] = message_id
+            self.ids[message_id] = entry
+            if len(self.ids) > DEDUP_WINDOW:
+                del self.ids[next(iter(self.ids))]
         self.storage.put(_key(self.seq), entry)
         self.storage.put_many({"seq": self.seq, "last_timestamp": self.last_timestamp})
         await self._trim()
