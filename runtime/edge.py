@@ -336,7 +336,7 @@ class Edge:
                     return
                 ws.target = joined
                 ws.first_message_timeout = self._first_message_timeout(upgrade.target)
-                route = joined.usage()["route"]
+                route = joined.route
                 self.usage.opened(route)
                 if not link:
                     ws.message_sizes = self.metrics.message_bytes.of(route)

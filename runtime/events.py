@@ -22,7 +22,6 @@ import trio
 from rooms import HTTPError, Request, Response, Room, RoomCallError
 from rooms._engine import decode, encode, error_response
 
-from .frames import encode_message
 from .gate import Reply
 from .metrics import Metrics
 from .placement import NotHere
@@ -284,7 +283,7 @@ class Operator(_Event):
             peer.conn.close(self.args["code"], self.args["reason"])
             return f"connection {peer.conn.id} closed with {self.args['code']}"
         if self.action == "notice":
-            act.send([peer.transport for peer in act.peers.values()], notice(self.args["text"]))
+            act.broadcast(json.dumps({"notice": self.args["text"]}), (), None)
             return f"notice sent to {len(act.peers)} connections"
         act.evict()
         return "the room leaves memory once this event is done"
@@ -297,11 +296,6 @@ class Operator(_Event):
 
     def moved(self, act: Activation) -> None:
         self.reply.fail(NotHere(MOVED))
-
-
-def notice(text: str) -> bytes:
-    """An operator's notice as the text frame clients get: ``{"notice": text}``."""
-    return encode_message(json.dumps({"notice": text}))
 
 
 RoomEvent = Connect | Message | Closed | Http | Call | Tick | Alarm | Operator

@@ -333,7 +333,7 @@ class Host:
             ticket = None if token is None else self.tickets.check(token, act.key, now)
             seated = act.seats.take(ticket, now)
         except SeatRefused as refused:
-            if token is not None and refused.status in (401, 403, 409):
+            if refused.ticket:
                 self.metrics.tickets_refused_total += 1
             else:
                 self.metrics.limit_seats_total += 1

@@ -28,11 +28,16 @@ TICKET_PARAM = "ticket"
 
 
 class SeatRefused(Exception):
-    """A connection that may not join: its HTTP status and why."""
+    """A connection that may not join: its HTTP status and why; ``ticket``: for its ticket
+    (not for want of a seat)."""
 
-    def __init__(self, status: int, text: str) -> None:
+    def __init__(self, status: int, text: str, ticket: bool = False) -> None:
         super().__init__(text)
-        self.status, self.text = status, text
+        self.status, self.text, self.ticket = status, text, ticket
+
+
+def _bad_ticket(status: int, text: str) -> SeatRefused:
+    return SeatRefused(status, text, ticket=True)
 
 
 @attrs.frozen
@@ -63,16 +68,16 @@ class Tickets:
             body, _, mac = token.partition(".")
             payload, signature = _unb64(body), _unb64(mac)
         except (ValueError, binascii.Error):
-            raise SeatRefused(
+            raise _bad_ticket(
                 401, "the seat ticket is not one (ask the lobby for a seat)"
             ) from None
         if not hmac.compare_digest(signature, self._mac(payload)):
-            raise SeatRefused(401, "the seat ticket was not issued by this server: forged?")
+            raise _bad_ticket(401, "the seat ticket was not issued by this server: forged?")
         named, identity, expires, nonce = msgpack.unpackb(payload, raw=False)
         if named != room:
-            raise SeatRefused(403, "the seat ticket is for another room")
+            raise _bad_ticket(403, "the seat ticket is for another room")
         if now > expires:
-            raise SeatRefused(401, "the seat ticket expired: ask the lobby for another")
+            raise _bad_ticket(401, "the seat ticket expired: ask the lobby for another")
         return Ticket(named, identity, expires, nonce)
 
     def _mac(self, payload: bytes) -> bytes:
@@ -111,7 +116,7 @@ class Seats:
         """Admit one connection (holding ``ticket``, if any): whether it holds a seat (False:
         it watches); SeatRefused if it may not join."""
         if ticket is not None and ticket.nonce in self._used:
-            raise SeatRefused(409, "the seat ticket was used already: a ticket is good once")
+            raise _bad_ticket(409, "the seat ticket was used already: a ticket is good once")
         seated = self._seat(ticket is not None)
         if ticket is not None:
             self._spend(ticket, now)
