@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -82,12 +83,12 @@ def server(
         proc.wait(10)
 
 
-async def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+async def wait_for_port(port: int, proc: subprocess.Popen[bytes], host: str = "127.0.0.1") -> None:
     with trio.fail_after(15):
         while True:
             assert proc.poll() is None, "the server exited while starting"
             try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                stream = await trio.open_tcp_stream(host, port)
             except OSError:
                 await trio.sleep(0.05)
                 continue
@@ -106,12 +107,16 @@ def kill_9(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def raw_request(
-    port: int, data: bytes, read_timeout: float = 5.0, closes: bool = False
+    port: int,
+    data: bytes,
+    read_timeout: float = 5.0,
+    closes: bool = False,
+    host: str = "127.0.0.1",
 ) -> bytes:
     """Send raw bytes on a new connection; everything the server sends until it closes (or
     ``read_timeout`` passes: a keep-alive or upgraded connection is then closed by us). With
     ``closes``, the server must close the connection itself within ``read_timeout``."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await trio.open_tcp_stream(host, port)
     received = bytearray()
     async with stream:
         with contextlib.suppress(trio.BrokenResourceError):
@@ -127,13 +132,16 @@ async def raw_request(
     return bytes(received)
 
 
-async def metric(port: int, name: str) -> int:
-    """The value of ``rooms_<name>`` at ``/_rooms/metrics`` of the server on ``port``."""
-    answer = await raw_request(port, b"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0.5)
+async def metric(port: int, name: str, host: str = "127.0.0.1", token: str = "") -> int:
+    """The value of ``rooms_<name>`` at ``/_rooms/metrics`` of the server on ``port`` (at
+    ``host``: from another host than loopback, with its ``admin_token``)."""
+    auth = f"authorization: Bearer {token}\r\n" if token else ""
+    request = f"GET /_rooms/metrics HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode()
+    answer = await raw_request(port, request, 0.5, host=host)
     for line in answer.decode().splitlines():
         if line.startswith(f"rooms_{name} "):
             return int(float(line.split()[1]))
-    raise AssertionError(f"no metric {name}")
+    raise AssertionError(f"no metric {name}: {answer[:200]!r}")
 
 
 KEY = base64.b64encode(os.urandom(16)).decode()
@@ -285,26 +293,40 @@ class Holder:
 
 class Node:
     """One node of a cluster as a process: ``rooms serve APP --cluster DSN`` on its own
-    port, its log in ``log``. Killed on ``close``."""
+    port, its log in ``log``, reached by the test at ``host``; ``options`` are added to its
+    command line, which runs after ``prefix`` (``ip netns exec NAME``, say). Killed on
+    ``close``."""
 
-    def __init__(self, dsn: str, app: str, port: int, log: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        app: str,
+        port: int,
+        log: Path,
+        env: dict[str, str],
+        host: str = "127.0.0.1",
+        options: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.dsn, self.app, self.port, self.log, self.env = dsn, app, port, log, env
+        self.host, self.options, self.prefix = host, list(options), list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://{self.host}:{self.port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "runtime.cli", "serve", self.app]
+        command = [*self.prefix, sys.executable, "-m", "runtime.cli", "serve", self.app]
         command += ["--port", str(self.port), "--cluster", self.dsn, "--log-level", "INFO"]
+        command += self.options
         env = {**self.env, "ROOMS_TEST_NODE": str(self.port)}  # (cluster_app.py reports it)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=log)
 
     async def ready(self) -> None:
         assert self.proc is not None
-        await wait_for_port(self.port, self.proc)
+        await wait_for_port(self.port, self.proc, self.host)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -367,12 +389,17 @@ class PrivatePostgres:
     """A PostgreSQL server of one test's own, to restart and stop under load without touching
     the shared one: ``initdb`` in a temporary folder (trust authentication; removed at the
     end) and ``pg_ctl``, run as the ``postgres`` user (PostgreSQL refuses to run as root), on
-    a free loopback port."""
+    a free port, on loopback and on each of ``also_on`` (a host address of a namespace's
+    link: the clients of the link's /30 are let in)."""
 
-    def __init__(self) -> None:
+    def __init__(self, also_on: Sequence[str] = ()) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="rooms-postgres-"))  # (postgres reaches it)
         self.port = free_port()
-        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.addresses = ["127.0.0.1", *also_on]
+        self.dsn = self.dsn_at("127.0.0.1")
+
+    def dsn_at(self, address: str) -> str:
+        return f"postgresql://postgres@{address}:{self.port}/postgres"
 
     @staticmethod
     def available() -> str | None:
@@ -384,7 +411,8 @@ class PrivatePostgres:
         return None
 
     def _pg_ctl(self, *args: str) -> None:
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        listen = ",".join(self.addresses)
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses={listen}"
         command = [str(PG_BIN / "pg_ctl"), "-D", str(self.folder / "db"), "-w", "-t", "30"]
         command += ["-l", str(self.folder / "postgres.log"), "-o", options, *args]
         subprocess.run(
@@ -399,6 +427,10 @@ class PrivatePostgres:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        with open(self.folder / "db" / "pg_hba.conf", "a") as hba:
+            for address in self.addresses[1:]:
+                network = ipaddress.ip_interface(f"{address}/30").network
+                hba.write(f"host all all {network} trust\n")
         self._pg_ctl("start")
         return self
 
@@ -419,3 +451,80 @@ def _postgres_ids() -> tuple[int, int]:
 
     entry = pwd.getpwnam("postgres")
     return entry.pw_uid, entry.pw_gid
+
+
+class Namespace:
+    """A network namespace of one test's own (root only), joined to this one by veth links,
+    each a /30 of its own: ``link()`` makes one and returns its two addresses (here, inside);
+    ``cut`` takes the inside end of links down (a pulled cable: packets from either side
+    are lost, nothing is refused) and ``heal`` brings them up. ``prefix`` runs a command
+    inside. On exit its processes are killed and it is deleted, links and all, even when
+    the test failed; namespaces a killed test run left behind go at the next start."""
+
+    def __init__(self) -> None:
+        self.tag = os.getpid() % 100_000  # (veth names are 15 characters at most)
+        self.name = f"rooms-test-{os.getpid()}"
+        self.prefix = ["ip", "netns", "exec", self.name]
+        self.links: list[str] = []  # the inside ends' names
+
+    @staticmethod
+    def available() -> str | None:
+        """Why it cannot run here, or None."""
+        if os.geteuid() != 0:
+            return "network namespaces need root: run the tests as root"
+        if shutil.which("ip") is None:
+            return "no ip command (Debian's iproute2)"
+        return None
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def __enter__(self) -> Namespace:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        for line in listed.stdout.splitlines():
+            name = line.split()[0] if line.strip() else ""
+            if name.startswith("rooms-test-") and not _alive(int(name.rsplit("-", 1)[1])):
+                self._delete(name)  # (a killed run's)
+        self._ip("netns", "add", self.name)
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        return self
+
+    def link(self) -> tuple[str, str]:
+        index = len(self.links)
+        base = ipaddress.ip_address(f"10.231.{self.tag % 256}.0") + 4 * index
+        here, inside = str(base + 1), str(base + 2)
+        outer, inner = f"rt{self.tag}h{index}", f"rt{self.tag}n{index}"
+        self._ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", self.name)
+        self._ip("addr", "add", f"{here}/30", "dev", outer)
+        self._ip("link", "set", outer, "up")
+        self._ip("-n", self.name, "addr", "add", f"{inside}/30", "dev", inner)
+        self._ip("-n", self.name, "link", "set", inner, "up")
+        self.links.append(inner)
+        return here, inside
+
+    def cut(self, *indexes: int) -> None:
+        for index in indexes:
+            self._ip("-n", self.name, "link", "set", self.links[index], "down")
+
+    def heal(self, *indexes: int) -> None:
+        for index in indexes:
+            self._ip("-n", self.name, "link", "set", self.links[index], "up")
+
+    @staticmethod
+    def _delete(name: str) -> None:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._delete(self.name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
