@@ -19,6 +19,7 @@ import trio
 from .frames import (
     OP_BINARY,
     OP_CLOSE,
+    OP_PING,
     OP_PONG,
     OP_TEXT,
     FrameParser,
@@ -46,6 +47,9 @@ class ClientSocket:
     async def send_all(self, messages: Iterable[str | bytes]) -> None:
         """Several messages in one write."""
         await self._send(b"".join(_frame(message) for message in messages))
+
+    async def ping(self, payload: bytes) -> None:
+        await self._send(encode_frame(OP_PING, payload, mask=os.urandom(4)))
 
     async def pong(self, payload: bytes) -> None:
         await self._send(encode_frame(OP_PONG, payload, mask=os.urandom(4)))

@@ -36,7 +36,7 @@ from .handshake import accept_response, check_upgrade, is_upgrade
 from .host import Host
 from .http import HttpServer, raw_response
 from .inlink import InLink
-from .link import LINK_PATH, PeerNode, check_link, link_settings, networks
+from .link import LINK_PATH, PeerNode, check_link, link_settings, link_timing, networks
 from .metrics import Metrics
 from .outlink import Forwarded, Links
 from .placement import ClusterUnavailable, Owner
@@ -348,6 +348,8 @@ class Edge:
                 try:
                     if isinstance(joined, AdminFeed):
                         nursery.start_soon(joined.run)
+                    if isinstance(joined, InLink):
+                        nursery.start_soon(self._watch_link, ws, joined)
                     if isinstance(joined, Upstream):
                         joined.client = ws
                         await relay(self.sessions, ws, joined, data, self.settings.close_timeout)
@@ -368,6 +370,23 @@ class Edge:
         finally:
             if isinstance(upgrade.target, Upstream):
                 await upgrade.target.aclose()
+
+    async def _watch_link(self, ws: WebSocket, link: InLink) -> None:
+        """Close a link on which nothing came for a while (``link_timing``): its node pings
+        it, so silence means that node, or the network to it, is gone. (A cut cable sends
+        no FIN; its clients must not stay in their rooms until the clients' keepalive.)"""
+        every, silence = link_timing(self.settings.cluster_lease_seconds)
+        heard, since = ws.bytes_in, trio.current_time()
+        while True:
+            await trio.sleep(every)
+            now = trio.current_time()
+            if ws.bytes_in != heard:
+                heard, since = ws.bytes_in, now
+            elif now - since >= silence:
+                self.metrics.keepalive_timeouts_total += 1
+                log.warning("%s: nothing came for %.1f s; closing it (1011)", link.label, silence)
+                ws.close(1011, "nothing came on the link")
+                return
 
     def _first_message_timeout(self, target: RoomTarget | Upstream | PeerNode | LiveAdmin) -> float:
         if isinstance(target, PeerNode):

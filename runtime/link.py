@@ -71,6 +71,14 @@ def link_settings(settings: Any) -> Any:
     )
 
 
+def link_timing(lease: float) -> tuple[float, float]:
+    """How often the client node of a link pings it (a sixth of ``lease``), and how long
+    either end waits in silence before giving the link up (two thirds: a cut cable sends
+    no FIN, and the clients across it are told to reconnect before the owner could be
+    fenced)."""
+    return lease / 6, lease * 2 / 3
+
+
 Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
@@ -223,6 +231,7 @@ __all__ = [
     "PeerNode",
     "check_link",
     "link_settings",
+    "link_timing",
     "networks",
     "pack",
     "request_from_wire",

@@ -36,12 +36,13 @@ from .link import (
     RESUME,
     SEND,
     TO_EDGE,
+    link_timing,
     pack,
     request_to_wire,
     unpack,
 )
 from .metrics import Metrics
-from .placement import ClusterUnavailable, NotHere, Owner, Room3
+from .placement import ClusterUnavailable, NotHere, Owner, OwnerUnreachable, Room3
 from .stream import ConnectionBroken
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class OutLink:
         self.ws: ClientSocket | None = None
         self.ready = trio.Event()
         self.closed = False
+        self._heard_at = 0.0  # (trio time) when the peer last sent anything
 
     def _number(self) -> int:
         self._next += 1
@@ -196,12 +198,14 @@ class OutLink:
         ]
         ws: ClientSocket | None = None
         try:
-            with trio.fail_after(5):
+            with trio.fail_after(self.links.cluster.ttl):
                 ws = await connect(url, headers, max_message_size=1 << 30)
             self.ws = ws
+            self._heard_at = trio.current_time()
             self.ready.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws)
+                nursery.start_soon(self._keepalive, ws)
                 await self._read(ws)
         except* (OSError, HandshakeError, ConnectionBroken, trio.TooSlowError) as lost:
             log.warning(
@@ -220,9 +224,23 @@ class OutLink:
             if ws is not None:
                 await ws.aclose()
 
+    async def _keepalive(self, ws: ClientSocket) -> None:
+        """Ping the peer (it closes a silent link) and give the link up when nothing came
+        back for a while (``link_timing``). A cut cable sends no FIN: without this, the
+        clients here would wait in silence, not be told to reconnect."""
+        every, silence = link_timing(self.links.cluster.ttl)
+        while True:
+            await trio.sleep(every)
+            silent = trio.current_time() - self._heard_at
+            if silent >= silence:
+                raise ConnectionBroken(f"nothing came on the link for {silent:.1f} s")
+            await ws.ping(b"")
+
     async def _read(self, ws: ClientSocket) -> None:
         while True:
-            for item in await ws.receive():
+            items = await ws.receive()
+            self._heard_at = trio.current_time()
+            for item in items:
                 if isinstance(item, (str, bytes)):
                     self._receive(unpack(item, TO_EDGE))
                 elif isinstance(item, Ping):
@@ -363,7 +381,7 @@ class Links:
             self._nursery.start_soon(link.run)
         await link.ready.wait()
         if link.closed:
-            raise ClusterUnavailable(
+            raise OwnerUnreachable(
                 f"the node holding the room ({owner.node_id} at {owner.address}) cannot be "
                 "reached: retry shortly"
             )
