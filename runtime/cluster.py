@@ -85,6 +85,7 @@ class Cluster:
         self.dsn = settings.cluster
         self.address = node_address(settings)
         self.ttl = settings.cluster_lease_seconds
+        self.dead_within = self.ttl + _DETECT_EVERY  # (its lease, then the detector's look)
         self.metrics = metrics
         self.node_id = _new_node_id()
         self.epochs: dict[str, int] = {}  # the rooms this node holds, and their epoch
@@ -274,6 +275,25 @@ class Cluster:
         else:
             self._owners[key] = owner
         return owner
+
+    async def renewing(self, node_id: str) -> bool:
+        """Whether ``node_id`` renews its lease on time (alive, more than a third of the lease
+        left): a node that renews but cannot be reached is cut off from this one only, and
+        waiting here for its rooms to be claimed again would be in vain."""
+
+        def look(conn: Conn) -> bool:
+            row = conn.execute(
+                "SELECT lease_until - now() > make_interval(secs => %s) FROM rooms_nodes "
+                "WHERE node_id = %s AND status = 'alive'",
+                (self.ttl / 3, node_id),
+            ).fetchone()
+            return bool(row and row[0])
+
+        try:
+            renews: bool = await self._directory.run(look)
+        except psycopg.Error:
+            return False  # (this node's own trouble: placing the room will say so)
+        return renews
 
     def forget(self, key: str) -> None:
         """Drop what is known of room ``key`` (fenced here, or refused by its owner)."""

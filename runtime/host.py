@@ -33,7 +33,15 @@ from .config import Settings
 from .events import Alarm, Call, Connect, Http, Operator, pack
 from .gate import Reply, Transport
 from .metrics import Metrics
-from .placement import ClusterUnavailable, Directory, NotHere, Owner, RemoteRooms, Room3
+from .placement import (
+    ClusterUnavailable,
+    Directory,
+    NotHere,
+    Owner,
+    OwnerUnreachable,
+    RemoteRooms,
+    Room3,
+)
 from .seats import TICKET_PARAM, SeatRefused, Tickets, ticket_secret
 from .storage import Backend
 
@@ -43,6 +51,7 @@ T = TypeVar("T")
 
 
 _PLACE_ATTEMPTS = 3  # a room that moved while it was being reached is looked up again
+_UNREACHABLE_RETRY = 0.25  # seconds between looks at a room whose node cannot be reached
 
 
 def is_stub_callable(room_class: type[Room], method: str) -> bool:
@@ -352,8 +361,10 @@ class Host:
         there: Callable[[RemoteRooms, Owner, Room3], Awaitable[T]],
     ) -> T:
         """``here(activation)`` if the room lives on this node, else ``there(links, owner,
-        room)``; looked up again if it moved meanwhile (``NotHere``), a few times."""
-        for _ in range(_PLACE_ATTEMPTS):
+        room)``; looked up again if it moved meanwhile (``NotHere``), a few times, and while
+        its node cannot be reached from here, until its lease would have run out."""
+        moves, give_up_at = 0, None
+        while True:
             placed = await self.place(room_class, room_id)
             try:
                 if isinstance(placed, Activation):
@@ -363,8 +374,26 @@ class Host:
                     self.links, placed, (room_class.namespace, room_id.hex, room_id.name)
                 )
             except NotHere:
-                self.moved(room_class, room_id)
-        raise ClusterUnavailable(f"room {room_id.hex[:12]} keeps moving between nodes: retry")
+                moves += 1
+                if moves == _PLACE_ATTEMPTS:
+                    raise ClusterUnavailable(
+                        f"room {room_id.hex[:12]} keeps moving between nodes: retry"
+                    ) from None
+            except OwnerUnreachable:
+                # Alive in the directory, unreachable from here. If it misses its renewals
+                # it is cut off from the database too: its lease runs out, it is found dead
+                # and the room claimed again; wait for that rather than turn the client
+                # away. If it renews, only this node is cut off from it: no use waiting.
+                assert self.directory is not None and isinstance(placed, Owner)
+                now = trio.current_time()
+                if give_up_at is None:
+                    if await self.directory.renewing(placed.node_id):
+                        raise
+                    give_up_at = now + self.directory.dead_within
+                if now >= give_up_at:
+                    raise
+                await trio.sleep(_UNREACHABLE_RETRY)
+            self.moved(room_class, room_id)
 
     async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:
         """A plain HTTP request to a room, wherever it lives."""

@@ -28,6 +28,12 @@ class ClusterUnavailable(Exception):
     cannot be reached): the client gets 503 or 1012 and retries."""
 
 
+class OwnerUnreachable(ClusterUnavailable):
+    """The room's node is alive in the directory but cannot be reached from here: until its
+    link comes back, or its lease runs out and the room is claimed again, nothing here can
+    serve the room."""
+
+
 class NotHere(Exception):
     """The node asked does not hold the room (any more): find where it lives and retry."""
 
@@ -37,10 +43,13 @@ class Directory(Protocol):
 
     node_id: str
     epochs: dict[str, int]  # the rooms this node holds, and the epoch of each claim
+    dead_within: float  # seconds within which a node that stops renewing is found dead
 
     async def locate(self, key: str) -> Owner: ...
 
     def forget(self, key: str) -> None: ...
+
+    async def renewing(self, node_id: str) -> bool: ...
 
     async def due_alarms(self) -> list[tuple[str, float, str | None]]: ...
 
