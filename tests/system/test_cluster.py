@@ -7,11 +7,14 @@ tests/runtime/test_cluster.py and test_postgres.py.)"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,11 @@ from runtime.frames import OP_BINARY
 from runtime.link import LINK_PATH, PROTOCOL
 from tests.support import (
     REPO,
+    Namespace,
     Node,
     PrivatePostgres,
     cluster_of,
+    free_port,
     metric,
     raw_request,
     server,
@@ -38,6 +43,9 @@ from tests.system.raw import RawWebSocket, frame
 from tests.system.raw import upgrade as upgrade_to
 
 QUIET = {"CHAT_SECONDS_PER_MESSAGE": "0"}  # the rate limiter allows everything
+# A node holds a client whose room's node it cannot reach until that node is found dead (the
+# lease, 3 s, and a second): a client waits longer than that before it tries another node.
+CONNECT_TIMEOUT = 6
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -67,7 +75,7 @@ async def next_chat(ws: Any) -> dict[str, Any]:
 async def http(node: Node, method: str, path: str) -> tuple[int, Any]:
     """A plain request to ``node``: the status and the body (parsed if it is JSON)."""
     head = f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close"
-    answer = await raw_request(node.port, f"{head}\r\n\r\n".encode(), closes=True)
+    answer = await raw_request(node.port, f"{head}\r\n\r\n".encode(), closes=True, host=node.host)
     answer_head, _, body = answer.partition(b"\r\n\r\n")
     is_json = b"content-type: application/json" in answer_head.lower()
     return int(answer_head.split()[1]), json.loads(body) if is_json else body.decode()
@@ -383,7 +391,9 @@ class Chatter:
 
     async def _session(self, node: Node, until: trio.Event) -> None:
         url = f"{node.url}/api/room/{self.room}/websocket"
-        async with trio_websocket.open_websocket_url(url, connect_timeout=3) as ws:
+        async with trio_websocket.open_websocket_url(
+            url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=1
+        ) as ws:
             await ws.send_message(json.dumps({"name": self.name, "after": self.last_seq}))
             with trio.fail_after(3):
                 while True:
@@ -486,6 +496,15 @@ async def test_kill_9_of_a_node_under_load_loses_nothing_acknowledged(
     assert measured["takeover"] < 5.0  # (the dead node's session is gone: well under 1 s)
 
 
+def needs(missing: str | None) -> None:
+    """Skip the test for what is ``missing`` (a reason, or None), or fail it where the cluster
+    tests must run (ROOMS_REQUIRE_POSTGRES, as CI sets)."""
+    if missing is not None:
+        if os.environ.get("ROOMS_REQUIRE_POSTGRES"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
 async def test_postgresql_restarted_under_load_fast_then_immediate_loses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -494,11 +513,7 @@ async def test_postgresql_restarted_under_load_fast_then_immediate_loses_nothing
     recovery at start). The nodes survive; a commit that failed closes its clients with a
     clear code (1011 or 1012), and they resume; every room is served again within 10 s of
     the database being back; nothing acknowledged is lost or stored twice."""
-    missing = PrivatePostgres.available()
-    if missing is not None:
-        if os.environ.get("ROOMS_REQUIRE_POSTGRES"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    needs(PrivatePostgres.available())
     with PrivatePostgres() as database:
         async with cluster_of(database.dsn, 2, tmp_path, **QUIET) as nodes:
             back: list[float] = []
@@ -527,7 +542,8 @@ class Listener:
         self.closed: tuple[float, int | None] | None = None
 
     async def run(self, node: Node, room: str, task_status: trio.TaskStatus[None]) -> None:
-        async with trio_websocket.open_websocket_url(f"{node.url}/api/room/{room}/websocket") as ws:
+        url = f"{node.url}/api/room/{room}/websocket"
+        async with trio_websocket.open_websocket_url(url, connect_timeout=3) as ws:
             await ws.send_message(json.dumps({"name": "listener", "after": 0}))
             task_status.started()
             try:
@@ -635,3 +651,141 @@ async def test_a_node_link_needs_the_token_and_a_peer_that_breaks_the_protocol_i
             await ws.send_message(json.dumps({"message": f"{name} still here"}))
             seen = {(await next_chat(local))["message"], (await next_chat(remote))["message"]}
             assert seen == {f"{name} still here"}
+
+
+# -- partitions ---------------------------------------------------------------------------------
+
+DATABASE, PEERS, CLIENTS = 0, 1, 2  # the isolated node's links, in the order they are made
+LEASE = 3.0  # cluster_lease_seconds, the default
+ADMIN = "test-admin"  # the isolated node's admin_token
+
+
+@asynccontextmanager
+async def partitioned(tmp_path: Path) -> AsyncIterator[tuple[Namespace, list[Node]]]:
+    """Three chat nodes on a PostgreSQL of the test's own. The first runs in a network
+    namespace and reaches the database, its peers and its clients each by a link of its own
+    (``DATABASE``, ``PEERS``, ``CLIENTS``), so a test can cut any of them; the others run
+    here, listening where it reaches them."""
+    needs(PrivatePostgres.available() or Namespace.available())
+    with Namespace() as namespace:
+        database_here, _ = namespace.link()
+        peers_here, peers_inside = namespace.link()
+        _, clients_inside = namespace.link()
+        with PrivatePostgres(also_on=[database_here]) as database:
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                "ROOMS_CLUSTER_TOKEN": "test-token",
+                **QUIET,
+            }
+            app, ports = "examples.chat.app:app", [free_port() for _ in range(3)]
+            logs = [tmp_path / f"node-{i}.log" for i in range(3)]
+            (tmp_path / "admin.toml").write_text(f'admin_token = "{ADMIN}"\n')
+            inside = ["--host", "0.0.0.0", "--node-address", f"{peers_inside}:{ports[0]}"]
+            inside += ["--config", str(tmp_path / "admin.toml")]  # (its metrics, from here)
+            nodes = [
+                Node(
+                    database.dsn_at(database_here),
+                    app,
+                    ports[0],
+                    logs[0],
+                    env,
+                    host=clients_inside,
+                    options=inside,
+                    prefix=namespace.prefix,
+                )
+            ]
+            for port, log in zip(ports[1:], logs[1:], strict=True):
+                here = ["--host", "0.0.0.0", "--node-address", f"{peers_here}:{port}"]
+                nodes.append(Node(database.dsn, app, port, log, env, options=here))
+            try:
+                for node in nodes:
+                    node.start()
+                for node in nodes:
+                    await node.ready()
+                yield namespace, nodes
+            finally:
+                for node in nodes:
+                    node.close()
+
+
+def longest_silence(times: list[float], since: float, until: float) -> float:
+    """The longest stretch of ``since``..``until`` with none of ``times`` in it."""
+    marks = [since, *sorted(t for t in times if since < t < until), until]
+    return max(b - a for a, b in itertools.pairwise(marks))
+
+
+@pytest.mark.parametrize(
+    "cut", [(DATABASE,), (PEERS,), (DATABASE, PEERS, CLIENTS)], ids=["database", "peers", "all"]
+)
+async def test_a_node_cut_off_for_10_s_under_load_loses_nothing_and_serves_again(
+    tmp_path: Path, cut: tuple[int, ...]
+) -> None:
+    """The owner of two of six chat rooms under load loses its link to the database, to its
+    peers, or every link (its cable pulled), for 10 s. Without the database it fences itself
+    within its lease (its clients are closed with 1012, where they can still hear it) and its
+    rooms are served elsewhere within 5 s; cut off from its peers only it is alive and keeps
+    its rooms: the clients that reached them through other nodes are closed with 1012 and
+    served again, through it, before the heal. Either way nothing acknowledged is lost or
+    stored twice, and after the heal it serves again (as a new member if it had fenced)."""
+    async with partitioned(tmp_path) as (namespace, nodes):
+        owner, moves, dsn = nodes[0], DATABASE in cut, nodes[1].dsn
+        listener = Listener()
+        held: set[str] = set()  # the rooms it holds (chats and their rate limiters)
+        kept: set[str] = set()  # those it still held at the end of the cut
+        window: list[float] = []  # the cut, and the heal
+
+        async def partition(chatters: list[Chatter]) -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listener.run, owner, "room0")  # a room it holds
+                await trio.sleep(2)
+                held.update(key for key, port in owners(dsn).items() if port == str(owner.port))
+                namespace.cut(*cut)
+                window.append(trio.current_time())
+                await trio.sleep(10)
+                kept.update(key for key, port in owners(dsn).items() if port == str(owner.port))
+                namespace.heal(*cut)
+                window.append(trio.current_time())
+                await trio.sleep(3)
+                nursery.cancel_scope.cancel()  # (a listener that heard nothing)
+
+        chatters = await load(nodes, 6, partition)
+        cut_at, healed_at = window
+        rooms = {c.room for c in chatters if chat_key(c.room) in held}
+        assert rooms == {"room0", "room3"}
+        silences = {
+            room: longest_silence(
+                [t for c in chatters if c.room == room for t in c.ack_times], cut_at, healed_at
+            )
+            for room in rooms
+        }
+        fences = await metric(owner.port, "cluster_self_fences_total", owner.host, ADMIN)
+        joins = await metric(owner.port, "cluster_registrations_total", owner.host, ADMIN)
+        if moves:
+            assert max(silences.values()) < 5.0, silences  # taken over elsewhere
+            assert kept & held == set()
+            assert (fences, joins) == (1, 2)  # fenced, then joined again as a new member
+        else:
+            assert max(silences.values()) < 2.0, silences  # its own clients: never stopped
+            assert kept >= held
+            assert (fences, joins) == (0, 1)
+            for chatter in (c for c in chatters if c.room in rooms and c.name.endswith("b")):
+                # (its link to the owner went through another node)
+                assert any(code == 1012 and when > cut_at for when, code in chatter.closes)
+                silence = longest_silence(chatter.ack_times, cut_at, healed_at)
+                assert silence < 10.0 - 1.0, (chatter.name, silence)  # served before the heal
+        if not moves:
+            assert listener.closed is None  # its owner kept serving it all along
+        elif CLIENTS not in cut:  # it stopped before anyone may have taken its rooms
+            assert listener.closed is not None
+            when, code = listener.closed
+            assert code == 1012 and when - cut_at < LEASE
+        stored = {m["seq"]: m["message"] for m in await history(nodes[1], "room0")}
+        assert listener.seen and all(stored.get(s) == t for s, t in listener.seen.items())
+        # It serves again: a new client through it chats in a room it held before the cut.
+        async with trio.open_nursery() as nursery:
+            ws = await joined(nursery, owner.url, "room3", "back")
+            await ws.send_message(json.dumps({"message": "back again"}))
+            with trio.fail_after(5):
+                assert (await next_chat(ws))["message"] == "back again"
+            await ws.aclose()
