@@ -28,6 +28,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DURATIONS = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+LAGS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIZES = (16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0)
 
 
@@ -92,8 +93,9 @@ def _gauge(help_text: str) -> int:
     return attrs.field(default=0, metadata={"help": help_text, "type": "gauge"})
 
 
-def _histogram(help_text: str, label: str) -> dict[str, str]:
-    """The metadata of a histogram field: one histogram per value of ``label``."""
+def _histogram(help_text: str, label: str = "") -> dict[str, str]:
+    """The metadata of a histogram field: one histogram per value of ``label`` (a
+    ``Histograms``), or just one (a ``Histogram``) without a label."""
     return {"help": help_text, "type": "histogram", "label": label}
 
 
@@ -145,7 +147,8 @@ class Metrics:
     )
     protocol_errors_total: int = _counter("WebSocket connections closed for a protocol error")
     keepalive_timeouts_total: int = _counter(
-        "connections closed 1011: no answer to a keepalive ping"
+        "connections closed 1011: no answer to a keepalive ping (a node link: nothing came "
+        "on it for two thirds of cluster_lease_seconds)"
     )
     limit_origin_total: int = _counter("upgrades refused 403: Origin not in allowed_origins")
     limit_auth_total: int = _counter("upgrades refused by a room class's on_before_connect")
@@ -210,6 +213,13 @@ class Metrics:
         factory=partial(Histograms, DURATIONS),
         metadata=_histogram("how long a WebSocket was open, at its close", "route"),
     )
+    loop_lag_seconds: Histogram = attrs.field(
+        factory=partial(Histogram, LAGS),
+        metadata=_histogram(
+            "how late the event loop woke a task that slept a tenth of a second: how long "
+            "everything waited behind other work then"
+        ),
+    )
 
     def counts(self) -> dict[str, int]:
         """Every counter and gauge by name (the histograms aside)."""
@@ -251,6 +261,10 @@ class _Collector(Collector):
                 yield CounterMetricFamily(name, meta["help"], value=value)
             elif meta["type"] == "gauge":
                 yield GaugeMetricFamily(name, meta["help"], value=value)
+            elif isinstance(value, Histogram):
+                family = HistogramMetricFamily(name, meta["help"])
+                family.add_metric([], value.buckets(), value.sum)
+                yield family
             else:
                 family = HistogramMetricFamily(name, meta["help"], labels=[meta["label"]])
                 for label, histogram in sorted(value.by.items()):

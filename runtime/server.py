@@ -34,6 +34,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rooms.server")
 
+_LAG_EVERY = 0.1  # seconds between looks at the event loop's lag
+_LAG_LOGGED = 1.0  # a lag this long is logged
+
+
+async def watch_loop_lag(metrics: Metrics) -> None:
+    """How late the event loop wakes a task that sleeps a tenth of a second, into
+    ``loop_lag_seconds``. A second or more is logged: something blocked the loop (in a
+    cluster, a lag near the lease fences the node)."""
+    while True:
+        asleep = trio.current_time()
+        await trio.sleep(_LAG_EVERY)
+        lag = max(0.0, trio.current_time() - asleep - _LAG_EVERY)
+        metrics.loop_lag_seconds.observe(lag)
+        if lag >= _LAG_LOGGED:
+            log.warning(
+                "the event loop was blocked for %.1f s: every room and connection of this "
+                "process waited (look for blocking calls in room code, or an overloaded "
+                "machine)",
+                lag,
+            )
+
 
 def database_path(settings: Settings) -> str:
     """The SQLite database file under ``data_dir`` (":memory:" for none)."""
@@ -113,6 +134,7 @@ async def run_engine(
             edge = Edge(app, settings, host, metrics, links)
             if listener is not None:
                 nursery.start_soon(edge.serve, listener)
+                nursery.start_soon(watch_loop_lag, metrics)
             task_status.started(edge)
             await trio.sleep_forever()
     finally:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import attrs
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -16,7 +18,8 @@ from trio_websocket import open_websocket_url
 
 from examples.echo.app import app as echo_app
 from runtime.config import Settings
-from runtime.metrics import ROUTE_COUNTERS, Histogram, Metrics
+from runtime.metrics import LAGS, ROUTE_COUNTERS, Histogram, Metrics
+from runtime.server import watch_loop_lag
 from tests.support import REPO, raw_request, start_server
 
 
@@ -110,7 +113,8 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_server_exports() -> Non
     metrics = Metrics()
     for field in attrs.fields(Metrics):
         if field.metadata["type"] == "histogram":
-            getattr(metrics, field.name).of("x").observe(1.0)
+            histogram = getattr(metrics, field.name)
+            (histogram if isinstance(histogram, Histogram) else histogram.of("x")).observe(1.0)
     counts = dict.fromkeys(
         ["websockets", "bytes_in", "bytes_out", "messages_in", "messages_out"], 1
     )
@@ -121,3 +125,23 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_server_exports() -> Non
     named = {name for query in queries for name in re.findall(r"\brooms_[a-z_]+", query)}
     assert len(queries) > 10 and named
     assert named <= exported, named - exported
+
+
+async def test_a_blocked_event_loop_is_measured_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A room's handler that blocks for a second (a synchronous call) delays everything: the
+    lag shows in ``loop_lag_seconds`` and a warning says what it means."""
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_loop_lag, metrics)
+        await trio.sleep(0.35)  # (a few looks at an idle loop)
+        time.sleep(1.2)  # noqa: ASYNC251 - the blocking call under test
+        await trio.sleep(0.15)
+        nursery.cancel_scope.cancel()
+    lag = metrics.loop_lag_seconds
+    assert lag.counts[0] >= 2  # idle: under a millisecond late
+    assert sum(lag.counts[LAGS.index(1.0) + 1 :]) == 1 and lag.sum >= 1.1
+    assert "the event loop was blocked for 1." in caplog.text
+    exported = families(metrics.prometheus())["rooms_loop_lag_seconds"][2]
+    assert [s.value for s in exported if s.labels == {"le": "+Inf"}] == [sum(lag.counts)]
