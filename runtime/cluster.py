@@ -277,15 +277,15 @@ class Cluster:
         return owner
 
     async def renewing(self, node_id: str) -> bool:
-        """Whether ``node_id`` renews its lease on time (alive, more than a third of the lease
-        left): a node that renews but cannot be reached is cut off from this one only, and
-        waiting here for its rooms to be claimed again would be in vain."""
+        """Whether ``node_id`` renews its lease on time (alive, more than half the lease left;
+        it renews every third): a node that renews but cannot be reached is cut off from this
+        one only, and waiting here for its rooms to be claimed again would be in vain."""
 
         def look(conn: Conn) -> bool:
             row = conn.execute(
                 "SELECT lease_until - now() > make_interval(secs => %s) FROM rooms_nodes "
                 "WHERE node_id = %s AND status = 'alive'",
-                (self.ttl / 3, node_id),
+                (self.ttl / 2, node_id),
             ).fetchone()
             return bool(row and row[0])
 

@@ -373,26 +373,28 @@ class Host:
                 return await there(
                     self.links, placed, (room_class.namespace, room_id.hex, room_id.name)
                 )
-            except NotHere:
-                moves += 1
-                if moves == _PLACE_ATTEMPTS:
-                    raise ClusterUnavailable(
-                        f"room {room_id.hex[:12]} keeps moving between nodes: retry"
-                    ) from None
-            except OwnerUnreachable:
-                # Alive in the directory, unreachable from here. If it misses its renewals
-                # it is cut off from the database too: its lease runs out, it is found dead
-                # and the room claimed again; wait for that rather than turn the client
-                # away. If it renews, only this node is cut off from it: no use waiting.
+            except (NotHere, OwnerUnreachable) as exc:
                 assert self.directory is not None and isinstance(placed, Owner)
-                now = trio.current_time()
-                if give_up_at is None:
-                    if await self.directory.renewing(placed.node_id):
-                        raise
-                    give_up_at = now + self.directory.dead_within
-                if now >= give_up_at:
-                    raise
-                await trio.sleep(_UNREACHABLE_RETRY)
+                if give_up_at is None and not await self.directory.renewing(placed.node_id):
+                    # Its node misses its renewals: cut off from the database, it fenced
+                    # itself (NotHere) or cannot answer at all. Its lease runs out, it is
+                    # found dead and the room claimed again: wait for that rather than turn
+                    # the client away to try its luck elsewhere.
+                    give_up_at = trio.current_time() + self.directory.dead_within
+                if give_up_at is not None:
+                    if trio.current_time() >= give_up_at:
+                        raise ClusterUnavailable(
+                            f"room {room_id.hex[:12]}: its node stopped answering: retry"
+                        ) from None
+                    await trio.sleep(_UNREACHABLE_RETRY)
+                elif isinstance(exc, OwnerUnreachable):
+                    raise  # it renews: cut off from this node only, so another may reach it
+                else:
+                    moves += 1
+                    if moves == _PLACE_ATTEMPTS:
+                        raise ClusterUnavailable(
+                            f"room {room_id.hex[:12]} keeps moving between nodes: retry"
+                        ) from None
             self.moved(room_class, room_id)
 
     async def request(self, room_class: type[Room], room_id: RoomId, request: Request) -> Response:

@@ -371,6 +371,7 @@ class Chatter:
         self.twice: list[int] = []
         self.ack_times: list[float] = []
         self.closes: list[tuple[float, int | None]] = []  # (when, code) of the ends it saw
+        self.refusals: list[int] = []  # the nodes that turned it away (503), by port
         self._sent = 0
 
     async def run(self, until: trio.Event) -> None:
@@ -378,9 +379,12 @@ class Chatter:
             node = self.nodes[self.turn % len(self.nodes)]
             try:
                 await self._session(node, until)
-            except (OSError, trio_websocket.HandshakeError, trio.TooSlowError, h11.ProtocolError):
-                # That node is unreachable, stuck or refusing (trio-websocket's client can
-                # trip over a refusal in h11 instead of raising its HandshakeError): another.
+            except (trio_websocket.HandshakeError, h11.ProtocolError):
+                # That node refused (trio-websocket's client can trip over a refusal in h11
+                # instead of raising its HandshakeError): another.
+                self.refusals.append(node.port)
+                self.turn += 1
+            except (OSError, trio.TooSlowError):  # unreachable or stuck: another
                 self.turn += 1
             except trio_websocket.ConnectionClosed as exc:
                 code = exc.reason.code if exc.reason else None
@@ -763,6 +767,10 @@ async def test_a_node_cut_off_for_10_s_under_load_loses_nothing_and_serves_again
         joins = await metric(owner.port, "cluster_registrations_total", owner.host, ADMIN)
         if moves:
             assert max(silences.values()) < 5.0, silences  # taken over elsewhere
+            # The other nodes held its clients until they could claim the rooms: none was
+            # turned away to try its luck elsewhere (it, cut off, turns them away itself).
+            refused = {c.name: c.refusals for c in chatters if set(c.refusals) - {owner.port}}
+            assert refused == {}, refused
             assert kept & held == set()
             assert (fences, joins) == (1, 2)  # fenced, then joined again as a new member
         else:
