@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WSTEST := .autobahn/py27/bin/wstest
 
-.PHONY: chat cluster game notes notes-bundle test lint typecheck unit mutants fuzz docs docs-build soak bench bench-quick bench-hibernation bench-admin bench-yjs clean
+.PHONY: chat cluster game notes notes-bundle test lint typecheck unit mutants fuzz docs docs-build soak cluster-soak bench bench-quick bench-hibernation bench-admin bench-yjs clean
 
 $(BIN)/rooms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,9 @@ test: lint typecheck docs-build unit mutants  ## lint, strict type check, docs b
 
 soak: $(VENV)/.dev  ## 2,000 connections, steady traffic, 3 minutes: RSS and fds must stay flat
 	$(BIN)/python -m tests.system.soak $(SOAK_ARGS)
+
+cluster-soak: $(VENV)/.dev  ## 3 nodes on PostgreSQL, 1,000 messages/s in, 10 minutes: no false node death
+	$(BIN)/python -m tests.system.cluster_soak $(SOAK_ARGS)
 
 # The benchmark: Rooms against websockets and Node ws (and in cluster mode on the local
 # PostgreSQL, ROOMS_BENCH_POSTGRES for another), built here (bench/.venv, node_modules,
