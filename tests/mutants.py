@@ -27,6 +27,10 @@ L = "tests/runtime/test_lifecycle.py::"
 PG = "tests/runtime/test_postgres.py::"
 C = "tests/runtime/test_cluster.py::"
 HOSTILE = "tests/system/test_hostile.py::"
+PARTITION = (
+    "tests/system/test_cluster.py::"
+    "test_a_node_cut_off_for_10_s_under_load_loses_nothing_and_serves_again["
+)
 POST = "        mailbox = self.mailbox\n        if len(mailbox.events) >= mailbox.size:\n"
 
 
@@ -299,6 +303,22 @@ MUTANTS = [
         "                if trio.current_time() >= deadline and self.registered:\n",
         "                if False:\n",
         (C + "test_a_node_cut_off_from_the_database_fences_itself_before_anyone_may_take_over",),
+    ),
+    Mutant(
+        "link.silence",
+        "cluster: the clients across a link that went silent (a cut cable) are told to reconnect",
+        "runtime/outlink.py",
+        "            if silent >= silence:\n",
+        "            if False:\n",
+        (PARTITION + "peers]",),
+    ),
+    Mutant(
+        "unreachable.wait",
+        "cluster: a client of a room whose node lost the database waits for the room, not a 503",
+        "runtime/host.py",
+        "and not await self.directory.renewing(placed.node_id):\n",
+        "and False:\n",
+        (PARTITION + "database]", PARTITION + "all]"),
     ),
     Mutant(
         "claim.one_owner",
