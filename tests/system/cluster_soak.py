@@ -105,6 +105,14 @@ class Chatter:
             self.acked[text] = seq
 
 
+def rss_mib(node: Node) -> int:
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -160,14 +168,19 @@ async def soak(dsn: str, logs: Path, args: argparse.Namespace) -> bool:
         async with trio.open_nursery() as nursery:
             for chatter in chatters:
                 nursery.start_soon(chatter.run, interval, stop)
-            while (elapsed := time.monotonic() - begin) < args.seconds:
+            reported = dict.fromkeys(range(len(chatters)), 0)  # round trips printed, each
+            while time.monotonic() - begin < args.seconds:
                 await trio.sleep(min(30.0, args.seconds / 10))
+                window = [t for i, c in enumerate(chatters) for t in c.round_trips[reported[i] :]]
+                reported = {i: len(c.round_trips) for i, c in enumerate(chatters)}
                 trips = [t for c in chatters for t in c.round_trips]
                 dead = [await metric(n.port, "cluster_dead_nodes_total") for n in nodes]
+                rss = [rss_mib(n) for n in nodes]
                 print(
-                    f"{elapsed:5.0f} s  acknowledged {len(trips):8d}  "
-                    f"round trip p99 {quantile(trips, 0.99) * 1000:6.1f} ms  "
-                    f"nodes found dead {sum(dead)}  closed {sum(bool(c.closed) for c in chatters)}",
+                    f"{time.monotonic() - begin:5.0f} s  acknowledged {len(trips):8d}  "
+                    f"round trip p50 / p99 since the last line {quantile(window, 0.5) * 1000:5.1f}"
+                    f" / {quantile(window, 0.99) * 1000:5.1f} ms  nodes' RSS {rss} MiB  "
+                    f"found dead {sum(dead)}  closed {sum(bool(c.closed) for c in chatters)}",
                     flush=True,
                 )
             stop.set()
