@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 
 _PLACE_ATTEMPTS = 3  # a room that moved while it was being reached is looked up again
-_UNREACHABLE_RETRY = 0.25  # seconds between looks at a room whose node cannot be reached
+_UNREACHABLE_RETRY = 0.25  # seconds between looks at a room whose node cannot serve it
 
 
 def is_stub_callable(room_class: type[Room], method: str) -> bool:
@@ -361,8 +361,9 @@ class Host:
         there: Callable[[RemoteRooms, Owner, Room3], Awaitable[T]],
     ) -> T:
         """``here(activation)`` if the room lives on this node, else ``there(links, owner,
-        room)``; looked up again if it moved meanwhile (``NotHere``), a few times, and while
-        its node cannot be reached from here, until its lease would have run out."""
+        room)``; looked up again if it moved meanwhile (``NotHere``), a few times; while its
+        node misses its lease renewals and cannot serve it (unreachable, or fenced), again
+        and again until that node is found dead and the room can be claimed."""
         moves, give_up_at = 0, None
         while True:
             placed = await self.place(room_class, room_id)

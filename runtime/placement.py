@@ -25,7 +25,7 @@ class Owner:
 
 class ClusterUnavailable(Exception):
     """A room cannot be placed now (this node lost the cluster database, or the room's node
-    cannot be reached): the client gets 503 or 1012 and retries."""
+    cannot be reached or stopped answering): the client gets 503 or 1012 and retries."""
 
 
 class OwnerUnreachable(ClusterUnavailable):
