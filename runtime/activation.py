@@ -219,7 +219,15 @@ class Activation:
         self.fenced = False  # another node holds the room now (cluster mode)
         self.gate = OutputGate()
         epoch = None if host.directory is None else host.directory.epochs.get(self.key)
-        self._storage = RoomStorage(host.backend, self.key, self.gate.wrote, room_id.name, epoch)
+        self._storage = RoomStorage(
+            host.backend,
+            self.key,
+            self.gate.wrote,
+            room_id.name,
+            epoch,
+            host.settings.storage_cache_bytes,
+            self._cache_full,
+        )
         self.mailbox = Mailbox(host.settings.mailbox_size, host.metrics)
         self._drained: trio.Event | None = None  # set when commits in flight fall below max
         self._busy = False
@@ -321,6 +329,9 @@ class Activation:
             self._drained = None
         if not gate.inflight:
             self.mailbox.wake()  # may now unload when idle
+
+    def _cache_full(self) -> None:
+        self.host.metrics.storage_cache_resets_total += 1
 
     def _storage_failed(self, error: BaseException) -> None:
         """A commit failed: what clients were told may be lost. Drop the held outputs, close

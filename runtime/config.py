@@ -95,6 +95,10 @@ class Settings:
     """Room instances kept in memory; past it the least recently used idle ones leave
     (hibernated if they have connections, unloaded otherwise) at their next step, so rooms
     busy with an event, or on their way out, may take it briefly past."""
+    storage_cache_bytes: int = 256 * 1024
+    """Bytes of stored values (keys and values read or written) a room keeps in memory for
+    reads again; past it its cache starts over. The caches of all rooms in memory hold at
+    most ``max_rooms_in_memory`` times this."""
     max_inflight_commits: int = 64
     """Commits one room may have in flight before it waits for the disk."""
     trusted_proxies: tuple[str, ...] = ()

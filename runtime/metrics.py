@@ -126,6 +126,9 @@ class Metrics:
     handler_errors_total: int = _counter("exceptions raised by room hooks")
     storage_commits_total: int = _counter("room events whose writes were committed")
     storage_errors_total: int = _counter("failed storage commits")
+    storage_cache_resets_total: int = _counter(
+        "times a room's read cache reached storage_cache_bytes and started over"
+    )
     limit_message_too_big_total: int = _counter(
         "connections closed 1009: message over max_message_bytes"
     )

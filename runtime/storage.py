@@ -254,7 +254,7 @@ class Backend(Protocol):
 
 
 _ABSENT = None  # in the cache: known not to exist
-_CACHE_MAX = 10_000
+_ENTRY_COST = 64  # bytes a cached entry costs beyond its key and value (the dict's, roughly)
 
 
 class RoomStorage:
@@ -266,11 +266,14 @@ class RoomStorage:
         "_alarm_change",
         "_backend",
         "_cache",
+        "_cache_bytes",
+        "_cache_limit",
         "_deleted_all",
         "_dirty",
         "_epoch",
         "_last_commit",
         "_name",
+        "_on_cache_full",
         "_on_first_write",
         "_room",
     )
@@ -282,13 +285,19 @@ class RoomStorage:
         on_first_write: Callable[[], None],
         name: str | None = None,
         epoch: int | None = None,
+        cache_bytes: int = 256 * 1024,
+        on_cache_full: Callable[[], None] = lambda: None,
     ) -> None:
         self._backend = backend
         self._room = room
         self._epoch = epoch  # cluster mode: this node's claim on the room, checked at commit
         self._name = name  # the room's name, kept with its alarm to start it again
         self._on_first_write = on_first_write
+        # What was read or written, for reads again: at most ``cache_bytes`` (keys, values
+        # and an entry's overhead); past it, it starts over (``on_cache_full``).
         self._cache: dict[str, bytes | None] = {}
+        self._cache_bytes, self._cache_limit = 0, cache_bytes
+        self._on_cache_full = on_cache_full
         self._dirty: dict[str, bytes | None] = {}
         self._deleted_all = False
         self._alarm: float | _Unknown | None = _UNKNOWN  # as stored (durable or on its way)
@@ -418,7 +427,7 @@ class RoomStorage:
         writes, deleted_all, alarm = self._dirty, self._deleted_all, self._alarm_change
         self._dirty, self._deleted_all, self._alarm_change = {}, False, None
         if deleted_all:
-            self._cache.clear()
+            self._forget_cache()
         self._remember(writes)
         if alarm is not None:
             self._alarm = alarm[0]
@@ -432,13 +441,27 @@ class RoomStorage:
         self._last_commit = None
         self._dirty.clear()
         self._deleted_all = False
-        self._cache.clear()
+        self._forget_cache()
         self._alarm, self._alarm_change = _UNKNOWN, None
 
     def _remember(self, entries: Mapping[str, bytes | None]) -> None:
-        if len(self._cache) + len(entries) > _CACHE_MAX:
-            self._cache.clear()
-        self._cache.update(entries)
+        cache = self._cache
+        if self._cache_bytes + sum(_cost(k, v) for k, v in entries.items()) > self._cache_limit:
+            self._forget_cache()  # (the newest entries are kept: they are read next, likely)
+            self._on_cache_full()
+        for key, raw in entries.items():
+            if key in cache:
+                self._cache_bytes -= _cost(key, cache[key])
+            cache[key] = raw
+            self._cache_bytes += _cost(key, raw)
+
+    def _forget_cache(self) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
+
+
+def _cost(key: str, raw: bytes | None) -> int:
+    return len(key) + (0 if raw is None else len(raw)) + _ENTRY_COST
 
 
 class _Unknown:

@@ -135,6 +135,36 @@ async def test_values_round_trip_through_the_database(backend: Backend) -> None:
     assert type(await fresh.get("bytes")) is bytes and type(await fresh.get("str")) is str
 
 
+async def test_the_read_cache_keeps_at_most_its_bytes_then_starts_over() -> None:
+    """What a room wrote or read is read again from memory, up to ``storage_cache_bytes``
+    (keys, values and an entry's overhead); past it the cache starts over, and is counted."""
+    backend = SqliteBackend(":memory:")
+    reads: list[list[str]] = []
+    read = backend.get_many
+
+    async def counted(room: str, keys: list[str]) -> dict[str, bytes]:
+        reads.append(list(keys))
+        return await read(room, keys)
+
+    backend.get_many = counted  # type: ignore[method-assign]
+    resets: list[int] = []
+    storage = RoomStorage(
+        backend, "ns/room", lambda: None, cache_bytes=2_000, on_cache_full=lambda: resets.append(1)
+    )
+    try:
+        storage.put("a", "x" * 100)  # about 170 bytes in the cache: eleven such fit
+        assert await commit(storage) is None
+        assert await storage.get("a") == "x" * 100 and reads == []
+        for i in range(20):
+            storage.put(f"k{i}", "y" * 100)
+            assert await commit(storage) is None
+        assert resets == [1]  # at the twelfth value
+        assert await storage.get("k19") == "y" * 100 and reads == []  # still cached
+        assert await storage.get("a") == "x" * 100 and reads == [["a"]]  # gone: read again
+    finally:
+        await backend.aclose()
+
+
 async def test_get_of_a_missing_key_returns_the_default(backend: Backend) -> None:
     s = view(backend)
     assert await s.get("missing") is None
