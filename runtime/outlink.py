@@ -376,6 +376,15 @@ class Links:
     async def to(self, owner: Owner) -> OutLink:
         link = self._links.get(owner.node_id)
         if link is None or link.closed:
+            # A node that misses its lease renewals is cut off, or gone: a dial to it would
+            # wait out its timeout while its rooms could be claimed here. (Once per link.)
+            if not await self.cluster.renewing(owner.node_id):
+                raise OwnerUnreachable(
+                    f"the node holding the room ({owner.node_id} at {owner.address}) misses "
+                    "its lease renewals: retry shortly"
+                )
+            link = self._links.get(owner.node_id)  # (another client may have dialled)
+        if link is None or link.closed:
             assert self._nursery is not None
             link = self._links[owner.node_id] = OutLink(self, owner)
             self._nursery.start_soon(link.run)
