@@ -446,14 +446,15 @@ class RoomStorage:
 
     def _remember(self, entries: Mapping[str, bytes | None]) -> None:
         cache = self._cache
-        if self._cache_bytes + sum(_cost(k, v) for k, v in entries.items()) > self._cache_limit:
-            self._forget_cache()  # (the newest entries are kept: they are read next, likely)
-            self._on_cache_full()
         for key, raw in entries.items():
             if key in cache:
                 self._cache_bytes -= _cost(key, cache[key])
+            cost = _cost(key, raw)
+            if self._cache_bytes + cost > self._cache_limit:
+                self._forget_cache()  # (the newest entry is kept: it is read next, likely)
+                self._on_cache_full()
             cache[key] = raw
-            self._cache_bytes += _cost(key, raw)
+            self._cache_bytes += cost
 
     def _forget_cache(self) -> None:
         self._cache.clear()
