@@ -350,18 +350,24 @@ class Node:
             self.proc.wait(10)
 
 
+def node_env(**env: str) -> dict[str, str]:
+    """The environment of a node process: this one's, the checkout importable, the
+    cluster's token set, and ``env``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "ROOMS_CLUSTER_TOKEN": "test-token",
+        **env,
+    }
+
+
 @asynccontextmanager
 async def cluster_of(
     dsn: str, count: int, logs: Path, app: str = "examples.chat.app:app", **env: str
 ) -> AsyncIterator[list[Node]]:
     """``count`` nodes of ``app`` on ``dsn``, started and ready; ``env`` for their process
     (the cluster's token is set)."""
-    environ = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "ROOMS_CLUSTER_TOKEN": "test-token",
-        **env,
-    }
+    environ = node_env(**env)
     nodes = [Node(dsn, app, free_port(), logs / f"node-{i}.log", environ) for i in range(count)]
     try:
         for node in nodes:

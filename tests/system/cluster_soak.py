@@ -30,7 +30,8 @@ import trio
 from runtime.frames import OP_TEXT, FrameParser, encode_frame
 from runtime.metrics import LAGS
 from tests.support import Node, cluster_of, fresh_database, metric, raw_request
-from tests.system.soak import connect
+from tests.system.soak import connect, sample
+from tests.system.test_cluster import history
 
 
 class Chatter:
@@ -107,10 +108,7 @@ class Chatter:
 
 def rss_mib(node: Node) -> int:
     assert node.proc is not None
-    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    return 0
+    return sample(node.proc.pid)[0] // 1024
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -140,19 +138,6 @@ async def lag_quantiles(node: Node) -> dict[str, float]:
                 break
             lower, below = bound, cumulative[bound]
     return figures
-
-
-async def history(node: Node, room: str) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = []
-    query = "limit=1000"
-    while True:
-        head = f"GET /api/room/{room}/history?{query} HTTP/1.1\r\nhost: x\r\nconnection: close"
-        answer = await raw_request(node.port, f"{head}\r\n\r\n".encode(), 10.0, closes=True)
-        page = json.loads(answer.partition(b"\r\n\r\n")[2])
-        messages[:0] = page["messages"]
-        if not page["more"]:
-            return messages
-        query = f"limit=1000&before={messages[0]['seq']}"
 
 
 async def soak(dsn: str, logs: Path, args: argparse.Namespace) -> bool:

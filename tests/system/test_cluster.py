@@ -35,6 +35,7 @@ from tests.support import (
     cluster_of,
     free_port,
     metric,
+    node_env,
     raw_request,
     server,
     wait_for_port,
@@ -676,12 +677,7 @@ async def partitioned(tmp_path: Path) -> AsyncIterator[tuple[Namespace, list[Nod
         peers_here, peers_inside = namespace.link()
         _, clients_inside = namespace.link()
         with PrivatePostgres(also_on=[database_here]) as database:
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                "ROOMS_CLUSTER_TOKEN": "test-token",
-                **QUIET,
-            }
+            env = node_env(**QUIET)
             app, ports = "examples.chat.app:app", [free_port() for _ in range(3)]
             logs = [tmp_path / f"node-{i}.log" for i in range(3)]
             (tmp_path / "admin.toml").write_text(f'admin_token = "{ADMIN}"\n')
