@@ -35,6 +35,7 @@ chart when matplotlib is available).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -102,7 +103,7 @@ def runs_case(server: str, case: str) -> bool:
     (broadcasts), the three-node clusters on saturated fan-out (and idle), idle only there."""
     if case == "idle":
         return server == "cluster-3-spread"
-    if server in ("rooms-stored", "rooms-cluster"):
+    if server in ("rooms-stored", "rooms-cluster") or server.endswith("-stored"):
         return case.startswith(("sat:", "lat:"))
     if server in ("cluster-3-spread", "cluster-3-owner"):
         return case in ("sat:10x50", "sat:100x10")
@@ -277,7 +278,8 @@ def servers(
             yield None
             return
         time.sleep(0.15)
-        yield [str(port) for port, _, _ in procs], [str(proc.pid) for _, proc, _ in procs]
+        pids = [pid for _, proc, _ in procs for pid in (proc.pid, *children(proc.pid))]
+        yield [str(port) for port, _, _ in procs], [str(pid) for pid in pids]
     finally:
         for _, proc, _ in procs:
             proc.terminate()
@@ -288,6 +290,16 @@ def servers(
                 proc.kill()
                 proc.wait()
             shutil.rmtree(data, ignore_errors=True)
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Rooms' storage writer): their CPU and memory count as
+    the server's."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 # what each workload reports: (label, extractor, higher is better)
@@ -442,6 +454,13 @@ def main() -> None:
         help="a PostgreSQL to create the cluster servers' databases on (ROOMS_BENCH_POSTGRES)",
     )
     parser.add_argument("--cases", help="comma list, e.g. sat:10x50,lat:10x50,echo,conns:1000")
+    parser.add_argument(
+        "--lat-load",
+        type=float,
+        metavar="DELIVERIES",
+        help="the lat: cases' load in deliveries/s (default: half the weakest reference's "
+        "saturation, measured in the same run)",
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--duration", type=float, help="measured seconds per run (4; quick 1)")
     parser.add_argument("--warmup", type=float, help="seconds before measuring (1; quick 0.3)")
@@ -451,7 +470,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="also run examples.echo from another checkout (before/after comparisons)",
+        help="also run examples.echo from another checkout (before/after comparisons); "
+        "bench.apps, the stored path, if NAME ends in -stored",
     )
     parser.add_argument("--chart", metavar="RUN_JSON", help="only redraw the chart of a saved run")
     cfg = parser.parse_args()
@@ -463,7 +483,8 @@ def main() -> None:
         return
     for spec in cfg.checkout:
         name, _, path = spec.partition("=")
-        SERVERS[name] = (f"Rooms at {path}", rooms_server("examples.echo.app:app"))
+        app = "bench.apps:app" if name.endswith("-stored") else "examples.echo.app:app"
+        SERVERS[name] = (f"Rooms at {path} ({app})", rooms_server(app))
         CHECKOUTS[name] = Path(path).resolve()
     cfg.servers += "".join("," + spec.partition("=")[0] for spec in cfg.checkout)
     cfg.duration = cfg.duration or (1.0 if cfg.quick else 4.0)
@@ -496,6 +517,8 @@ def main() -> None:
                 for s in REFERENCES
                 if any(x["case"] == f"sat:{topology}" and x["server"] == s for x in runs)
             ]
+            if cfg.lat_load:
+                saturations = [2 * cfg.lat_load]
             if not saturations:
                 raise SystemExit(f"{case} needs sat:{topology} in the same run")
             lat_loads[topology] = 0.5 * min(saturations)
