@@ -259,7 +259,7 @@ def virtual_clock() -> trio.testing.MockClock:
     waited 10 ms of real time and no storage work is in flight, so alarms, timers and
     hibernation come at once and never overtake the disk.
 
-    A read or commit runs in the storage thread, and on a busy machine it can take longer
+    A read or commit runs in the storage writer, and on a busy machine it can take longer
     than any wall-time threshold: a jump meanwhile would let a deadline pass "during" it. So
     the clock's jump is skipped while storage work is in flight (trio's run loop asks again
     after the next idle threshold). ``MockClock`` is final; its jump is wrapped on the

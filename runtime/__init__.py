@@ -10,7 +10,8 @@ General layout. Four layers; a module imports only from its own layer or an earl
 2. the engine core, trio but no sockets: ``gate`` (the output gate and the burst batch),
    ``events`` (a room's events, one class per kind), ``activation`` (one room: mailbox,
    task, instance), ``host`` (every room: lifecycle, calls, alarms), ``storage`` (the
-   backend interface and a room's view), ``sqlite`` (the embedded backend); cluster mode's
+   backend interface and a room's view), ``writer`` (a backend's database in a process of
+   its own, no trio) and ``sqlite`` (the embedded backend's database, run there); cluster mode's
    ``postgres`` (the fenced backend) and ``cluster`` (membership, leases, who holds which
    room), the only modules that import psycopg (an optional extra).
 3. I/O: ``stream`` (socket bytes, TLS, the epoll read set), ``websocket`` (one connection's

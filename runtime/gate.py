@@ -2,7 +2,7 @@
 
 The output gate: no client sees a message whose state could still be lost.
 
-A room's storage writes commit when the event that made them ends, on a writer thread; the
+A room's storage writes commit when the event that made them ends, off the event loop; the
 gate holds what the room sends after a write until that write is durable. Commits are
 numbered in the order they are submitted and land in that order. Each output carries the
 number of the commit it waits for (its horizon); it goes out once that many commits are

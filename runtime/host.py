@@ -86,6 +86,7 @@ class Host:
         for room_class in room_classes:
             self._register_class(room_class)
         self._to_flush: list[Activation] = []
+        backend.answered.append(self._flush_all)
         self.idle_event: trio.Event | None = None  # while someone waits for every room idle
         self._in_memory: OrderedDict[Activation, None] = OrderedDict()  # least recent first
         self._sweep = trio.CancelScope()  # the sweeper's sleep until it looks for idle rooms
@@ -110,9 +111,7 @@ class Host:
             )
 
     def flush_soon(self, act: Activation) -> None:
-        """Flush ``act``'s batch once the current run of storage callbacks is over."""
-        if not self._to_flush:
-            trio.lowlevel.current_trio_token().run_sync_soon(self._flush_all)
+        """Flush ``act``'s batch once the current run of storage answers is delivered."""
         self._to_flush.append(act)
 
     def _flush_all(self) -> None:

@@ -1,14 +1,13 @@
 """The PostgreSQL backend (cluster mode): every node's rooms in one database, each commit
 fenced by the ownership epoch of its room.
 
-Like the SQLite backend it runs on its own thread (``storage.ThreadedBackend``) with one
-connection: psycopg 3's sync API, since psycopg has no trio support. The commits queued
-together are written by one statement, one implicit transaction and one round trip
-(``_WRITE``: group commit across rooms; per statement, psycopg costs more than the database
-does), the last write of each key winning. It locks the ownership rows of the rooms it commits
-for ``FOR SHARE`` and writes the rows of the rooms this node still holds at the epoch each
-commit was made under; the other commits fail with ``FencedError`` and write nothing. The
-lock makes a takeover (an update of that row) wait until the statement is over, and a
+It runs on its own thread (``storage.ThreadedBackend``) with one connection: psycopg 3's
+sync API, since psycopg has no trio support. The commits queued together are written by one
+statement, one implicit transaction and one round trip (``_WRITE``: what they end as,
+``writer.Merged``), the last write of each key winning. It locks the ownership rows of the
+rooms it commits for ``FOR SHARE`` and writes the rows of the rooms this node still holds at
+the epoch each commit was made under; the other commits fail with ``FencedError`` and write
+nothing. The lock makes a takeover (an update of that row) wait until the statement is over, and a
 takeover that came first makes it see the new epoch. ``FOR KEY SHARE`` would not block the
 takeover's update: a stale write could then commit after the new owner loaded its state.
 
@@ -22,13 +21,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
 
 from .storage import (
-    AlarmChange,
     AlarmRows,
     Done,
     FencedError,
@@ -38,8 +36,9 @@ from .storage import (
     StorageError,
     ThreadedBackend,
     earlier_failure,
-    range_query,
+    groups,
 )
+from .writer import AlarmChange, Commit, Held, Merged, range_query
 
 log = logging.getLogger("rooms.storage")
 
@@ -187,7 +186,7 @@ class PgBackend(ThreadedBackend[Conn]):
         done = 0
         try:
             conn = link.get()
-            for group in _groups(batch):
+            for group in groups(batch):
                 self._run_group(conn, group)
                 done += len(group)
         except psycopg.Error as exc:
@@ -301,7 +300,7 @@ class PgBackend(ThreadedBackend[Conn]):
                 error = StorageError(f"commit failed: {error}")
             done(error)
 
-        commit = _Commit(self.directory, room, epoch, writes, delete_all, alarm)
+        commit = _Commit(self.directory, room, writes, delete_all, alarm, epoch)
         return self._submit(commit, deliver, fence=(room, epoch), after=after)
 
     async def get_alarm(self, room: str) -> float | None:
@@ -340,7 +339,7 @@ class PgBackend(ThreadedBackend[Conn]):
         return rows
 
 
-def _outcome(job: Job[Conn], held: list[tuple[str, int]]) -> None:
+def _outcome(job: Job[Conn], held: list[Held]) -> None:
     """A commit's outcome: written, or fenced if its (room, epoch) was not ``held``."""
     job.result, job.error = None, None
     if job.fence not in held:
@@ -348,40 +347,24 @@ def _outcome(job: Job[Conn], held: list[tuple[str, int]]) -> None:
         job.error = FencedError(f"room {room} is no longer held at epoch {epoch}")
 
 
-def _groups(batch: list[Job[Conn]]) -> Iterator[list[Job[Conn]]]:
-    """The batch as runs of consecutive commits and single reads, in order."""
-    group: list[Job[Conn]] = []
-    for job in batch:
-        if group and isinstance(job.run, _Commit) != isinstance(group[-1].run, _Commit):
-            yield group
-            group = []
-        group.append(job)
-        if not isinstance(job.run, _Commit):
-            yield group
-            group = []
-    if group:
-        yield group
+class _Commit(Commit):
+    """One room's commit under its epoch (``Commit``), written alone with this node's id."""
 
-
-class _Commit:
-    """One room's commit, as a job's ``run`` (alone, in a savepoint, when its batch failed
-    once); a batch writes its consecutive commits together (``_write``)."""
-
-    __slots__ = ("alarm", "delete_all", "epoch", "node", "room", "writes")
+    __slots__ = ("node",)
 
     def __init__(
         self,
         node: Node,
         room: str,
-        epoch: int,
         writes: Mapping[str, bytes | None],
         delete_all: bool,
         alarm: AlarmChange | None,
+        epoch: int,
     ) -> None:
-        self.node, self.room, self.epoch = node, room, epoch
-        self.writes, self.delete_all, self.alarm = writes, delete_all, alarm
+        super().__init__(room, writes, delete_all, alarm, epoch)
+        self.node = node
 
-    def __call__(self, db: Conn) -> list[tuple[str, int]]:
+    def __call__(self, db: Conn) -> list[Held]:
         return _write(db, self.node.node_id, [self])
 
 
@@ -427,37 +410,23 @@ SELECT room, epoch FROM held
 """
 
 
-def _write(db: Conn, node_id: str, commits: list[_Commit]) -> list[tuple[str, int]]:
-    """Write ``commits`` in their order, in one statement: what each key of each (room,
-    epoch) ends as. The (room, epoch) this node held, whose commits were written. (Keys are
-    encoded here, on the thread: one that cannot be fails the statement, and then each
-    commit is written alone, so that it fails alone.)"""
-    Held = tuple[str, int]  # (room, epoch): a stale epoch's writes are dropped whole
-    wiped: set[Held] = set()
-    final: dict[Held, dict[bytes, bytes | None]] = {}  # -> key -> value (None: deleted)
-    alarms: dict[Held, AlarmChange] = {}
-    for commit in commits:
-        room = (commit.room, commit.epoch)
-        if commit.delete_all:
-            wiped.add(room)
-            final[room] = {}
-        keys = final.setdefault(room, {})
-        for key, value in commit.writes.items():
-            keys[key.encode()] = value
-        if commit.alarm is not None:
-            alarms[room] = commit.alarm
-    rows = [(r, k, v, e) for (r, e), keys in final.items() for k, v in keys.items()]
-    puts = [row for row in rows if row[2] is not None]
-    # (a wiped room's deleted keys are gone with the wipe: not deleted twice)
-    deletes = [(r, k, e) for r, k, v, e in rows if v is None and (r, e) not in wiped]
-    set_ = [(r, at, name, e) for (r, e), (at, name) in alarms.items() if at is not None]
+def _write(db: Conn, node_id: str, commits: list[_Commit]) -> list[Held]:
+    """Write ``commits`` in their order, in one statement (``Merged``). The (room, epoch)
+    this node held, whose commits were written. (Keys are encoded here, on the thread: one
+    that cannot be fails the statement, and then each commit is written alone, so that it
+    fails alone.)"""
+    merged = Merged(commits)
+    puts = [(r, k.encode(), v, e) for r, k, v, e in merged.puts()]
+    deletes = [(r, k.encode(), e) for r, k, e in merged.deletes()]
+    alarms = merged.alarms.items()
+    set_ = [(r, at, name, e) for (r, e), (at, name) in alarms if at is not None]
     params: dict[str, Any] = {
         "rooms": sorted({commit.room for commit in commits}),
         "node": node_id,
         **_named("put", ("room", "key", "value", "epoch"), puts),
-        **_named("wipe", ("room", "epoch"), list(wiped)),
+        **_named("wipe", ("room", "epoch"), list(merged.wiped)),
         **_named("del", ("room", "key", "epoch"), deletes),
-        **_named("clear", ("room", "epoch"), [h for h, (at, _) in alarms.items() if at is None]),
+        **_named("clear", ("room", "epoch"), [h for h, (at, _) in alarms if at is None]),
         **_named("set", ("room", "at", "name", "epoch"), set_),
     }
     held: list[Held] = db.execute(_WRITE, params).fetchall()

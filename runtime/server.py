@@ -26,8 +26,7 @@ from .edge import Edge
 from .host import Host
 from .metrics import Metrics
 from .outlink import Links
-from .sqlite import SqliteBackend
-from .storage import Backend
+from .storage import Backend, SqliteBackend
 
 if TYPE_CHECKING:
     from .cluster import Cluster

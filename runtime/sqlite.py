@@ -1,31 +1,18 @@
-"""The SQLite backend (embedded mode): one database file per server, one table keyed by
-(room, key), run on its own thread with group commit (``storage.ThreadedBackend``)."""
+"""The SQLite backend's database (embedded mode), as its writer process runs it: one file per
+server, one table keyed by (room, key), WAL mode (``python -m runtime.sqlite FD PATH SYNC``;
+the server's side is ``storage.SqliteBackend``, the process's loop ``writer.Writer``)."""
 
 from __future__ import annotations
 
-import fcntl
-import logging
-import os
+import functools
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import IO, Any
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from .config import ConfigError
-from .storage import (
-    AlarmChange,
-    AlarmRows,
-    Done,
-    Job,
-    ListResult,
-    Size,
-    StorageError,
-    ThreadedBackend,
-    earlier_failure,
-    range_query,
-)
-
-log = logging.getLogger("rooms.storage")
+from .writer import Job, Merged, range_query, runs, serve
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -42,107 +29,105 @@ CREATE TABLE IF NOT EXISTS alarms (
 """
 
 
-class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
-    """SQLite in WAL mode behind one writer thread with group commit.
+class SqliteStore:
+    """One connection, in WAL mode. ``synchronous="NORMAL"`` makes a commit survive the
+    process being killed; ``"FULL"`` also survives power loss, at the cost of an fsync per
+    transaction. ``path=":memory:"`` keeps everything in memory (tests)."""
 
-    ``synchronous="NORMAL"`` (default) makes a commit survive the process being killed;
-    ``"FULL"`` also survives power loss, at the cost of an fsync per transaction.
-    ``path=":memory:"`` keeps everything in memory (tests).
-    """
-
-    name = "sqlite"
-
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
-        if synchronous.upper() not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
-        self.path = str(path)
-        self._synchronous = synchronous.upper()
-        self._lock = None if self.path == ":memory:" else _lock(self.path + ".lock")
-        try:
-            super().__init__()
-        except BaseException:
-            self._unlock()
-            raise
-
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.close()  # (the lock goes with the file descriptor)
-            self._lock = None
-
-    def _open_failed(self, error: BaseException) -> str:
-        return f"cannot open the database {self.path!r}: {error}"
-
-    # -- the thread ---------------------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if self.path != ":memory:":
+    def __init__(self, path: str, synchronous: str) -> None:
+        db = sqlite3.connect(path, isolation_level=None)
+        if path != ":memory:":
             db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # (the checkpointer's job)
+        db.execute(f"PRAGMA synchronous={synchronous}")
         db.executescript(_SCHEMA)
-        return db
+        self.db = db
+        self.info = {
+            "synchronous": db.execute("PRAGMA synchronous").fetchone()[0],
+            "journal_mode": db.execute("PRAGMA journal_mode").fetchone()[0],
+        }
+        self._checkpointer = None if path == ":memory:" else _Checkpointer(path)
 
-    def _close(self, db: sqlite3.Connection) -> None:
-        db.close()
-        self._unlock()
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        self.db.close()
 
-    def _run_batch(self, db: sqlite3.Connection, batch: list[Job[sqlite3.Connection]]) -> None:
+    def run_batch(
+        self,
+        batch: list[Job],
+        failed: Callable[[Job], str | None],
+        before_commit: Callable[[bool], None],
+    ) -> None:
+        db = self.db
+        wrote = any(job.commit is not None for job in batch)
         try:
             try:
-                # Fast path: the whole batch in one transaction, one statement per job.
+                # Fast path: the whole batch in one transaction, each run of consecutive
+                # commits written together (``Merged``), each read alone, in queue order.
                 db.execute("BEGIN")
-                for job in batch:
-                    if earlier_failure(job):
+                for run in runs(batch):
+                    if any(failed(job) for job in run):
                         raise _Dependent  # (sorted out one job at a time, below)
-                    job.result = job.run(db)
-                db.execute("COMMIT")
+                    self._run(run)
+                self._commit(wrote, before_commit)
             except Exception:
                 # Some job failed: nothing is committed; run the batch again with each job
                 # in its own savepoint, so that the bad one fails alone.
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                self._run_isolated(db, batch)
+                self._run_isolated(batch, failed)
+                self._commit(wrote, before_commit)
         except sqlite3.Error as exc:
-            log.error("storage commit failed for %d queued operations: %s", len(batch), exc)
+            # (the database itself fails: a full disk, a corrupt file)
             if db.in_transaction:
                 db.execute("ROLLBACK")
             for job in batch:
-                job.error = job.error or exc
+                job.error = job.error or f"{type(exc).__name__}: {exc}"
 
-    @staticmethod
-    def _run_isolated(db: sqlite3.Connection, batch: list[Job[sqlite3.Connection]]) -> None:
+    def _commit(self, wrote: bool, before_commit: Callable[[bool], None]) -> None:
+        before_commit(wrote)
+        self.db.execute("COMMIT")
+        if wrote and self._checkpointer is not None:
+            self._checkpointer.wrote.set()
+
+    def _run_isolated(self, batch: list[Job], failed: Callable[[Job], str | None]) -> None:
+        db = self.db
         db.execute("BEGIN")
         for job in batch:
-            job.result, job.error = None, earlier_failure(job)
+            job.result, job.error = None, failed(job)
             if job.error is not None:
                 continue
             db.execute("SAVEPOINT job")
             try:
-                job.result = job.run(db)
+                self._run([job])
             except Exception as exc:
                 # One bad job (a value over SQLite's size limit, say) fails alone, and
-                # never the thread: every room's storage depends on it.
+                # never the writer: every room's storage depends on it.
                 db.execute("ROLLBACK TO job")
-                job.error = exc
+                job.error = f"{type(exc).__name__}: {exc}"
             db.execute("RELEASE job")
-        db.execute("COMMIT")
 
-    # -- the interface ------------------------------------------------------------------
+    def _run(self, run: list[Job]) -> None:
+        """Consecutive commits, written together; or one read."""
+        if run[0].commit is not None:
+            _write(self.db, Merged(job.commit for job in run if job.commit is not None))
+            return
+        job = run[0]
+        job.result = getattr(self, "_read_" + job.what)(*job.args)
 
-    async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
-        def run(db: sqlite3.Connection) -> dict[str, bytes]:
-            found: dict[str, bytes] = {}
-            for chunk, marks in _in_chunks(keys):
-                rows = db.execute(
-                    f"SELECT key, value FROM kv WHERE room = ? AND key IN ({marks})", (room, *chunk)
-                )
-                found.update(rows)
-            return found
+    # -- reads --------------------------------------------------------------------------
 
-        result: dict[str, bytes] = await self._call(run)
-        return result
+    def _read_get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for chunk, marks in _in_chunks(keys):
+            rows = self.db.execute(
+                f"SELECT key, value FROM kv WHERE room = ? AND key IN ({marks})", (room, *chunk)
+            )
+            found.update(rows)
+        return found
 
-    async def list(
+    def _read_list(
         self,
         room: str,
         prefix: str | None,
@@ -150,7 +135,7 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
         end: str | None,
         reverse: bool,
         limit: int | None,
-    ) -> ListResult:
+    ) -> list[tuple[str, bytes]]:
         upper = _prefix_upper_bound(prefix) if prefix else None
         sql, params = range_query(
             "kv",
@@ -161,74 +146,109 @@ class SqliteBackend(ThreadedBackend[sqlite3.Connection]):
             reverse,
             limit,
         )
+        return list(self.db.execute(sql, params))
 
-        def run(db: sqlite3.Connection) -> ListResult:
-            return list(db.execute(sql, params))
+    def _read_get_alarm(self, room: str) -> float | None:
+        row = self.db.execute("SELECT at FROM alarms WHERE room = ?", (room,)).fetchone()
+        return None if row is None else float(row[0])
 
-        result: ListResult = await self._call(run)
-        return result
+    def _read_sizes(self, rooms: list[str]) -> dict[str, tuple[int, int]]:
+        found: dict[str, tuple[int, int]] = {}
+        for chunk, marks in _in_chunks(rooms):
+            rows = self.db.execute(
+                "SELECT room, count(*), sum(length(CAST(key AS BLOB)) + length(value)) "
+                f"FROM kv WHERE room IN ({marks}) GROUP BY room",
+                chunk,
+            )
+            found.update((room, (keys, size)) for room, keys, size in rows)
+        return found
 
-    def commit(
-        self,
-        room: str,
-        writes: Mapping[str, bytes | None],
-        delete_all: bool,
-        done: Done,
-        alarm: AlarmChange | None = None,
-        epoch: int | None = None,
-        after: Any = None,
-    ) -> Job[sqlite3.Connection]:
-        puts = [(room, k, v) for k, v in writes.items() if v is not None]
-        deletes = [(room, k) for k, v in writes.items() if v is None]
+    def _read_alarms(self) -> list[tuple[str, float, str | None]]:
+        return list(self.db.execute("SELECT room, at, name FROM alarms"))
 
-        def run(db: sqlite3.Connection) -> None:
-            if delete_all:
-                db.execute("DELETE FROM kv WHERE room = ?", (room,))
-            if deletes:
-                db.executemany("DELETE FROM kv WHERE room = ? AND key = ?", deletes)
-            if puts:
-                db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", puts)
-            if alarm is not None:
-                at, name = alarm
-                if at is None:
-                    db.execute("DELETE FROM alarms WHERE room = ?", (room,))
-                else:
-                    db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?, ?)", (room, at, name))
+    # -- faults, for tests ---------------------------------------------------------------
 
-        def deliver(job: Job[sqlite3.Connection]) -> None:
-            done(StorageError(f"commit failed: {job.error}") if job.error else None)
+    def test(self, what: str, args: Any) -> None:
+        """``limit_length`` N: SQLite refuses longer values; ``slow_selects`` S: each SELECT
+        takes S seconds more (a busy machine)."""
+        if what == "limit_length":
+            self.db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, args)
+        elif what == "slow_selects":
+            self.db.set_trace_callback(
+                lambda statement: time.sleep(args) if statement.startswith("SELECT") else None
+            )
+        else:
+            raise ValueError(f"no such fault: {what!r}")
 
-        return self._submit(run, deliver, after=after)
 
-    async def get_alarm(self, room: str) -> float | None:
-        def run(db: sqlite3.Connection) -> float | None:
-            row = db.execute("SELECT at FROM alarms WHERE room = ?", (room,)).fetchone()
-            return None if row is None else float(row[0])
+class _Checkpointer:
+    """Copies the WAL into the database file on a thread and a connection of its own, at
+    most every ``period`` seconds while there are commits: a checkpoint syncs the file, and
+    run by the writer at the end of a commit (SQLite's default, every 1,000 pages) it held
+    up every room's commits behind it for up to 10 ms. A passive checkpoint never blocks the
+    writer, which starts the WAL over once a checkpoint has caught up."""
 
-        at: float | None = await self._call(run)
-        return at
+    def __init__(self, path: str, period: float = 0.2) -> None:
+        self.wrote = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, args=(path, period), name="rooms-sqlite-checkpoints", daemon=True
+        )
+        self._thread.start()
 
-    async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
-        def run(db: sqlite3.Connection) -> dict[str, Size]:
-            found: dict[str, Size] = {}
-            for chunk, marks in _in_chunks(rooms):
-                rows = db.execute(
-                    "SELECT room, count(*), sum(length(CAST(key AS BLOB)) + length(value)) "
-                    f"FROM kv WHERE room IN ({marks}) GROUP BY room",
-                    chunk,
-                )
-                found.update((room, (keys, size)) for room, keys, size in rows)
-            return found
+    def _run(self, path: str, period: float) -> None:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            while not self._stopping:
+                self.wrote.wait()
+                self.wrote.clear()
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                time.sleep(period)
+        except sqlite3.Error as exc:
+            # (the writer's commits will fail too, and say why; the WAL keeps growing)
+            print(f"rooms: SQLite checkpoints stopped: {exc}", file=sys.stderr)
+        finally:
+            db.close()
 
-        result: dict[str, Size] = await self._call(run)
-        return result
+    def stop(self) -> None:
+        self._stopping = True
+        self.wrote.set()
+        self._thread.join()
 
-    async def alarms(self) -> AlarmRows:
-        def run(db: sqlite3.Connection) -> AlarmRows:
-            return list(db.execute("SELECT room, at, name FROM alarms"))
 
-        rows: AlarmRows = await self._call(run)
-        return rows
+def _write(db: sqlite3.Connection, merged: Merged) -> None:
+    """Write what a run of commits ends as with a statement per kind and per chunk of rows,
+    not per row: per statement, the driver costs more than SQLite does."""
+    for chunk, marks in _in_chunks([room for room, _ in merged.wiped]):
+        db.execute(f"DELETE FROM kv WHERE room IN ({marks})", chunk)
+    deletes = [(room, key) for room, key, _ in merged.deletes()]
+    for rows, values in _row_chunks(deletes, 2):
+        db.execute(f"DELETE FROM kv WHERE (room, key) IN (VALUES {values})", rows)
+    puts = [(room, key, value) for room, key, value, _ in merged.puts()]
+    for rows, values in _row_chunks(puts, 3):
+        db.execute(f"INSERT OR REPLACE INTO kv VALUES {values}", rows)
+    for (room, _), (at, name) in merged.alarms.items():
+        if at is None:
+            db.execute("DELETE FROM alarms WHERE room = ?", (room,))
+        else:
+            db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?, ?)", (room, at, name))
+
+
+def _row_chunks(rows: Sequence[tuple[Any, ...]], width: int) -> Iterator[tuple[list[Any], str]]:
+    """``rows`` in chunks of a power of two rows, at most 256 (so few distinct statements,
+    each prepared once and cached by the driver), each flattened with its ``(?,?),(?,?)``."""
+    start = 0
+    while start < len(rows):
+        size = min(256, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start : start + size]
+        yield [value for row in chunk for value in row], _values(size, width)
+        start += size
+
+
+@functools.cache
+def _values(rows: int, width: int) -> str:
+    one = "(" + ",".join("?" * width) + ")"
+    return ",".join([one] * rows)
 
 
 def _in_chunks(values: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
@@ -255,26 +275,6 @@ def _prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
-def _lock(path: str) -> IO[str] | None:
-    """This process's claim on a database: SQLite would let a second server open the file
-    too, and both would then serve the same rooms. Released when the process ends, however
-    it ends."""
-    try:
-        file = open(path, "a+")  # noqa: SIM115 (held as long as the backend)
-    except OSError:
-        return None  # (no such folder: opening the database says so)
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        folder = os.path.dirname(path) or "."
-        raise ConfigError(
-            f"setting 'data_dir': {folder!r} is in use by another rooms server ({holder} holds "
-            f"{path}); stop it, or give this server its own data_dir"
-        ) from None
-    file.truncate(0)
-    file.write(f"pid {os.getpid()}\n")
-    file.flush()
-    return file
+if __name__ == "__main__":
+    fd, path, synchronous = sys.argv[1:4]
+    serve(int(fd), lambda: SqliteStore(path, synchronous))

@@ -1,12 +1,13 @@
-"""Durable storage: the narrow interface every backend implements, the thread machinery the
+"""Durable storage: the narrow interface every backend implements, the machinery the
 backends share, and each room's view.
 
-A backend (``runtime.sqlite`` embedded, ``runtime.postgres`` in cluster mode) stores every
+A backend (``SqliteBackend`` embedded, ``runtime.postgres`` in cluster mode) stores every
 room's keys and alarm, commits a room's writes as one atomic batch and says when it is
-durable. Their drivers block, so each runs on a thread of its own (``ThreadedBackend``):
-rooms hand it jobs through a queue, it runs everything queued as one transaction (group commit
-across rooms) and then wakes the rooms, so the event loop never waits on the disk. Jobs run in
-queue order, so a read always sees every write the same room submitted before it.
+durable. Their drivers block, so the event loop never calls them: SQLite's runs in a writer
+process (``ProcessBackend``, ``runtime.writer``: on a thread it held up the event loop at
+every statement), PostgreSQL's on a thread (``ThreadedBackend``). Either takes everything
+queued as one transaction (group commit across rooms), in queue order, so a read always sees
+every write the same room submitted before it, and then wakes the rooms.
 ``RoomStorage`` is ``Room.storage``: reads through a per-activation cache, writes buffered
 until the event ends, then handed to the backend as one commit (the output gate waits for it).
 """
@@ -14,19 +15,39 @@ until the event ends, then handed to the backend as one commit (the output gate 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import queue
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+import time
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableSequence,
+    Sequence,
+)
+from pathlib import Path
+from typing import IO, Any, Generic, Protocol, TypeVar
 
+import msgpack
 import trio
 
 from rooms._engine import decode, encode
 
+from .config import ConfigError
+from .writer import COMMIT, FORGET, HOLD, READ, RELEASE, TEST, AlarmChange, Commit
+
+log = logging.getLogger("rooms.storage")
+
 Done = Callable[[BaseException | None], None]
 ListResult = list[tuple[str, bytes]]
-AlarmChange = tuple[float | None, str | None]
-"""An event's change to its room's alarm: (time, room name) to set it, (None, None) to delete."""
 AlarmRows = list[tuple[str, float, str | None]]
 """Every stored alarm: (room, time, room name)."""
 Size = tuple[int, int]
@@ -37,7 +58,7 @@ _IN_FLIGHT: trio.lowlevel.RunVar[list[int]] = trio.lowlevel.RunVar("rooms_storag
 
 
 def jobs_in_flight() -> list[int]:
-    """This trio run's count of storage jobs handed to a backend's thread and not answered
+    """This trio run's count of storage jobs handed to a backend and not answered
     yet, as a one-item list every backend of the run updates: a test's virtual clock must not
     jump while the disk is still working (``rooms.testing.virtual_clock``)."""
     try:
@@ -96,6 +117,22 @@ def earlier_failure(job: Job[Any]) -> StorageError | None:
     return StorageError(f"an earlier commit of this room failed ({after.error})")
 
 
+def groups(batch: list[Job[Db]]) -> Iterator[list[Job[Db]]]:
+    """``batch`` as runs of consecutive commits and single reads, in order: a read sees
+    every write queued before it."""
+    group: list[Job[Db]] = []
+    for job in batch:
+        if group and isinstance(job.run, Commit) != isinstance(group[-1].run, Commit):
+            yield group
+            group = []
+        group.append(job)
+        if not isinstance(job.run, Commit):
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 class ThreadedBackend(Generic[Db]):
     """One thread that owns the database connection and runs the queued jobs in batches
     (see the module's docstring). Subclasses open the connection and run a batch."""
@@ -107,6 +144,7 @@ class ThreadedBackend(Generic[Db]):
         self._token = trio.lowlevel.current_trio_token()
         self._in_flight = jobs_in_flight()
         self._closed = False
+        self.answered: list[Callable[[], None]] = []
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._main, args=(ready,), name=f"rooms-{self.name}", daemon=True
@@ -165,6 +203,8 @@ class ThreadedBackend(Generic[Db]):
         for job in batch:
             job.after = None  # (its outcome is known: the chain of commits ends here)
             job.deliver(job)
+        for callback in self.answered:
+            callback()
 
     def _submit(
         self,
@@ -198,6 +238,24 @@ class ThreadedBackend(Generic[Db]):
             raise StorageError(f"storage read failed: {job.error}") from job.error
         return job.result
 
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """The thread starts no batch while in the body: what the body queues runs as one
+        (tests)."""
+        started, release = threading.Event(), threading.Event()
+
+        def hold(db: Db) -> None:
+            started.set()
+            release.wait(10)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._call, hold)
+            await trio.to_thread.run_sync(started.wait, 5)
+            try:
+                yield
+            finally:
+                release.set()
+
     async def aclose(self) -> None:
         """Finish every queued job, then stop the thread."""
         if self._closed:
@@ -205,6 +263,389 @@ class ThreadedBackend(Generic[Db]):
         self._closed = True
         self._jobs.put(None)
         await trio.to_thread.run_sync(self._thread.join)
+
+
+# ---------------------------------------------------------------------------------------
+# A backend whose connection is in a writer process (``runtime.writer``)
+
+
+class Pending:
+    """A request sent to the writer and its answer (``answered``: its ``error``, a sentence,
+    or its ``result``); a commit's is the handle a room's next commit names as ``after``."""
+
+    __slots__ = ("answered", "counted", "deliver", "error", "id", "result")
+
+    def __init__(self, id: int, deliver: Callable[[Pending], None]) -> None:
+        self.id, self.deliver = id, deliver
+        self.answered = False
+        self.counted = False  # (in ``jobs_in_flight``: storage work, not a test's hold)
+        self.error: str | None = None
+        self.result: Any = None
+
+
+class ProcessBackend:
+    """The server's side of a writer process (see ``runtime.writer``): requests are packed
+    as the rooms make them and sent once per pass of the event loop (one write), and the
+    answers of each batch are read by a task, which wakes the rooms."""
+
+    name = "storage"
+
+    def __init__(self, module: str, args: Sequence[str], keep_fds: Sequence[int] = ()) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(theirs.fileno()), *args],
+                pass_fds=(theirs.fileno(), *keep_fds),
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": _importable_from()},
+            )
+        self._unpacker = msgpack.Unpacker(raw=False)
+        try:
+            info = self._opened(ours)
+        except BaseException:
+            ours.close()
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        self.info: dict[str, Any] = info
+        """What the writer reported once the database was open (SQLite: its pragmas)."""
+        ours.setblocking(False)
+        self._raw = ours
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._token = trio.lowlevel.current_trio_token()
+        self._in_flight = jobs_in_flight()
+        self._pending: dict[int, Pending] = {}
+        self._next_id = 1
+        self._out = bytearray()
+        self._wake: trio.Event | None = None
+        self._closed = False
+        self._lost: str | None = None  # why the writer is gone, if it died
+        self._answers_done = trio.Event()
+        self.answered: list[Callable[[], None]] = []
+        trio.lowlevel.spawn_system_task(self._send_requests, name=f"rooms-{self.name}-requests")
+        trio.lowlevel.spawn_system_task(self._read_answers, name=f"rooms-{self.name}-answers")
+
+    def _opened(self, sock: socket.socket) -> dict[str, Any]:
+        """Wait for the writer's first answer: the database is open, or why not."""
+        sock.settimeout(30)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                raise StorageError(self._open_failed("its writer did not start in 30 s")) from None
+            if not data:
+                code = self._proc.wait()
+                raise StorageError(self._open_failed(f"its writer exited ({code})"))
+            self._unpacker.feed(data)
+            for _, error, info in self._unpacker:
+                if error is not None:
+                    self._proc.wait()
+                    raise StorageError(self._open_failed(error))
+                result: dict[str, Any] = info
+                return result
+
+    def _open_failed(self, error: str) -> str:
+        return f"cannot open the {self.name} database: {error}"
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _send(self, kind: int, args: list[Any], deliver: Callable[[Pending], None]) -> Pending:
+        if self._closed or self._lost:
+            raise StorageError(self._lost or "storage is closed (the server is shutting down)")
+        id, self._next_id = self._next_id, self._next_id + 1
+        pending = Pending(id, deliver)
+        try:
+            packed = self._packer.pack([kind, id, *args])
+        except Exception as exc:  # (a value or key no database takes: it fails alone)
+            self._packer.reset()
+            self._fail_soon(pending, f"{type(exc).__name__}: {exc}")
+            return pending
+        self._pending[id] = pending
+        if kind in (COMMIT, READ):
+            pending.counted = True
+            self._in_flight[0] += 1
+        if not self._out:
+            # Straight to the writer (one system call, cheaper than waking a task to send
+            # the loop pass's requests together, and a loop pass sooner); what does not fit
+            # in the socket's buffer goes with the request task.
+            try:
+                sent = self._raw.send(packed)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(packed)  # (the writer is gone: reading its answers says so)
+            packed = packed[sent:]
+            if not packed:
+                return pending
+        self._out += packed
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+        return pending
+
+    def _fail_soon(self, pending: Pending, error: str) -> None:
+        """Answer ``pending`` with ``error`` without the writer, as it would: later."""
+        pending.answered, pending.error = True, error
+        self._in_flight[0] += 1
+
+        def deliver() -> None:
+            self._in_flight[0] -= 1
+            pending.deliver(pending)
+            for callback in self.answered:
+                callback()
+
+        self._token.run_sync_soon(deliver)
+
+    def commit(
+        self,
+        room: str,
+        writes: Mapping[str, bytes | None],
+        delete_all: bool,
+        done: Done,
+        alarm: AlarmChange | None = None,
+        epoch: int | None = None,
+        after: Any = None,
+    ) -> Pending:
+        def deliver(pending: Pending) -> None:
+            done(None if pending.error is None else StorageError(f"commit failed: {pending.error}"))
+
+        after_id = 0
+        if isinstance(after, Pending):
+            if after.answered and after.error is not None:
+                pending = Pending(0, deliver)
+                self._fail_soon(pending, f"an earlier commit of this room failed ({after.error})")
+                return pending
+            after_id = 0 if after.answered else after.id
+        request = [room, writes, delete_all, None if alarm is None else list(alarm), after_id]
+        return self._send(COMMIT, request, deliver)
+
+    async def _call(self, kind: int, args: list[Any]) -> Pending:
+        finished = trio.Event()
+        pending = self._send(kind, args, lambda _: finished.set())
+        with trio.CancelScope(shield=True):
+            # The writer will answer; leaving early would only orphan the answer.
+            await finished.wait()
+        return pending
+
+    async def _read(self, what: str, *args: Any) -> Any:
+        """The result of the store's read ``what``, in queue order."""
+        pending = await self._call(READ, [what, list(args)])
+        if pending.error is not None:
+            raise StorageError(f"storage read failed: {pending.error}")
+        return pending.result
+
+    async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
+        result: dict[str, bytes] = await self._read("get_many", room, keys)
+        return result
+
+    async def list(
+        self,
+        room: str,
+        prefix: str | None,
+        start: str | None,
+        end: str | None,
+        reverse: bool,
+        limit: int | None,
+    ) -> ListResult:
+        rows = await self._read("list", room, prefix, start, end, reverse, limit)
+        return [(key, value) for key, value in rows]
+
+    async def get_alarm(self, room: str) -> float | None:
+        at: float | None = await self._read("get_alarm", room)
+        return at
+
+    async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
+        found = await self._read("sizes", list(rooms))
+        return {room: (keys, size) for room, (keys, size) in found.items()}
+
+    async def alarms(self) -> AlarmRows:
+        rows = await self._read("alarms")
+        return [(room, at, name) for room, at, name in rows]
+
+    # -- for tests ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """The writer starts no batch while in the body: what the body queues runs as one."""
+        await self._call(HOLD, [])
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """End a hold, or a ``pause_commit`` fault."""
+        if not (self._lost or self._closed):
+            self._send(RELEASE, [], lambda _: None)
+
+    def fault(self, what: str, args: Any = None) -> trio.Event:
+        """Put a fault of the store in (``sqlite.SqliteStore.test``) for what is queued
+        after; the event is set once it is in effect (a paused COMMIT: once reached)."""
+        done = trio.Event()
+        self._send(TEST, [what, args], lambda _: done.set())
+        return done
+
+    # -- the tasks ----------------------------------------------------------------------
+
+    async def _send_requests(self) -> None:
+        """Send what the rooms queued, once per pass of the event loop, until closed."""
+        try:
+            while True:
+                while not self._out:
+                    if self._closed or self._lost:
+                        return
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                data, self._out = self._out, bytearray()
+                view = memoryview(data)
+                while view:
+                    view = view[await self._sock.send(view) :]
+        except OSError:
+            pass  # (the writer is gone: reading its answers says so)
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)  # the writer finishes, then ends
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self._sock.recv(1 << 20)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self._unpacker.feed(data)
+                failed = [
+                    id for id, error, result in self._unpacker if self._answer(id, error, result)
+                ]
+                if failed:
+                    self._send(FORGET, [failed], lambda _: None)
+                for callback in self.answered:
+                    callback()
+        finally:
+            if not self._closed:
+                self._writer_lost()
+            self._answers_done.set()
+
+    def _writer_lost(self) -> None:
+        """The writer died (killed, out of memory): everything in flight fails, and so does
+        everything after (the rooms restart, and cannot read: the server must restart)."""
+        code = self._proc.poll()
+        if code is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self._proc.wait(1)
+        self._lost = (
+            f"the {self.name} writer process (pid {self._proc.pid}) ended unexpectedly (exit "
+            f"status {code}): this server can store nothing until it is restarted"
+        )
+        log.error("%s; %d requests in flight failed", self._lost, len(self._pending))
+        pending, self._pending = self._pending, {}
+        for one in pending.values():
+            if one.counted:
+                self._in_flight[0] -= 1
+            one.answered, one.error = True, self._lost
+            one.deliver(one)
+        for callback in self.answered:
+            callback()
+
+    async def aclose(self) -> None:
+        """Answer every queued request, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._wake is not None:
+            self._wake.set()  # (the request task sends what is left, then closes our end)
+        elif not self._out:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+        await self._answers_done.wait()
+        await trio.to_thread.run_sync(self._proc.wait)
+        self._sock.close()
+
+    def _answer(self, id: int, error: str | None, result: Any) -> bool:
+        """Deliver one answer; whether it is a failed commit's (the writer may forget it)."""
+        pending = self._pending.pop(id, None)
+        if pending is None:
+            return False
+        if pending.counted:
+            self._in_flight[0] -= 1
+        pending.answered, pending.error, pending.result = True, error, result
+        pending.deliver(pending)
+        return error is not None
+
+
+def _importable_from() -> str:
+    """PYTHONPATH for a writer process: where this ``runtime`` package is, then the rest."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+class SqliteBackend(ProcessBackend):
+    """SQLite in WAL mode (``runtime.sqlite``), one file per server, behind its writer
+    process. ``synchronous="NORMAL"`` (default) makes a commit survive the server being
+    killed; ``"FULL"`` also survives power loss, at the cost of an fsync per transaction.
+    ``path=":memory:"`` keeps everything in memory (tests)."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.path = str(path)
+        # The writer holds the claim too: it may finish a batch after a killed server.
+        self._lock = None if self.path == ":memory:" else _lock(self.path + ".lock")
+        keep = [] if self._lock is None else [self._lock.fileno()]
+        try:
+            super().__init__("runtime.sqlite", [self.path, synchronous.upper()], keep)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open_failed(self, error: str) -> str:
+        return f"cannot open the database {self.path!r}: {error}"
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (the lock goes with the last file descriptor)
+            self._lock = None
+
+
+def _lock(path: str, wait: float = 5.0) -> IO[str] | None:
+    """This server's claim on a database: SQLite would let a second server open the file
+    too, and both would then serve the same rooms. Released when the server and its writer
+    have ended, however they end; a server started right after a killed one waits up to
+    ``wait`` seconds for the old writer to finish its last batch."""
+    try:
+        file = open(path, "a+")  # noqa: SIM115 (held as long as the backend)
+    except OSError:
+        return None  # (no such folder: opening the database says so)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        folder = os.path.dirname(path) or "."
+        raise ConfigError(
+            f"setting 'data_dir': {folder!r} is in use by another rooms server ({holder} holds "
+            f"{path}); stop it, or give this server its own data_dir"
+        ) from None
+    file.truncate(0)
+    file.write(f"pid {os.getpid()}\n")
+    file.flush()
+    return file
 
 
 class Backend(Protocol):
@@ -248,6 +689,12 @@ class Backend(Protocol):
 
     async def alarms(self) -> AlarmRows:
         """Every stored alarm: (room, time, room name)."""
+        ...
+
+    @property
+    def answered(self) -> MutableSequence[Callable[[], None]]:
+        """Called after each run of answers is delivered (the host flushes what they
+        released: one write per connection for all of them)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -475,25 +922,6 @@ _UNKNOWN = _Unknown()
 MAX_KEY_BYTES = 2048
 """A storage key's bound (UTF-8), in both backends: PostgreSQL's indexes take no more than
 about 2.7 KB per entry; Durable Objects have the same 2 KiB."""
-
-
-def range_query(
-    table: str,
-    mark: str,
-    room: str,
-    lower: list[Any],
-    upper: list[Any],
-    reverse: bool,
-    limit: int | None,
-) -> tuple[str, list[Any]]:
-    """A backend's SELECT of ``room``'s keys at or above every ``lower`` bound and below
-    every ``upper`` one, in key order (``mark``: the driver's placeholder), and its values."""
-    where = [f"room = {mark}", *[f"key >= {mark}"] * len(lower), *[f"key < {mark}"] * len(upper)]
-    sql = f"SELECT key, value FROM {table} WHERE {' AND '.join(where)} ORDER BY key"
-    sql += " DESC" if reverse else ""
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
-    return sql, [room, *lower, *upper]
 
 
 def _check_key(key: str) -> None:

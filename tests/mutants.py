@@ -64,6 +64,17 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "commits.chain_writer",
+        "a failed commit stops the room's later commits in flight (the writer process)",
+        "runtime/writer.py",
+        "        if not job.after:\n            return None\n",
+        "        return None\n",
+        (
+            "tests/runtime/test_storage.py::"
+            "test_a_failed_commit_fails_the_rooms_later_ones_in_flight[sqlite]",
+        ),
+    ),
+    Mutant(
         "yjs.store",
         "a Yjs edit anyone has seen is stored",
         "rooms/yjs.py",
@@ -168,18 +179,17 @@ MUTANTS = [
     Mutant(
         "durable.ack_before_commit",
         "durable: an acknowledgement only after COMMIT",
-        "runtime/sqlite.py",
-        '                    job.result = job.run(db)\n                db.execute("COMMIT")',
-        "                    job.result = job.run(db)\n"
-        "                self._token.run_sync_soon(self._deliver_batch, batch)\n"
-        '                db.execute("COMMIT")',
+        "runtime/writer.py",
+        "        self.store.run_batch(batch, self._failed_before, self.before_commit)\n",
+        "        self.answer([[job.id, None, None] for job in batch if job.commit is not None])\n"
+        "        self.store.run_batch(batch, self._failed_before, self.before_commit)\n",
         (G + "test_an_acknowledgement_is_released_only_after_commit",),
     ),
     Mutant(
         "durable.synchronous_off",
         "durable: the synchronous setting reaches SQLite",
         "runtime/sqlite.py",
-        'db.execute(f"PRAGMA synchronous={self._synchronous}")',
+        'db.execute(f"PRAGMA synchronous={synchronous}")',
         'db.execute("PRAGMA synchronous=OFF")',
         (G + "test_the_synchronous_setting_reaches_sqlite",),
     ),
@@ -187,11 +197,10 @@ MUTANTS = [
         "durable.commit_period",
         "durable: every acknowledged write survives kill -9",
         "runtime/sqlite.py",
-        '                db.execute("COMMIT")\n            except Exception:',
-        '                self._n = getattr(self, "_n", 0) + 1\n'
-        "                if self._n % 16 == 0:\n"
-        '                    db.execute("COMMIT")\n'
-        "            except Exception:",
+        '        self.db.execute("COMMIT")\n',
+        '        self._n = getattr(self, "_n", 0) + 1\n'
+        "        if self._n % 16 == 0:\n"
+        '            self.db.execute("COMMIT")\n',
         ("tests/system/test_durability.py::test_every_acknowledged_write_survives_kill_9",),
     ),
     Mutant(

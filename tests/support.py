@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -26,6 +25,7 @@ import trio
 from rooms import App
 from runtime.config import Settings
 from runtime.server import listen, serve
+from runtime.storage import SqliteBackend
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,38 +214,28 @@ class HeldCommits:
 
 
 class PausedCommit:
-    """Pauses the SQLite thread when it is about to ``COMMIT`` a transaction that wrote
+    """Pauses the SQLite writer when it is about to ``COMMIT`` a transaction that wrote
     (after the writes, before they are durable), until ``resume``: an acknowledgement
     released meanwhile would be released before its write is durable. (Reads run in
-    transactions too: those pass.) Installed through the backend's own thread (a statement
-    trace), armed once installed."""
+    transactions too: those pass.) A fault of the writer's (``pause_commit``), in effect
+    for everything queued after ``install``."""
 
     def __init__(self) -> None:
-        self.reached = threading.Event()
-        self._go = threading.Event()
-        self._armed = False
-        self._wrote = False  # the running transaction changed something (not just a read)
-
-    def _trace(self, statement: str) -> None:
-        verb = statement.split(None, 1)[0].upper() if statement.strip() else ""
-        if verb == "BEGIN":
-            self._wrote = False
-        elif verb in ("INSERT", "REPLACE", "DELETE", "UPDATE"):
-            self._wrote = True
-        elif verb == "COMMIT" and self._armed and self._wrote:
-            self.reached.set()
-            self._go.wait(10)
+        self._backend: SqliteBackend | None = None
+        self._reached: trio.Event | None = None
 
     async def install(self, backend: Any) -> None:
-        await backend._call(lambda db: db.set_trace_callback(self._trace))
-        self._armed = True
+        assert isinstance(backend, SqliteBackend)
+        self._backend, self._reached = backend, backend.fault("pause_commit")
 
     async def wait_reached(self) -> None:
-        assert await trio.to_thread.run_sync(self.reached.wait, 5), "no COMMIT came"
+        assert self._reached is not None
+        with trio.fail_after(5):
+            await self._reached.wait()
 
     def resume(self) -> None:
-        self._armed = False
-        self._go.set()
+        assert self._backend is not None
+        self._backend.release()
 
 
 # -- PostgreSQL (cluster mode) --------------------------------------------------------------

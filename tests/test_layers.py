@@ -18,7 +18,18 @@ LAYERS: dict[str, int] = {
         ("frames", "handshake", "config", "metrics", "placement", "seats"), 1
     ),  # sans-I/O
     **dict.fromkeys(
-        ("gate", "events", "activation", "host", "storage", "sqlite", "postgres", "cluster"), 2
+        (
+            "gate",
+            "events",
+            "activation",
+            "host",
+            "storage",
+            "writer",
+            "sqlite",
+            "postgres",
+            "cluster",
+        ),
+        2,
     ),  # core
     **dict.fromkeys(
         (

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from rooms import App, Connection, HTTPError, Request, Response, Room
 from rooms.testing import HandshakeRejected, RoomsHarness, Settings
+from runtime.storage import SqliteBackend
 from tests.support import raw_request, start_server
 
 
@@ -159,13 +159,10 @@ def reader_app() -> App:
 
 
 async def slow_reads(harness: RoomsHarness, seconds: float) -> None:
-    """Every SELECT in the storage thread takes ``seconds`` of real time (a busy machine)."""
-
-    def trace(statement: str) -> None:
-        if statement.startswith("SELECT"):
-            time.sleep(seconds)
-
-    await harness._server.backend._call(lambda db: db.set_trace_callback(trace))
+    """Every SELECT in the storage writer takes ``seconds`` of real time (a busy machine)."""
+    backend = harness._server.backend
+    assert isinstance(backend, SqliteBackend)
+    await backend.fault("slow_selects", seconds).wait()
 
 
 async def test_the_virtual_clock_does_not_jump_while_storage_works(

@@ -1,7 +1,7 @@
 """The guarantees of ``docs/guarantees.md``, each with a deterministic test that fails when the
 guarantee is broken (``tests/mutants.py`` breaks each one on purpose and checks that these
 tests catch it). No timing luck: a commit that must not be durable yet is held back by a seam
-(``HeldCommits``), the storage thread is paused right before ``COMMIT`` (``PausedCommit``),
+(``HeldCommits``), the storage writer is paused right before ``COMMIT`` (``PausedCommit``),
 time is virtual."""
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ async def test_the_synchronous_setting_reaches_sqlite(
 ) -> None:
     backend = open_backend(Settings(data_dir=str(tmp_path), synchronous=setting))
     try:
-        found = await backend._call(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
-        mode = await backend._call(lambda db: db.execute("PRAGMA journal_mode").fetchone()[0])
+        # (what the writer's connection reads back from SQLite once it has set them)
+        found, mode = backend.info["synchronous"], backend.info["journal_mode"]
     finally:
         await backend.aclose()
     assert (found, mode) == (pragma, "wal")

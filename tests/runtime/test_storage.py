@@ -3,11 +3,14 @@ of the ``backend`` fixture run against both SQLite and PostgreSQL (cluster mode)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sqlite3
-import threading
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,16 @@ import pytest
 import trio
 
 from rooms._engine import encode
+from runtime.config import ConfigError
 from runtime.postgres import PgBackend
-from runtime.sqlite import SqliteBackend
-from runtime.storage import MAX_KEY_BYTES, Backend, RoomStorage, StorageError, ThreadedBackend
+from runtime.storage import (
+    MAX_KEY_BYTES,
+    Backend,
+    RoomStorage,
+    SqliteBackend,
+    StorageError,
+    _lock,
+)
 from tests.support import Holder
 
 # ---------------------------------------------------------------------------------------
@@ -562,23 +572,10 @@ async def test_many_commits_of_one_room_in_one_batch_apply_in_order(backend: Bac
     assert await backend.get_alarm("ns/b") is None
 
 
-@asynccontextmanager
-async def one_batch(backend: Backend) -> AsyncIterator[None]:
-    """Hold the backend's thread while the body queues jobs: they run as one batch."""
-    started, release = threading.Event(), threading.Event()
-
-    def block(db: Any) -> None:
-        started.set()
-        release.wait(5)
-
-    assert isinstance(backend, ThreadedBackend)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(backend._call, block)
-        assert await trio.to_thread.run_sync(started.wait, 5)
-        try:
-            yield
-        finally:
-            release.set()
+def one_batch(backend: Backend) -> AbstractAsyncContextManager[None]:
+    """While in the body, the backend starts no batch: what the body queues runs as one."""
+    assert isinstance(backend, SqliteBackend | PgBackend)
+    return backend.held()
 
 
 def queue_six_commits(a: RoomStorage, b: RoomStorage, outcomes: Outcomes) -> None:
@@ -609,33 +606,23 @@ async def test_a_failing_commit_fails_alone_in_its_batch(backend: Backend) -> No
     """Three commits in one transaction; the database refuses the middle one (SQLite: a
     blob over its length limit; PostgreSQL: a trigger): it alone fails, with a
     StorageError, and the other two are durable."""
-    started, release = threading.Event(), threading.Event()
-
-    def block(db: Any) -> None:
-        # Runs on the storage thread: make the database refuse the bad room's big value and
-        # hold the thread until every commit below is queued, so that they land in one batch.
-        if isinstance(db, sqlite3.Connection):
-            db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
-        else:
-            db.execute(_REFUSE_BIG_VALUES)
-        started.set()
-        release.wait(5)
-
+    # Make the database refuse the bad room's big value.
+    if isinstance(backend, PgBackend):
+        await backend._call(lambda db: db.execute(_REFUSE_BIG_VALUES))
+    else:
+        assert isinstance(backend, SqliteBackend)
+        await backend.fault("limit_length", 1000).wait()
     first, bad, last = view(backend, "ns/first"), view(backend, "ns/bad"), view(backend, "ns/last")
     first.put("k", "first")
     bad.put("small", "fits")
     bad.put("big", b"x" * 5000)
     last.put("k", "last")
     outcomes = Outcomes(3)
-    assert isinstance(backend, ThreadedBackend)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(backend._call, block)
-        assert await trio.to_thread.run_sync(started.wait, 5)
+    async with one_batch(backend):
         first.commit(outcomes.callback("first"))
         bad.commit(outcomes.callback("bad"))
         last.commit(outcomes.callback("last"))
-        release.set()
-        await outcomes.wait()
+    await outcomes.wait()
     assert outcomes.errors["first"] is None
     assert outcomes.errors["last"] is None
     assert isinstance(outcomes.errors["bad"], StorageError)
@@ -643,7 +630,7 @@ async def test_a_failing_commit_fails_alone_in_its_batch(backend: Backend) -> No
     assert await view(backend, "ns/first").get("k") == "first"
     assert await view(backend, "ns/last").get("k") == "last"
     assert await view(backend, "ns/bad").list() == {}  # atomic: not even the small key
-    # The storage thread lives on.
+    # The writer lives on.
     after = view(backend, "ns/after")
     after.put("k", "ok")
     assert await commit(after) is None
@@ -705,7 +692,12 @@ async def test_a_failed_commit_fails_the_rooms_later_ones_in_flight(backend: Bac
             holder.hold(key)
         epochs = holder.epochs
     outcomes = Outcomes(3)
-    bad: Any = {"k": object()}  # (a value no database takes)
+    # A value the database refuses, in the backend's writer (after the commits are queued).
+    bad: Any = {"k": b"x" * 5000}
+    if isinstance(backend, SqliteBackend):
+        await backend.fault("limit_length", 1000).wait()
+    else:
+        bad = {"k": object()}  # (psycopg cannot adapt it, on the backend's thread)
     first = backend.commit(room, bad, False, outcomes.callback("first"), epoch=epochs.get(room))
     backend.commit(
         room, {"seq": b"2"}, False, outcomes.callback("second"), epoch=epochs.get(room), after=first
@@ -720,3 +712,58 @@ async def test_a_failed_commit_fails_the_rooms_later_ones_in_flight(backend: Bac
     backend.commit(room, {"seq": b"1"}, False, again.callback("restarted"), epoch=epochs.get(room))
     await again.wait()
     assert again.errors["restarted"] is None
+
+
+# ---------------------------------------------------------------------------------------
+# SQLite's writer process
+
+
+async def test_a_killed_writer_fails_what_is_in_flight_and_everything_after(
+    tmp_path: Path,
+) -> None:
+    backend = SqliteBackend(tmp_path / "rooms.sqlite3")
+    try:
+        room = view(backend)
+        room.put("k", 1)
+        assert await commit(room) is None
+        outcomes = Outcomes(1)
+        async with backend.held():
+            room.put("k", 2)
+            room.commit(outcomes.callback("in flight"))
+            os.kill(backend._proc.pid, signal.SIGKILL)
+            await outcomes.wait()
+        error = outcomes.errors["in flight"]
+        assert isinstance(error, StorageError)
+        assert re.search(r"sqlite writer process \(pid \d+\) ended unexpectedly", str(error))
+        assert "restarted" in str(error)
+        with pytest.raises(StorageError, match="ended unexpectedly"):
+            await view(backend).get("k")
+    finally:
+        await backend.aclose()
+
+
+async def test_the_writer_holds_the_data_dirs_claim_until_it_has_finished(
+    tmp_path: Path,
+) -> None:
+    """A server killed with ``kill -9`` leaves its writer to finish the batch it runs: until it
+    has, no other server may open the database (it could read state the batch then changes)."""
+    path = tmp_path / "rooms.sqlite3"
+    backend = SqliteBackend(path)
+    backend._unlock()  # (as if the server were gone: only its writer holds the claim now)
+    with pytest.raises(ConfigError, match=f"in use by another rooms server \\(pid {os.getpid()}"):
+        _lock(f"{path}.lock", wait=0.1)
+    await backend.aclose()
+    claim = _lock(f"{path}.lock", wait=0.1)
+    assert claim is not None
+    claim.close()
+
+
+def test_the_writer_process_starts_without_trio() -> None:
+    """What the writer process imports: no trio (it starts in tens of milliseconds)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import sys, runtime.sqlite; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'trio'" not in found and "'runtime.storage'" not in found
