@@ -1,44 +1,35 @@
-"""The PostgreSQL backend (cluster mode): every node's rooms in one database, each commit
-fenced by the ownership epoch of its room.
+"""The PostgreSQL backend's database (cluster mode), as its writer process runs it: every
+node's rooms in one database, each commit fenced by the ownership epoch of its room
+(``python -m runtime.postgres FD``, the DSN in ``ROOMS_CLUSTER_DSN``; the server's side is
+``storage.PgBackend``, the process's loop ``writer.Writer``). Trio-free: ``cluster`` uses
+``connect`` and ``migrate`` too.
 
-It runs on its own thread (``storage.ThreadedBackend``) with one connection: psycopg 3's
-sync API, since psycopg has no trio support. The commits queued together are written by one
+One connection, psycopg 3's sync API. The commits queued together are written by one
 statement, one implicit transaction and one round trip (``_WRITE``: what they end as,
 ``writer.Merged``), the last write of each key winning. It locks the ownership rows of the
 rooms it commits for ``FOR SHARE`` and writes the rows of the rooms this node still holds at
-the epoch each commit was made under; the other commits fail with ``FencedError`` and write
-nothing. The lock makes a takeover (an update of that row) wait until the statement is over, and a
+the epoch each commit was made under; the other commits fail as fenced and write nothing.
+The lock makes a takeover (an update of that row) wait until the statement is over, and a
 takeover that came first makes it see the new epoch. ``FOR KEY SHARE`` would not block the
 takeover's update: a stale write could then commit after the new owner loaded its state.
 
-A lost connection fails the jobs in flight (``StorageError``: the rooms restart from storage)
-and is opened again for the next batch. The schema is versioned (``rooms_schema``); the first
-node to start creates or migrates it, under an advisory lock so that nodes starting together
-agree.
+A lost connection fails the jobs in flight (the rooms restart from storage) and is opened
+again for the next batch. The schema is versioned (``rooms_schema``); the first node to start
+creates or migrates it, under an advisory lock so that nodes starting together agree.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
-from .storage import (
-    AlarmRows,
-    Done,
-    FencedError,
-    Job,
-    ListResult,
-    Size,
-    StorageError,
-    ThreadedBackend,
-    earlier_failure,
-    groups,
-)
-from .writer import AlarmChange, Commit, Held, Merged, range_query
+from .writer import FENCED, Held, Job, Merged, StorageError, range_query, runs, serve
 
 log = logging.getLogger("rooms.storage")
 
@@ -148,47 +139,31 @@ class _Link:
         self.conn, self.failed_at = None, time.monotonic()
 
 
-class Node(Protocol):
-    """The node whose commits a backend fences (``cluster.Cluster``)."""
+class PgStore:
+    """The writer's side of the backend (see the module's docstring)."""
 
-    node_id: str
+    def __init__(self, dsn: str) -> None:
+        self._link = _Link(dsn)
+        migrate(self._link.get())
+        self.info: dict[str, Any] = {}
 
-
-class PgBackend(ThreadedBackend[Conn]):
-    """Cluster storage for this node (``directory``: whose ``node_id`` a commit's rooms must
-    be held by; it changes when the node joins again). See the module's docstring."""
-
-    name = "postgres"
-
-    def __init__(self, dsn: str, directory: Node) -> None:
-        self.dsn = dsn
-        self.directory = directory
-        self.path = without_password(dsn)
-        super().__init__()
-
-    def _open_failed(self, error: BaseException) -> str:
-        return f"cannot use the cluster database {self.path}: {error}"
-
-    # -- the thread ---------------------------------------------------------------------
-
-    def _open(self) -> Conn:
-        self._link = _Link(self.dsn)
-        conn = self._link.get()
-        migrate(conn)
-        return conn
-
-    def _close(self, db: Conn) -> None:
+    def close(self) -> None:
         if self._link.conn is not None:
             self._link.conn.close()
 
-    def _run_batch(self, db: Conn, batch: list[Job[Conn]]) -> None:
-        link = self._link  # (``db`` is the first connection; a lost one is opened again)
+    def run_batch(
+        self,
+        batch: list[Job],
+        failed: Callable[[Job], str | None],
+        before_commit: Callable[[bool], None],
+    ) -> None:
+        link = self._link
         done = 0
         try:
             conn = link.get()
-            for group in groups(batch):
-                self._run_group(conn, group)
-                done += len(group)
+            for run in runs(batch):
+                self._run(conn, run, failed)
+                done += len(run)
         except psycopg.Error as exc:
             # The connection is gone: the outcome of the statement in flight is unknown to
             # us, so its jobs and the rest fail and their rooms restart from storage.
@@ -196,73 +171,60 @@ class PgBackend(ThreadedBackend[Conn]):
             if link.conn is None or link.conn.broken:
                 link.lost()
             for job in batch[done:]:
-                job.error = StorageError(f"the cluster database: {exc}")
+                job.error = f"the cluster database: {exc}"
 
-    def _run_group(self, conn: Conn, group: list[Job[Conn]]) -> None:
+    def _run(self, conn: Conn, run: list[Job], failed: Callable[[Job], str | None]) -> None:
         """A read alone, or consecutive commits in one statement; if that statement fails,
-        each commit alone, so that the bad one fails alone (and never the thread: every
+        each commit alone, so that the bad one fails alone (and never the writer: every
         room needs it)."""
-        group = [job for job in group if not self._failed_earlier(job)]
-        if len(group) <= 1:
-            if group:
-                self._run_alone(conn, group[0])
+        for job in run:
+            job.error = failed(job)
+        run = [job for job in run if job.error is None]
+        if len(run) <= 1:
+            if run:
+                self._run_alone(conn, run[0])
             return
-        commits = [job.run for job in group if isinstance(job.run, _Commit)]
         try:
-            held = _write(conn, self.directory.node_id, commits)
+            held = _write(conn, run)
         except Exception:
             if conn.broken:
                 raise
-            for job in group:
+            for job in run:
                 self._run_alone(conn, job)
             return
-        for job in group:
+        for job in run:
             _outcome(job, held)
 
-    @staticmethod
-    def _failed_earlier(job: Job[Conn]) -> bool:
-        """Whether ``job`` fails for its room's failed previous commit (left unwritten)."""
-        job.error = earlier_failure(job)
-        return job.error is not None
-
-    def _run_alone(self, conn: Conn, job: Job[Conn]) -> None:
-        if self._failed_earlier(job):
-            return
+    def _run_alone(self, conn: Conn, job: Job) -> None:
         try:
-            result = job.run(conn)
+            if job.commit is not None:
+                _outcome(job, _write(conn, [job]))
+            else:
+                job.result = getattr(self, "_read_" + job.what)(conn, *job.args)
         except Exception as exc:
             if conn.broken:
                 raise
-            job.result, job.error = None, exc
-            return
-        if isinstance(job.run, _Commit):
-            _outcome(job, result)
-        else:
-            job.result, job.error = result, None
+            job.result, job.error = None, f"{type(exc).__name__}: {exc}"
 
-    # -- the interface ------------------------------------------------------------------
+    # -- reads --------------------------------------------------------------------------
 
-    async def get_many(self, room: str, keys: list[str]) -> dict[str, bytes]:
-        wanted = [key.encode() for key in keys]
+    def _read_get_many(self, conn: Conn, room: str, keys: list[str]) -> dict[str, bytes]:
+        rows = conn.execute(
+            "SELECT key, value FROM rooms_kv WHERE room = %s AND key = ANY(%s)",
+            (room, [key.encode() for key in keys]),
+        )
+        return {bytes(key).decode(): bytes(value) for key, value in rows}
 
-        def run(db: Conn) -> dict[str, bytes]:
-            rows = db.execute(
-                "SELECT key, value FROM rooms_kv WHERE room = %s AND key = ANY(%s)", (room, wanted)
-            )
-            return {bytes(key).decode(): bytes(value) for key, value in rows}
-
-        result: dict[str, bytes] = await self._call(run)
-        return result
-
-    async def list(
+    def _read_list(
         self,
+        conn: Conn,
         room: str,
         prefix: str | None,
         start: str | None,
         end: str | None,
         reverse: bool,
         limit: int | None,
-    ) -> ListResult:
+    ) -> list[tuple[str, bytes]]:
         # (A prefix's keys: from it to it + 0xFF, a byte UTF-8 never has.)
         upper = prefix.encode() + b"\xff" if prefix else None
         sql, params = range_query(
@@ -274,98 +236,41 @@ class PgBackend(ThreadedBackend[Conn]):
             reverse,
             limit,
         )
+        return [(bytes(key).decode(), bytes(value)) for key, value in conn.execute(sql, params)]
 
-        def run(db: Conn) -> ListResult:
-            return [(bytes(key).decode(), bytes(value)) for key, value in db.execute(sql, params)]
+    def _read_get_alarm(self, conn: Conn, room: str) -> float | None:
+        row = conn.execute("SELECT at FROM rooms_alarms WHERE room = %s", (room,)).fetchone()
+        return None if row is None else float(row[0])
 
-        result: ListResult = await self._call(run)
-        return result
+    def _read_sizes(self, conn: Conn, rooms: list[str]) -> dict[str, tuple[int, int]]:
+        rows = conn.execute(
+            "SELECT room, count(*), sum(length(key) + length(value)) FROM rooms_kv "
+            "WHERE room = ANY(%s) GROUP BY room",
+            (rooms,),
+        )
+        return {room: (keys, int(size)) for room, keys, size in rows}
 
-    def commit(
-        self,
-        room: str,
-        writes: Mapping[str, bytes | None],
-        delete_all: bool,
-        done: Done,
-        alarm: AlarmChange | None = None,
-        epoch: int | None = None,
-        after: Any = None,
-    ) -> Job[Conn]:
-        if epoch is None:
-            raise StorageError(f"room {room}: a cluster commit needs the room's epoch")
+    def _read_alarms(self, conn: Conn, node_id: str) -> list[tuple[str, float, str | None]]:
+        """The alarms of the rooms ``node_id`` holds (the others fire where they live, or
+        are claimed by whichever node finds them due: ``cluster.Cluster.due_alarms``)."""
+        rows = conn.execute(
+            "SELECT a.room, a.at, a.name FROM rooms_alarms a JOIN rooms_owners o "
+            "USING (room) WHERE o.node_id = %s",
+            (node_id,),
+        )
+        return [(room, float(at), name) for room, at, name in rows]
 
-        def deliver(job: Job[Conn]) -> None:
-            error = job.error
-            if error is not None and not isinstance(error, StorageError):
-                error = StorageError(f"commit failed: {error}")
-            done(error)
-
-        commit = _Commit(self.directory, room, writes, delete_all, alarm, epoch)
-        return self._submit(commit, deliver, fence=(room, epoch), after=after)
-
-    async def get_alarm(self, room: str) -> float | None:
-        def run(db: Conn) -> float | None:
-            row = db.execute("SELECT at FROM rooms_alarms WHERE room = %s", (room,)).fetchone()
-            return None if row is None else float(row[0])
-
-        at: float | None = await self._call(run)
-        return at
-
-    async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
-        def run(db: Conn) -> dict[str, Size]:
-            rows = db.execute(
-                "SELECT room, count(*), sum(length(key) + length(value)) FROM rooms_kv "
-                "WHERE room = ANY(%s) GROUP BY room",
-                ([*rooms],),
-            )
-            return {room: (keys, int(size)) for room, keys, size in rows}
-
-        result: dict[str, Size] = await self._call(run)
-        return result
-
-    async def alarms(self) -> AlarmRows:
-        """The alarms of the rooms this node holds (the others fire where they live, or are
-        claimed by whichever node finds them due: ``cluster.Cluster.due_alarms``)."""
-
-        def run(db: Conn) -> AlarmRows:
-            rows = db.execute(
-                "SELECT a.room, a.at, a.name FROM rooms_alarms a JOIN rooms_owners o "
-                "USING (room) WHERE o.node_id = %s",
-                (self.directory.node_id,),
-            )
-            return [(room, float(at), name) for room, at, name in rows]
-
-        rows: AlarmRows = await self._call(run)
-        return rows
+    def test(self, what: str, args: Any) -> None:
+        raise ValueError(f"no such fault: {what!r}")
 
 
-def _outcome(job: Job[Conn], held: list[Held]) -> None:
+def _outcome(job: Job, held: list[Held]) -> None:
     """A commit's outcome: written, or fenced if its (room, epoch) was not ``held``."""
+    commit = job.commit
+    assert commit is not None
     job.result, job.error = None, None
-    if job.fence not in held:
-        room, epoch = job.fence or ("?", 0)
-        job.error = FencedError(f"room {room} is no longer held at epoch {epoch}")
-
-
-class _Commit(Commit):
-    """One room's commit under its epoch (``Commit``), written alone with this node's id."""
-
-    __slots__ = ("node",)
-
-    def __init__(
-        self,
-        node: Node,
-        room: str,
-        writes: Mapping[str, bytes | None],
-        delete_all: bool,
-        alarm: AlarmChange | None,
-        epoch: int,
-    ) -> None:
-        super().__init__(room, writes, delete_all, alarm, epoch)
-        self.node = node
-
-    def __call__(self, db: Conn) -> list[Held]:
-        return _write(db, self.node.node_id, [self])
+    if (commit.room, commit.epoch) not in held:
+        job.error = f"{FENCED}room {commit.room} is no longer held at epoch {commit.epoch}"
 
 
 # A batch's commits in one statement (so one implicit transaction, one round trip): ``held``
@@ -410,11 +315,12 @@ SELECT room, epoch FROM held
 """
 
 
-def _write(db: Conn, node_id: str, commits: list[_Commit]) -> list[Held]:
-    """Write ``commits`` in their order, in one statement (``Merged``). The (room, epoch)
-    this node held, whose commits were written. (Keys are encoded here, on the thread: one
-    that cannot be fails the statement, and then each commit is written alone, so that it
-    fails alone.)"""
+def _write(db: Conn, jobs: list[Job]) -> list[Held]:
+    """Write the commits of ``jobs`` in their order, in one statement (``Merged``), as the
+    node each names (``Job.args``). The (room, epoch) that node held, whose commits were
+    written. (Keys are encoded here: one that cannot be fails the statement, and then each
+    commit is written alone, so that it fails alone.)"""
+    commits = [job.commit for job in jobs if job.commit is not None]
     merged = Merged(commits)
     puts = [(r, k.encode(), v, e) for r, k, v, e in merged.puts()]
     deletes = [(r, k.encode(), e) for r, k, e in merged.deletes()]
@@ -422,7 +328,7 @@ def _write(db: Conn, node_id: str, commits: list[_Commit]) -> list[Held]:
     set_ = [(r, at, name, e) for (r, e), (at, name) in alarms if at is not None]
     params: dict[str, Any] = {
         "rooms": sorted({commit.room for commit in commits}),
-        "node": node_id,
+        "node": jobs[-1].args,
         **_named("put", ("room", "key", "value", "epoch"), puts),
         **_named("wipe", ("room", "epoch"), list(merged.wiped)),
         **_named("del", ("room", "key", "epoch"), deletes),
@@ -446,3 +352,7 @@ def without_password(dsn: str) -> str:
         return "(an unreadable connection string)"
     info.pop("password", None)
     return psycopg.conninfo.make_conninfo("", **info)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), lambda: PgStore(os.environ["ROOMS_CLUSTER_DSN"]))

@@ -26,7 +26,7 @@ from .edge import Edge
 from .host import Host
 from .metrics import Metrics
 from .outlink import Links
-from .storage import Backend, SqliteBackend
+from .storage import Backend, PgBackend, SqliteBackend
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -170,7 +170,6 @@ async def serve(
     backend: Backend
     if settings.cluster:
         from .cluster import Cluster  # (psycopg: the optional extra)
-        from .postgres import PgBackend
 
         cluster = Cluster(settings, metrics)
         await cluster.start()

@@ -5,6 +5,7 @@ the server's side is ``storage.SqliteBackend``, the process's loop ``writer.Writ
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import sys
 import threading
@@ -13,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .writer import Job, Merged, range_query, runs, serve
+
+log = logging.getLogger("rooms.storage")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -206,7 +209,7 @@ class _Checkpointer:
                 time.sleep(period)
         except sqlite3.Error as exc:
             # (the writer's commits will fail too, and say why; the WAL keeps growing)
-            print(f"rooms: SQLite checkpoints stopped: {exc}", file=sys.stderr)
+            log.error("SQLite checkpoints stopped (the WAL file will grow): %s", exc)
         finally:
             db.close()
 

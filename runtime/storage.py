@@ -1,13 +1,13 @@
 """Durable storage: the narrow interface every backend implements, the machinery the
 backends share, and each room's view.
 
-A backend (``SqliteBackend`` embedded, ``runtime.postgres`` in cluster mode) stores every
+A backend (``SqliteBackend`` embedded, ``PgBackend`` in cluster mode) stores every
 room's keys and alarm, commits a room's writes as one atomic batch and says when it is
-durable. Their drivers block, so the event loop never calls them: SQLite's runs in a writer
-process (``ProcessBackend``, ``runtime.writer``: on a thread it held up the event loop at
-every statement), PostgreSQL's on a thread (``ThreadedBackend``). Either takes everything
-queued as one transaction (group commit across rooms), in queue order, so a read always sees
-every write the same room submitted before it, and then wakes the rooms.
+durable. Their drivers block, so each runs in a writer process of its own
+(``ProcessBackend``, ``runtime.writer``; on a thread of the server, SQLite's held up the
+event loop at every statement): it takes everything queued as one transaction (group commit
+across rooms), in queue order, so a read always sees every write the same room submitted
+before it, and then wakes the rooms.
 ``RoomStorage`` is ``Room.storage``: reads through a per-activation cache, writes buffered
 until the event ends, then handed to the backend as one commit (the output gate waits for it).
 """
@@ -18,23 +18,20 @@ import contextlib
 import fcntl
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import (
     AsyncIterator,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     MutableSequence,
     Sequence,
 )
 from pathlib import Path
-from typing import IO, Any, Generic, Protocol, TypeVar
+from typing import IO, Any, Protocol
 
 import msgpack
 import trio
@@ -42,7 +39,9 @@ import trio
 from rooms._engine import decode, encode
 
 from .config import ConfigError
-from .writer import COMMIT, FORGET, HOLD, READ, RELEASE, TEST, AlarmChange, Commit
+from .writer import COMMIT, FENCED, FORGET, HOLD, READ, RELEASE, TEST, AlarmChange
+from .writer import FencedError as FencedError
+from .writer import StorageError as StorageError
 
 log = logging.getLogger("rooms.storage")
 
@@ -69,202 +68,6 @@ def jobs_in_flight() -> list[int]:
         return counter
 
 
-class StorageError(RuntimeError):
-    """The storage backend failed (disk full, corrupt file, closed)."""
-
-
-class FencedError(StorageError):
-    """The node no longer holds the room at the epoch of these writes (another node took it
-    over): nothing was written, and nothing that waited on them may go out."""
-
-
-# ---------------------------------------------------------------------------------------
-# The thread machinery of a backend
-
-Db = TypeVar("Db")
-_BATCH_MAX = 1024  # jobs per transaction: bounds the latency of the first job in a batch
-
-
-class Job(Generic[Db]):
-    """One unit of work for a backend's thread; ``fence`` is a commit's (room, epoch);
-    ``after``, the same room's previous commit if it was still in flight when this one was
-    queued (this one was computed on top of it: if it fails, so must this one)."""
-
-    __slots__ = ("after", "deliver", "error", "fence", "result", "run")
-
-    def __init__(
-        self,
-        run: Callable[[Db], Any],
-        deliver: Callable[[Job[Db]], None],
-        fence: tuple[str, int] | None = None,
-        after: Job[Db] | None = None,
-    ) -> None:
-        self.run = run
-        self.deliver = deliver
-        self.fence = fence
-        self.after = after
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-def earlier_failure(job: Job[Any]) -> StorageError | None:
-    """Why ``job`` must not run: the room's previous commit, which it was built on, failed
-    (a room's commits apply in order, and a failed one stops the rest: the room restarts
-    from what is stored). None if it may."""
-    after = job.after
-    if after is None or after.error is None:
-        return None
-    return StorageError(f"an earlier commit of this room failed ({after.error})")
-
-
-def groups(batch: list[Job[Db]]) -> Iterator[list[Job[Db]]]:
-    """``batch`` as runs of consecutive commits and single reads, in order: a read sees
-    every write queued before it."""
-    group: list[Job[Db]] = []
-    for job in batch:
-        if group and isinstance(job.run, Commit) != isinstance(group[-1].run, Commit):
-            yield group
-            group = []
-        group.append(job)
-        if not isinstance(job.run, Commit):
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-class ThreadedBackend(Generic[Db]):
-    """One thread that owns the database connection and runs the queued jobs in batches
-    (see the module's docstring). Subclasses open the connection and run a batch."""
-
-    name = "storage"
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Job[Db] | None] = queue.SimpleQueue()
-        self._token = trio.lowlevel.current_trio_token()
-        self._in_flight = jobs_in_flight()
-        self._closed = False
-        self.answered: list[Callable[[], None]] = []
-        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._main, args=(ready,), name=f"rooms-{self.name}", daemon=True
-        )
-        self._thread.start()
-        error = ready.get()
-        if error is not None:
-            raise StorageError(self._open_failed(error)) from error
-
-    def _open(self) -> Db:
-        raise NotImplementedError
-
-    def _open_failed(self, error: BaseException) -> str:
-        return f"cannot open the {self.name} database: {error}"
-
-    def _close(self, db: Db) -> None:
-        raise NotImplementedError
-
-    def _run_batch(self, db: Db, batch: list[Job[Db]]) -> None:
-        """Run ``batch`` as one transaction, setting each job's result or error."""
-        raise NotImplementedError
-
-    def _main(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
-        try:
-            db = self._open()
-        except Exception as exc:
-            ready.put(exc)
-            return
-        ready.put(None)
-        try:
-            while True:
-                first = self._jobs.get()
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < _BATCH_MAX:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        stop = True
-                        break
-                    batch.append(job)
-                self._run_batch(db, batch)
-                with contextlib.suppress(trio.RunFinishedError):
-                    self._token.run_sync_soon(self._deliver_batch, batch)
-                if stop:
-                    return
-        finally:
-            self._close(db)
-
-    def _deliver_batch(self, batch: list[Job[Db]]) -> None:
-        self._in_flight[0] -= len(batch)
-        for job in batch:
-            job.after = None  # (its outcome is known: the chain of commits ends here)
-            job.deliver(job)
-        for callback in self.answered:
-            callback()
-
-    def _submit(
-        self,
-        run: Callable[[Db], Any],
-        deliver: Callable[[Job[Db]], None],
-        fence: tuple[str, int] | None = None,
-        after: Job[Db] | None = None,
-    ) -> Job[Db]:
-        if self._closed:
-            raise StorageError("storage is closed (the server is shutting down)")
-        self._in_flight[0] += 1
-        job = Job(run, deliver, fence, after)
-        self._jobs.put(job)
-        return job
-
-    async def _call(self, run: Callable[[Db], Any]) -> Any:
-        """Run ``run`` on the thread, in queue order; its result."""
-        finished = trio.Event()
-        outcome: list[Job[Db]] = []
-
-        def deliver(job: Job[Db]) -> None:
-            outcome.append(job)
-            finished.set()
-
-        self._submit(run, deliver)
-        with trio.CancelScope(shield=True):
-            # The thread will answer; leaving early would only orphan the answer.
-            await finished.wait()
-        job = outcome[0]
-        if job.error is not None:
-            raise StorageError(f"storage read failed: {job.error}") from job.error
-        return job.result
-
-    @contextlib.asynccontextmanager
-    async def held(self) -> AsyncIterator[None]:
-        """The thread starts no batch while in the body: what the body queues runs as one
-        (tests)."""
-        started, release = threading.Event(), threading.Event()
-
-        def hold(db: Db) -> None:
-            started.set()
-            release.wait(10)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._call, hold)
-            await trio.to_thread.run_sync(started.wait, 5)
-            try:
-                yield
-            finally:
-                release.set()
-
-    async def aclose(self) -> None:
-        """Finish every queued job, then stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
-        await trio.to_thread.run_sync(self._thread.join)
-
-
 # ---------------------------------------------------------------------------------------
 # A backend whose connection is in a writer process (``runtime.writer``)
 
@@ -289,16 +92,44 @@ class ProcessBackend:
     answers of each batch are read by a task, which wakes the rooms."""
 
     name = "storage"
+    restart_after = 1.0
+    """A writer that dies this many seconds after it started is not started again (it would
+    only die again: a full disk, a bug)."""
 
-    def __init__(self, module: str, args: Sequence[str], keep_fds: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: Sequence[str] = (),
+        keep_fds: Sequence[int] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._command = [sys.executable, "-m", module, "FD", *args]
+        self._keep_fds = tuple(keep_fds)
+        self._env = {**os.environ, **(env or {}), "PYTHONPATH": _importable_from()}
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._token = trio.lowlevel.current_trio_token()
+        self._in_flight = jobs_in_flight()
+        self._pending: dict[int, Pending] = {}
+        self._next_id = 1
+        self._closed = False
+        self._lost: str | None = None  # why there is no writer (it died, and again at once)
+        self._started_at = 0.0
+        self.answered: list[Callable[[], None]] = []
+        self._start()
+
+    def _start(self) -> None:
+        """Start a writer process, wait until its database is open, and the tasks that
+        talk to it."""
         ours, theirs = socket.socketpair()
         with theirs:
+            command = [str(theirs.fileno()) if a == "FD" else a for a in self._command]
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(theirs.fileno()), *args],
-                pass_fds=(theirs.fileno(), *keep_fds),
+                command,
+                pass_fds=(theirs.fileno(), *self._keep_fds),
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": _importable_from()},
+                env=self._env,
             )
+        self._started_at = time.monotonic()
         self._unpacker = msgpack.Unpacker(raw=False)
         try:
             info = self._opened(ours)
@@ -312,19 +143,12 @@ class ProcessBackend:
         ours.setblocking(False)
         self._raw = ours
         self._sock = trio.socket.from_stdlib_socket(ours)
-        self._packer = msgpack.Packer(use_bin_type=True)
-        self._token = trio.lowlevel.current_trio_token()
-        self._in_flight = jobs_in_flight()
-        self._pending: dict[int, Pending] = {}
-        self._next_id = 1
         self._out = bytearray()
         self._wake: trio.Event | None = None
-        self._closed = False
-        self._lost: str | None = None  # why the writer is gone, if it died
         self._answers_done = trio.Event()
-        self.answered: list[Callable[[], None]] = []
-        trio.lowlevel.spawn_system_task(self._send_requests, name=f"rooms-{self.name}-requests")
-        trio.lowlevel.spawn_system_task(self._read_answers, name=f"rooms-{self.name}-answers")
+        name = f"rooms-{self.name}-writer-{self._proc.pid}"
+        trio.lowlevel.spawn_system_task(self._send_requests, self._sock, name=name + "-requests")
+        trio.lowlevel.spawn_system_task(self._read_answers, self._sock, name=name + "-answers")
 
     def _opened(self, sock: socket.socket) -> dict[str, Any]:
         """Wait for the writer's first answer: the database is open, or why not."""
@@ -408,8 +232,15 @@ class ProcessBackend:
         after: Any = None,
     ) -> Pending:
         def deliver(pending: Pending) -> None:
-            done(None if pending.error is None else StorageError(f"commit failed: {pending.error}"))
+            error = pending.error
+            if error is None:
+                done(None)
+            elif error.startswith(FENCED):
+                done(FencedError(error.removeprefix(FENCED)))
+            else:
+                done(StorageError(f"commit failed: {error}"))
 
+        fence = self._fence(room, epoch)
         after_id = 0
         if isinstance(after, Pending):
             if after.answered and after.error is not None:
@@ -417,8 +248,12 @@ class ProcessBackend:
                 self._fail_soon(pending, f"an earlier commit of this room failed ({after.error})")
                 return pending
             after_id = 0 if after.answered else after.id
-        request = [room, writes, delete_all, None if alarm is None else list(alarm), after_id]
-        return self._send(COMMIT, request, deliver)
+        alarm_ = None if alarm is None else list(alarm)
+        return self._send(COMMIT, [room, writes, delete_all, alarm_, after_id, *fence], deliver)
+
+    def _fence(self, room: str, epoch: int | None) -> list[Any]:
+        """What a commit carries for fencing: (epoch, node id) in cluster mode."""
+        return [None, None]
 
     async def _call(self, kind: int, args: list[Any]) -> Pending:
         finished = trio.Event()
@@ -488,35 +323,38 @@ class ProcessBackend:
 
     # -- the tasks ----------------------------------------------------------------------
 
-    async def _send_requests(self) -> None:
-        """Send what the rooms queued, once per pass of the event loop, until closed."""
+    async def _send_requests(self, sock: trio.socket.SocketType) -> None:
+        """Send what did not fit in the socket's buffer at once, until closed."""
         try:
             while True:
                 while not self._out:
-                    if self._closed or self._lost:
+                    if self._closed or sock is not self._sock:
                         return
                     self._wake = trio.Event()
                     await self._wake.wait()
                 data, self._out = self._out, bytearray()
                 view = memoryview(data)
                 while view:
-                    view = view[await self._sock.send(view) :]
+                    view = view[await sock.send(view) :]
         except OSError:
             pass  # (the writer is gone: reading its answers says so)
         finally:
             with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)  # the writer finishes, then ends
+                sock.shutdown(socket.SHUT_WR)  # the writer finishes, then ends
 
-    async def _read_answers(self) -> None:
+    async def _read_answers(self, sock: trio.socket.SocketType) -> None:
+        # (into one buffer: a recv(n) allocates n bytes each time before it shrinks them,
+        # which fragmented the heap: the server's RSS grew by 25 MiB over 50,000 rooms)
+        buffer = bytearray(1 << 16)
         try:
             while True:
                 try:
-                    data = await self._sock.recv(1 << 20)
+                    size = await sock.recv_into(buffer)
                 except OSError:
-                    data = b""
-                if not data:
+                    size = 0
+                if not size:
                     break
-                self._unpacker.feed(data)
+                self._unpacker.feed(memoryview(buffer)[:size])
                 failed = [
                     id for id, error, result in self._unpacker if self._answer(id, error, result)
                 ]
@@ -525,27 +363,35 @@ class ProcessBackend:
                 for callback in self.answered:
                     callback()
         finally:
+            self._answers_done.set()
             if not self._closed:
                 self._writer_lost()
-            self._answers_done.set()
 
     def _writer_lost(self) -> None:
-        """The writer died (killed, out of memory): everything in flight fails, and so does
-        everything after (the rooms restart, and cannot read: the server must restart)."""
-        code = self._proc.poll()
-        if code is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = self._proc.wait(1)
-        self._lost = (
-            f"the {self.name} writer process (pid {self._proc.pid}) ended unexpectedly (exit "
-            f"status {code}): this server can store nothing until it is restarted"
-        )
-        log.error("%s; %d requests in flight failed", self._lost, len(self._pending))
+        """The writer died (killed, out of memory): everything in flight fails (its rooms
+        restart from storage) and a new writer takes over, unless the last one had just
+        started: then the server can store nothing until it is restarted."""
+        proc = self._proc
+        proc.kill()  # (if it only closed its end)
+        code = proc.wait()
+        why = f"the {self.name} writer process (pid {proc.pid}) ended unexpectedly ({code})"
+        self._raw.close()
+        if time.monotonic() - self._started_at < self.restart_after:
+            self._lost = f"{why}, just after it started: restart the server"
+        else:
+            try:
+                self._start()
+            except StorageError as exc:
+                self._lost = f"{why}, and no new one could start ({exc}): restart the server"
+        then = "no new writer: this server can store nothing until it is restarted"
+        if not self._lost:
+            then = f"a new writer (pid {self._proc.pid}) took over"
+        log.error("%s; %d requests in flight failed; %s", why, len(self._pending), then)
         pending, self._pending = self._pending, {}
         for one in pending.values():
             if one.counted:
                 self._in_flight[0] -= 1
-            one.answered, one.error = True, self._lost
+            one.answered, one.error = True, why
             one.deliver(one)
         for callback in self.answered:
             callback()
@@ -566,6 +412,9 @@ class ProcessBackend:
 
     def _answer(self, id: int, error: str | None, result: Any) -> bool:
         """Deliver one answer; whether it is a failed commit's (the writer may forget it)."""
+        if id == 0:  # (a log line of the writer's: its level, its message)
+            log.log(logging.getLevelName(error or "ERROR"), "%s (the %s writer)", result, self.name)
+            return False
         pending = self._pending.pop(id, None)
         if pending is None:
             return False
@@ -614,6 +463,43 @@ class SqliteBackend(ProcessBackend):
         if self._lock is not None:
             self._lock.close()  # (the lock goes with the last file descriptor)
             self._lock = None
+
+
+class Node(Protocol):
+    """The node whose commits a backend fences (``cluster.Cluster``)."""
+
+    node_id: str
+
+
+class PgBackend(ProcessBackend):
+    """Cluster storage for this node (``runtime.postgres``) behind its writer process;
+    ``directory``: whose ``node_id`` a commit's rooms must be held by (it changes when the
+    node joins again)."""
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, directory: Node) -> None:
+        from .postgres import without_password  # (psycopg: cluster mode's optional extra)
+
+        self.dsn = dsn
+        self.directory = directory
+        self.path = without_password(dsn)
+        # (the DSN may hold a password: not on a command line other users can read)
+        super().__init__("runtime.postgres", env={"ROOMS_CLUSTER_DSN": dsn})
+
+    def _open_failed(self, error: str) -> str:
+        return f"cannot use the cluster database {self.path}: {error}"
+
+    def _fence(self, room: str, epoch: int | None) -> list[Any]:
+        if epoch is None:
+            raise StorageError(f"room {room}: a cluster commit needs the room's epoch")
+        return [epoch, self.directory.node_id]
+
+    async def alarms(self) -> AlarmRows:
+        """The alarms of the rooms this node holds (the others fire where they live, or are
+        claimed by whichever node finds them due: ``cluster.Cluster.due_alarms``)."""
+        rows = await self._read("alarms", self.directory.node_id)
+        return [(room, at, name) for room, at, name in rows]
 
 
 def _lock(path: str, wait: float = 5.0) -> IO[str] | None:

@@ -23,24 +23,43 @@ No trio here, so that the process starts in about 30 ms: ``python -m runtime.sql
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import msgpack
 
-# Requests: [kind, id, ...]; answers: [id, error or None, result].
-COMMIT = 0  # room, writes {key: value or None}, delete_all, alarm [at, name] or None, after id
+# Requests: [kind, id, ...]; answers: [id, error or None, result], and log lines (``_ToServer``).
+COMMIT = 0  # room, writes {key: value or None}, delete_all, alarm [at, name] or None,
+# the id of the room's previous commit if in flight (or 0), and in cluster mode the epoch
+# the room is held at and this node's id (or None, None)
 READ = 1  # what (a store's read), its arguments
 FORGET = 2  # ids of failed commits the server knows the outcome of (none may name them now)
 HOLD = 3  # start no batch until RELEASE (answered at once; tests: a batch of what follows)
 RELEASE = 4
 TEST = 5  # a fault for tests: what, its arguments (answered once in effect; see Writer._take)
 
+BATCH_MAX = 1024
+"""Requests per transaction: bounds the latency of the first one in a batch."""
+
+FENCED = "fenced: "
+"""How a commit's error starts when its node no longer holds the room at its epoch."""
+
 AlarmChange = tuple[float | None, str | None]
 """An event's change to its room's alarm: (time, room name) to set it, (None, None) to delete."""
 Held = tuple[str, int | None]
 """A commit's (room, epoch): in cluster mode a stale epoch's writes are dropped whole."""
+
+
+class StorageError(RuntimeError):
+    """The storage backend failed (disk full, corrupt file, closed)."""
+
+
+class FencedError(StorageError):
+    """The node no longer holds the room at the epoch of these writes (another node took it
+    over): nothing was written, and nothing that waited on them may go out."""
 
 
 class Commit:
@@ -106,8 +125,9 @@ class Merged:
 
 
 class Job:
-    """One request of a batch: a commit, or a read (``what``, ``args``); a store sets its
-    ``result`` or its ``error`` (a sentence for the server)."""
+    """One request of a batch: a commit (``args``: the node it is made as, in cluster mode),
+    or a read (``what``, ``args``); a store sets its ``result`` or its ``error`` (a sentence
+    for the server)."""
 
     __slots__ = ("after", "args", "commit", "error", "id", "result", "what")
 
@@ -163,6 +183,8 @@ class Writer:
         self.store = store
         self._unpacker = msgpack.Unpacker(raw=False)
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._sending = threading.Lock()
+        self._buffer = bytearray(1 << 16)
         self._queued: list[Job] = []
         self._forget: list[int] = []
         self._failed: dict[int, str] = {}  # failed commits a later one may still name
@@ -181,8 +203,9 @@ class Writer:
                 self._run_batch()
 
     def answer(self, answers: list[list[Any]]) -> None:
-        pack = self._packer.pack
-        self.sock.sendall(b"".join(pack(one) for one in answers))
+        with self._sending:  # (log lines may come from another thread: the checkpointer's)
+            pack = self._packer.pack
+            self.sock.sendall(b"".join(pack(one) for one in answers))
 
     def before_commit(self, wrote: bool) -> None:
         """A test's ``pause_commit``: a transaction that wrote waits right before its COMMIT
@@ -195,7 +218,7 @@ class Writer:
             self._read(wait=True)
 
     def _run_batch(self) -> None:
-        batch, self._queued = self._queued, []
+        batch, self._queued = self._queued[:BATCH_MAX], self._queued[BATCH_MAX:]
         self._running = {job.id: job for job in batch if job.commit is not None}
         self.store.run_batch(batch, self._failed_before, self.before_commit)
         self._running = {}
@@ -222,25 +245,26 @@ class Writer:
         """Take in what the server sent: everything there is, waiting for some if ``wait``."""
         while not self._eof:
             try:
-                data = self.sock.recv(1 << 20, 0 if wait else socket.MSG_DONTWAIT)
+                size = self.sock.recv_into(self._buffer, 0, 0 if wait else socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except ConnectionResetError:
-                data = b""
-            if not data:
+                size = 0
+            if not size:
                 self._eof, self._held = True, False  # (run what is queued, then stop)
                 return
             wait = False
-            self._unpacker.feed(data)
+            self._unpacker.feed(memoryview(self._buffer)[:size])
             for request in self._unpacker:
                 self._take(request)
 
     def _take(self, request: list[Any]) -> None:
         kind, id, *args = request
         if kind == COMMIT:
-            room, writes, delete_all, alarm, after = args
+            room, writes, delete_all, alarm, after, epoch, node = args
             alarm = None if alarm is None else (alarm[0], alarm[1])
-            self._queued.append(Job(id, Commit(room, writes, delete_all, alarm), after=after))
+            commit = Commit(room, writes, delete_all, alarm, epoch)
+            self._queued.append(Job(id, commit, args=node, after=after))
         elif kind == READ:
             self._queued.append(Job(id, None, args[0], args[1]))
         elif kind == FORGET:
@@ -276,6 +300,18 @@ def range_query(
     return sql, [room, *lower, *upper]
 
 
+class _ToServer(logging.Handler):
+    """The process's log lines go to the server, which logs them as its own (``[0, level,
+    message]``: id 0 is no request's)."""
+
+    def __init__(self, writer: Writer) -> None:
+        super().__init__(logging.WARNING)
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.writer.answer([[0, record.levelname, record.getMessage()]])
+
+
 def serve(fd: int, open_store: Callable[[], Store]) -> None:
     """The process's main: open the store, then serve the server at the socket ``fd``."""
     sock = socket.socket(fileno=fd)
@@ -284,8 +320,10 @@ def serve(fd: int, open_store: Callable[[], Store]) -> None:
     except Exception as exc:
         sock.sendall(msgpack.packb([0, f"{type(exc).__name__}: {exc}", None]))
         raise SystemExit(1) from None
+    writer = Writer(sock, store)
+    logging.getLogger().addHandler(_ToServer(writer))
     try:
-        Writer(sock, store).run()
+        writer.run()
     except BrokenPipeError:
         pass  # (the server is gone: nobody waits for the answers)
     finally:

@@ -12,14 +12,13 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import psycopg
 import pytest
 import trio
 
-from runtime.postgres import SCHEMA_VERSION, PgBackend, connect, migrate
-from runtime.storage import FencedError, RoomStorage, StorageError
+from runtime.postgres import SCHEMA_VERSION, connect, migrate
+from runtime.storage import FencedError, PgBackend, RoomStorage, StorageError
 from tests.support import REPO, Holder
 
 
@@ -95,24 +94,15 @@ async def test_a_fenced_commit_fails_alone_in_its_batch(backend: PgBackend, pg_d
     for room in ("ns/kept", "ns/lost"):
         holder(backend).hold(room)
     take_over(pg_dsn, "ns/lost")
-    occupied, go_on = threading.Event(), threading.Event()
+    results: dict[str, BaseException | None] = {}
 
-    def occupy(db: Any) -> None:  # holds the thread until both commits are queued
-        occupied.set()
-        go_on.wait(5)
+    async def commit(room: str) -> None:
+        results[room] = await write(backend, room, room, epoch=1)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(backend._call, occupy)
-        assert await trio.to_thread.run_sync(occupied.wait, 5)
-        results: dict[str, BaseException | None] = {}
-
-        async def commit(room: str) -> None:
-            results[room] = await write(backend, room, room, epoch=1)
-
+    async with trio.open_nursery() as nursery, backend.held():  # (both commits in one batch)
         nursery.start_soon(commit, "ns/kept")
         nursery.start_soon(commit, "ns/lost")
         await trio.testing.wait_all_tasks_blocked()
-        go_on.set()
     assert results["ns/kept"] is None
     assert isinstance(results["ns/lost"], FencedError)
     assert stored(pg_dsn, "ns/kept") == b"\xa7ns/kept"
