@@ -88,8 +88,9 @@ class Pending:
 
 class ProcessBackend:
     """The server's side of a writer process (see ``runtime.writer``): requests are packed
-    as the rooms make them and sent once per pass of the event loop (one write), and the
-    answers of each batch are read by a task, which wakes the rooms."""
+    and written to the writer's socket as the rooms make them (what does not fit goes with a
+    task), and the answers of each batch are read by a task, which wakes the rooms and then
+    calls ``answered``."""
 
     name = "storage"
     restart_after = 1.0
@@ -570,7 +571,7 @@ class Backend(Protocol):
 
     async def sizes(self, rooms: Sequence[str]) -> dict[str, Size]:
         """What each of ``rooms`` has stored (rooms with nothing stored are left out), for
-        the operator; reads their rows, on the backend's thread like every job."""
+        the operator; reads their rows, in the writer like every job."""
         ...
 
     async def alarms(self) -> AlarmRows:
