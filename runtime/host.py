@@ -86,7 +86,6 @@ class Host:
         for room_class in room_classes:
             self._register_class(room_class)
         self._to_flush: list[Activation] = []
-        backend.answered.append(self._flush_all)
         self.idle_event: trio.Event | None = None  # while someone waits for every room idle
         self._in_memory: OrderedDict[Activation, None] = OrderedDict()  # least recent first
         self._sweep = trio.CancelScope()  # the sweeper's sleep until it looks for idle rooms
@@ -111,10 +110,11 @@ class Host:
             )
 
     def flush_soon(self, act: Activation) -> None:
-        """Flush ``act``'s batch once the current run of storage answers is delivered."""
+        """Flush ``act``'s batch once the current run of storage answers is delivered
+        (``flush_released``: the engine hands it to the backend's ``answered``)."""
         self._to_flush.append(act)
 
-    def _flush_all(self) -> None:
+    def flush_released(self) -> None:
         acts, self._to_flush = self._to_flush, []
         for act in acts:
             act.batch.flush()

@@ -119,9 +119,11 @@ async def run_engine(
     one nursery, so a connection ending during shutdown can still tell its room. With
     ``cluster`` (started), this engine is that node of a cluster."""
     edge: Edge | None = None
+    host: Host | None = None
     try:
         async with trio.open_nursery() as nursery:
             host = Host(backend, settings, metrics, nursery, app.room_classes(), cluster)
+            backend.answered.append(host.flush_released)
             links = None
             if cluster is not None:
                 token, queue = settings.cluster_token, settings.max_link_queue_bytes
@@ -137,6 +139,8 @@ async def run_engine(
             task_status.started(edge)
             await trio.sleep_forever()
     finally:
+        if host is not None:
+            backend.answered.remove(host.flush_released)  # (a restart reuses the backend)
         if edge is not None:
             edge.usage.close()
 

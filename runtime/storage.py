@@ -186,7 +186,8 @@ class ProcessBackend:
             self._packer.reset()
             self._fail_soon(pending, f"{type(exc).__name__}: {exc}")
             return pending
-        self._pending[id] = pending
+        if kind not in (FORGET, RELEASE):  # (those two are never answered)
+            self._pending[id] = pending
         if kind in (COMMIT, READ):
             pending.counted = True
             self._in_flight[0] += 1

@@ -225,9 +225,10 @@ class Writer:
         for job in batch:
             if job.commit is not None and job.error is not None:
                 self._failed[job.id] = job.error
-        for id in self._forget:
-            self._failed.pop(id, None)
-        self._forget.clear()
+        if not self._queued:  # (a request sent before a FORGET may still name its ids)
+            for id in self._forget:
+                self._failed.pop(id, None)
+            self._forget.clear()
         self.answer([[job.id, job.error, job.result] for job in batch])
 
     def _failed_before(self, job: Job) -> str | None:
