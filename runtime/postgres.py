@@ -317,9 +317,11 @@ SELECT room, epoch FROM held
 
 def _write(db: Conn, jobs: list[Job]) -> list[Held]:
     """Write the commits of ``jobs`` in their order, in one statement (``Merged``), as the
-    node each names (``Job.args``). The (room, epoch) that node held, whose commits were
-    written. (Keys are encoded here: one that cannot be fails the statement, and then each
-    commit is written alone, so that it fails alone.)"""
+    node the last one names (``Commit.node``: a batch that spans a rejoin writes as the new
+    incarnation, whose rooms were claimed at new epochs, so the old one's commits are fenced).
+    The (room, epoch) that node held, whose commits were written. (Keys are encoded here:
+    one that cannot be fails the statement, and then each commit is written alone, so that
+    it fails alone.)"""
     commits = [job.commit for job in jobs if job.commit is not None]
     merged = Merged(commits)
     puts = [(r, k.encode(), v, e) for r, k, v, e in merged.puts()]
@@ -328,7 +330,7 @@ def _write(db: Conn, jobs: list[Job]) -> list[Held]:
     set_ = [(r, at, name, e) for (r, e), (at, name) in alarms if at is not None]
     params: dict[str, Any] = {
         "rooms": sorted({commit.room for commit in commits}),
-        "node": jobs[-1].args,
+        "node": commits[-1].node,
         **_named("put", ("room", "key", "value", "epoch"), puts),
         **_named("wipe", ("room", "epoch"), list(merged.wiped)),
         **_named("del", ("room", "key", "epoch"), deletes),

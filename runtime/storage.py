@@ -210,6 +210,11 @@ class ProcessBackend:
             self._wake = None
         return pending
 
+    def _after_answers(self) -> None:
+        """A run of answers is delivered: let the hosts flush what it released."""
+        for callback in self.answered:
+            callback()
+
     def _fail_soon(self, pending: Pending, error: str) -> None:
         """Answer ``pending`` with ``error`` without the writer, as it would: later."""
         pending.answered, pending.error = True, error
@@ -218,8 +223,7 @@ class ProcessBackend:
         def deliver() -> None:
             self._in_flight[0] -= 1
             pending.deliver(pending)
-            for callback in self.answered:
-                callback()
+            self._after_answers()
 
         self._token.run_sync_soon(deliver)
 
@@ -362,8 +366,7 @@ class ProcessBackend:
                 ]
                 if failed:
                     self._send(FORGET, [failed], lambda _: None)
-                for callback in self.answered:
-                    callback()
+                self._after_answers()
         finally:
             self._answers_done.set()
             if not self._closed:
@@ -395,8 +398,7 @@ class ProcessBackend:
                 self._in_flight[0] -= 1
             one.answered, one.error = True, why
             one.deliver(one)
-        for callback in self.answered:
-            callback()
+        self._after_answers()
 
     async def aclose(self) -> None:
         """Answer every queued request, then stop the writer."""

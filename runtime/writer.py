@@ -63,9 +63,10 @@ class FencedError(StorageError):
 
 
 class Commit:
-    """One room's commit: what its event wrote, under the epoch it held the room at."""
+    """One room's commit: what its event wrote, under the epoch it held the room at, as
+    which node (cluster mode)."""
 
-    __slots__ = ("alarm", "delete_all", "epoch", "room", "writes")
+    __slots__ = ("alarm", "delete_all", "epoch", "node", "room", "writes")
 
     def __init__(
         self,
@@ -74,8 +75,9 @@ class Commit:
         delete_all: bool,
         alarm: AlarmChange | None,
         epoch: int | None = None,
+        node: str | None = None,
     ) -> None:
-        self.room, self.epoch = room, epoch
+        self.room, self.epoch, self.node = room, epoch, node
         self.writes, self.delete_all, self.alarm = writes, delete_all, alarm
 
 
@@ -125,9 +127,8 @@ class Merged:
 
 
 class Job:
-    """One request of a batch: a commit (``args``: the node it is made as, in cluster mode),
-    or a read (``what``, ``args``); a store sets its ``result`` or its ``error`` (a sentence
-    for the server)."""
+    """One request of a batch: a commit, or a read (``what``, ``args``); a store sets its
+    ``result`` or its ``error`` (a sentence for the server)."""
 
     __slots__ = ("after", "args", "commit", "error", "id", "result", "what")
 
@@ -264,8 +265,8 @@ class Writer:
         if kind == COMMIT:
             room, writes, delete_all, alarm, after, epoch, node = args
             alarm = None if alarm is None else (alarm[0], alarm[1])
-            commit = Commit(room, writes, delete_all, alarm, epoch)
-            self._queued.append(Job(id, commit, args=node, after=after))
+            commit = Commit(room, writes, delete_all, alarm, epoch, node)
+            self._queued.append(Job(id, commit, after=after))
         elif kind == READ:
             self._queued.append(Job(id, None, args[0], args[1]))
         elif kind == FORGET:
